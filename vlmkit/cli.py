@@ -1,0 +1,46 @@
+"""`vlmkit` command line: one sub-command per module, each defined next to the code it runs.
+
+Every sub-command module exposes `register(subparsers)`, which adds its parser and sets
+`func=callable(args) -> int | None` as the handler. Add a module to `_COMMAND_MODULES` to enroll it.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+_COMMAND_MODULES = (
+    "vlmkit.commands.methods",
+    "vlmkit.commands.demo",
+    "vlmkit.data.cli",
+    "vlmkit.eval.cli",
+    "vlmkit.train.cli",
+    "vlmkit.commands.bench",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlmkit", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name != module_name:  # a real missing dependency inside the module
+                raise
+            continue  # sub-command not built yet
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
