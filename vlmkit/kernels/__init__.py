@@ -1,0 +1,20 @@
+"""The hot ops of token pruning and merging: a PyTorch reference and a Triton kernel each.
+
+- `attention_rows`: attention of a few query rows (last text token, [CLS]) over the keys.
+- `attention_colsum`: attention received by each key, summed over queries and heads.
+- `merge_tokens`: assign tokens to targets and take the weighted mean in one pass.
+- `greedy_maxmin`: DivPrune's farthest-point selection without an (N x N) matrix.
+
+Each op has its own module (``rows``, ``colsum``, ``merge``, ``maxmin``, named apart from the
+functions so that they do not shadow each other) holding the public dispatcher and the readable
+PyTorch reference ``<op>_reference`` (the specification, float32 accumulation); the Triton
+kernels of module ``<m>`` live in ``_triton_<m>.py``, imported only when used. The dispatcher picks Triton for CUDA tensors when
+Triton imports and no gradient is needed, PyTorch otherwise; ``VLMKIT_KERNELS=torch|triton``
+(read at call time) forces one. Kernels never patch models.
+"""
+from vlmkit.kernels.colsum import attention_colsum
+from vlmkit.kernels.rows import attention_rows
+from vlmkit.kernels.maxmin import greedy_maxmin
+from vlmkit.kernels.merge import merge_tokens
+
+__all__ = ["attention_colsum", "attention_rows", "greedy_maxmin", "merge_tokens"]
