@@ -1,0 +1,182 @@
+"""An offline, deterministic tokenizer for the tiny zoo models.
+
+No training and no download: the vocabulary is written out below. It is a byte-level BPE
+(`tokenizers.models.BPE` with `ignore_merges=True`) whose vocabulary holds
+
+1. the special tokens of every supported family (`<s>`, `<image>`, `<|im_start|>`, ...),
+2. the 256 byte symbols of the GPT-2 byte-level alphabet, so any text encodes and decodes
+   losslessly, and
+3. a fixed list of whole English words (with and without a leading space), so the prompts of
+   tests and of the synthetic shapes data take one token per word.
+
+A word found in the vocabulary is one token; anything else falls back to one token per byte.
+All families share one vocabulary (same ids everywhere); they differ in which special tokens
+play bos/eos/pad, whether `<s>` is prepended, and the chat template.
+"""
+from __future__ import annotations
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = (
+    "<pad>",
+    "<s>",
+    "</s>",
+    "<unk>",
+    "<image>",
+    "<video>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+_WORDS = """
+a an the this that these those it its there here what which who how many much where when why
+is are was were be been do does did has have had can could will would should may might
+of in on at to from by with without for and or not no yes as than then but if into onto over
+under above below behind between near next inside outside around through across along
+left right top bottom middle center corner edge side front back up down
+red green blue yellow orange purple pink brown black white gray grey cyan magenta gold silver
+circle circles square squares triangle triangles rectangle rectangles star stars ellipse
+hexagon pentagon diamond cross heart line lines dot dots shape shapes object objects ball box
+color colors colour size big small large tiny medium long short tall wide thin thick
+zero one two three four five six seven eight nine ten eleven twelve
+first second third last number count total same different other another more most less fewest
+image images picture photo video videos frame frames scene background foreground
+describe shown show see seen look looks appear appears visible present contain contains
+move moves moving moved stay stays still static rotate rotates grow grows shrink shrinks
+answer question word single briefly please detail details
+What Which How Where Is Are Does Do Describe Answer Count The There It Yes No A An And now
+user assistant system USER ASSISTANT INST You helpful
+""".split()
+
+# Chat templates: same structure as each real checkpoint's (role markers, where image/video
+# placeholders go, generation prompt), written for these tiny models. Every literal is an
+# expression so that the whitespace control of the tags never eats a newline.
+_PARTS = (
+    "{%- macro parts(message, image, video, sep) -%}"
+    "{%- if message['content'] is string -%}{{ message['content'] + sep }}"
+    "{%- else -%}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ image }}"
+    "{%- elif item['type'] == 'video' -%}{{ video }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] + sep }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- endmacro -%}"
+)
+
+# LLaVA-1.5 (vicuna): "USER: <image>\nWhat is this? ASSISTANT: answer</s>"
+_LLAVA_TEMPLATE = _PARTS + (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{ parts(message, '', '', ' ') }}"
+    "{%- else -%}{{ message['role'] | upper }}{{ ': ' }}{{ parts(message, '<image>\\n', '', ' ') }}"
+    "{%- if message['role'] == 'assistant' -%}{{ '</s>' }}{%- endif -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
+)
+
+# LLaVA-NeXT (mistral): "[INST] <image>\nWhat is this? [/INST] answer</s>"
+_LLAVA_NEXT_TEMPLATE = _PARTS + (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}{{ ' ' }}{{ parts(message, '', '', '') }}{{ '</s>' }}"
+    "{%- else -%}{{ '[INST] ' }}{{ parts(message, '<image>\\n', '', ' ') }}{{ '[/INST]' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+# LLaVA-OneVision (qwen chatml): "<|im_start|>user\n<image>\nWhat?<|im_end|>\n<|im_start|>assistant\n"
+_ONEVISION_TEMPLATE = _PARTS + (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{{ parts(message, '<image>\\n', '<video>\\n', '') }}{{ '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+# Qwen2-VL: chatml with a default system turn and vision_start/pad/end placeholders.
+_QWEN2_VL_TEMPLATE = _PARTS + (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{{ parts(message, '<|vision_start|><|image_pad|><|vision_end|>',"
+    " '<|vision_start|><|video_pad|><|vision_end|>', '') }}{{ '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+_LLAMA_ROLES = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+_QWEN_ROLES = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+
+# family -> (special-token roles, prepend <s>?, chat template, extra named tokens)
+_FAMILY_TOKENIZERS = {
+    "llava": (_LLAMA_ROLES, True, _LLAVA_TEMPLATE, {"image_token": "<image>"}),
+    "llava_next": (_LLAMA_ROLES, True, _LLAVA_NEXT_TEMPLATE, {"image_token": "<image>"}),
+    "llava_onevision": (
+        _QWEN_ROLES,
+        False,
+        _ONEVISION_TEMPLATE,
+        {"image_token": "<image>", "video_token": "<video>"},
+    ),
+    "qwen2_vl": (
+        _QWEN_ROLES,
+        False,
+        _QWEN2_VL_TEMPLATE,
+        {
+            "image_token": "<|image_pad|>",
+            "video_token": "<|video_pad|>",
+            "vision_bos_token": "<|vision_start|>",
+            "vision_eos_token": "<|vision_end|>",
+        },
+    ),
+}
+
+
+def _vocabulary() -> dict[str, int]:
+    """Special tokens, then the 256 byte symbols, then the word list; ids in that order."""
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
+    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[symbol] = len(vocab)
+    splitter = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    for word in _WORDS:
+        for text in (word, " " + word):
+            (piece, _span), = splitter.pre_tokenize_str(text)
+            vocab.setdefault(piece, len(vocab))
+    return vocab
+
+
+def tiny_tokenizer(family: str) -> PreTrainedTokenizerFast:
+    """The offline tokenizer of a tiny zoo family, with that family's special tokens and chat template.
+
+    Args:
+        family: one of `vlmkit.zoo.FAMILIES`.
+
+    Returns:
+        A `PreTrainedTokenizerFast`; identical (same ids) on every call and in every process.
+    """
+    roles, prepend_bos, chat_template, named_tokens = _FAMILY_TOKENIZERS[family]
+    backend = Tokenizer(models.BPE(vocab=_vocabulary(), merges=[], ignore_merges=True))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    if prepend_bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", SPECIAL_TOKENS.index("<s>"))]
+        )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        chat_template=chat_template,
+        extra_special_tokens=named_tokens,
+        model_max_length=4096,
+        **roles,
+    )
+    return tokenizer
