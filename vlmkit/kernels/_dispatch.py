@@ -2,8 +2,8 @@
 
 The environment variable ``VLMKIT_KERNELS`` is read at every call:
 
-- unset, empty or ``auto``: Triton when every tensor is on CUDA, Triton imports, and no
-  gradient is needed; the PyTorch reference otherwise;
+- unset, empty or ``auto``: Triton when every tensor is on CUDA, Triton imports, no input is
+  float64 and no gradient is needed; the PyTorch reference otherwise;
 - ``torch``: always the PyTorch reference;
 - ``triton``: always Triton. On CPU tensors this works only under Triton's interpreter
   (``TRITON_INTERPRET=1``), which is slow and meant for tests.
@@ -59,8 +59,8 @@ def choose_backend(op: str, *tensors: torch.Tensor | None, differentiable: bool 
 
     Raises:
         ImportError: ``VLMKIT_KERNELS=triton`` and Triton is not installed.
-        ConfigError: ``VLMKIT_KERNELS=triton`` with CPU tensors outside the interpreter, or
-            with inputs that need gradients (the Triton paths have no backward).
+        ConfigError: ``VLMKIT_KERNELS=triton`` with CPU tensors outside the interpreter, with
+            float64 inputs, or with inputs that need gradients (the Triton paths have no backward).
     """
     given = [t for t in tensors if t is not None]
     forced = forced_backend()
@@ -68,14 +68,20 @@ def choose_backend(op: str, *tensors: torch.Tensor | None, differentiable: bool 
         return "torch"
     needs_grad = differentiable and torch.is_grad_enabled() and any(t.requires_grad for t in given)
     on_cuda = all(t.is_cuda for t in given)
+    float64 = any(t.dtype == torch.float64 for t in given)
     if forced == "auto":
-        return "triton" if on_cuda and not needs_grad and triton_available() else "torch"
+        return "triton" if on_cuda and not needs_grad and not float64 and triton_available() else "torch"
     if not triton_available():
         raise missing_extra("triton", "triton")
     if needs_grad:
         raise ConfigError(
             f"{op}: {ENV_VAR}=triton was set but an input requires grad and the Triton path has no "
             f"backward; run under torch.no_grad(), or set {ENV_VAR}=torch (or auto) for gradients."
+        )
+    if float64:
+        raise ConfigError(
+            f"{op}: {ENV_VAR}=triton was set but an input is float64, which the Triton kernels do not "
+            f"take; pass float32/bfloat16/float16, or set {ENV_VAR}=torch (or auto)."
         )
     if not on_cuda and not interpreting():
         devices = sorted({str(t.device) for t in given})
@@ -89,7 +95,8 @@ def choose_backend(op: str, *tensors: torch.Tensor | None, differentiable: bool 
 
 def triton_module(name: str) -> ModuleType:
     """Import ``vlmkit.kernels._triton_<name>``, rebuilt if ``TRITON_INTERPRET`` changed since."""
-    module = importlib.import_module(f"vlmkit.kernels._triton_{name}")
-    if module.INTERPRETED != interpreting():
-        module = importlib.reload(module)
+    for module_name in ("vlmkit.kernels._triton_common", f"vlmkit.kernels._triton_{name}"):
+        module = importlib.import_module(module_name)
+        if module.INTERPRETED != interpreting():
+            module = importlib.reload(module)
     return module

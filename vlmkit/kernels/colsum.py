@@ -66,7 +66,7 @@ def attention_colsum(
     """
     start, stop = _check(q, k, scale, causal, key_range, q_mask, kv_mask, num_kv_groups)
     if choose_backend(_OP, q, k, q_mask, kv_mask) == "triton":
-        run = triton_module("colsum").attention_colsum
+        run = triton_module("attention").attention_colsum
     else:
         run = attention_colsum_reference
     return run(

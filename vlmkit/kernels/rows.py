@@ -61,7 +61,7 @@ def attention_rows(
     """
     _check(q, k, scale, kv_mask, num_kv_groups, reduce)
     if choose_backend(_OP, q, k, kv_mask) == "triton":
-        run = triton_module("rows").attention_rows
+        run = triton_module("attention").attention_rows
     else:
         run = attention_rows_reference
     return run(q, k, scale=float(scale), kv_mask=kv_mask, num_kv_groups=num_kv_groups, reduce=reduce)
