@@ -1,0 +1,30 @@
+"""Model-family adapters: `adapter_for(model)` finds the one that knows the model's class."""
+from __future__ import annotations
+
+from torch import nn
+
+from vlmkit.adapters.base import Adapter
+from vlmkit.adapters.llava import LlavaAdapter
+from vlmkit.errors import UnsupportedModelError
+
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter,)
+SUPPORTED: tuple[str, ...] = tuple(name for adapter in ADAPTERS for name in adapter.model_classes)
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """The adapter for `model`'s class.
+
+    Raises:
+        UnsupportedModelError: the class is not one of `SUPPORTED` (the message lists them).
+    """
+    name = type(model).__name__
+    for adapter in ADAPTERS:
+        if name in adapter.model_classes:
+            return adapter(model)
+    raise UnsupportedModelError(
+        f"{name} is not supported by vlmkit; supported model classes: {', '.join(SUPPORTED)}. "
+        "Load the model with its ...ForConditionalGeneration class."
+    )
+
+
+__all__ = ["ADAPTERS", "SUPPORTED", "Adapter", "adapter_for"]

@@ -1,0 +1,160 @@
+"""What an adapter is: the only code that knows where a model family keeps its parts.
+
+Methods and the engine talk to an `Adapter`, never to `model.model.language_model.layers[3]`. An
+adapter names the base (multimodal) model, the text model and its decoder layers, the vision
+layers, the placeholder token ids, how each encoded image or video maps onto its placeholder tokens
+(`VisualMeta`), how rotary positions look (1-D or 3-D M-RoPE), and how to probe attention scores
+from a layer's input without running the layer twice.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import rotate_half
+
+from vlmkit import kernels
+from vlmkit.engine.state import VisualMeta
+
+
+class Adapter:
+    """Base adapter for LLaVA-style models whose LLM is a Llama/Qwen2-style decoder."""
+
+    family: ClassVar[str] = ""
+    model_classes: ClassVar[tuple[str, ...]] = ()
+    #: True when rotary positions are 3-D (M-RoPE)
+    mrope: ClassVar[bool] = False
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    # ----------------------------------------------------------------- structure
+    @property
+    def base_model(self) -> nn.Module:
+        """The multimodal model that embeds, encodes images and calls the text model."""
+        return self.model.model
+
+    @property
+    def text_model(self) -> nn.Module:
+        return self.base_model.language_model
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.text_model.layers
+
+    @property
+    def text_config(self):
+        return self.model.config.get_text_config()
+
+    @property
+    def vision_layers(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def vision_attention(self, layer_index: int) -> nn.Module:
+        """The attention module of vision layer `layer_index` (negative counts from the end)."""
+        return self.vision_layers[layer_index].self_attn
+
+    def placeholder_ids(self) -> dict[str, int]:
+        """Placeholder token id per modality ("image", "video") this family uses."""
+        config = self.model.config
+        ids = {"image": config.image_token_id}
+        video = getattr(config, "video_token_id", None)
+        if video is not None:
+            ids["video"] = video
+        return ids
+
+    def feature_functions(self) -> dict[str, str]:
+        """Name of the base model's encoder function per modality."""
+        return {modality: f"get_{modality}_features" for modality in self.placeholder_ids()}
+
+    # ----------------------------------------------------------------- visual tokens
+    def visual_metas(
+        self, modality: str, call: dict[str, Any], output: Any, probes: list[dict[str, torch.Tensor]] | None
+    ) -> list[VisualMeta]:
+        """One `VisualMeta` per image/video encoded by one call of the encoder function.
+
+        Args:
+            modality: "image" or "video".
+            call: the encoder function's bound arguments (pixel values, sizes, grids...).
+            output: what it returned (`pooler_output` holds the per-image features).
+            probes: raw vision probe results recorded during the call, in the order the tower ran.
+        """
+        raise NotImplementedError
+
+    def default_vision_layer(self) -> int:
+        """The vision layer whose output the LLM reads (where VisionZip-style methods probe)."""
+        layer = self.model.config.vision_feature_layer
+        layer = layer if isinstance(layer, int) else layer[-1]
+        # hidden_states[k] is the output of layer k - 1; hidden_states[-1] of the last layer.
+        return layer - 1 if layer >= 0 else len(self.vision_layers) + layer
+
+    def vision_probe(self, attention: nn.Module, hidden: torch.Tensor, kwargs: dict) -> dict[str, torch.Tensor]:
+        """Scores from one vision attention call, from its input only (no attention weights needed).
+
+        Returns per tower row (crop/frame/image) "importance" (N,) and head-mean "keys" (N, d).
+        """
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- text positions and probes
+    def split_positions(
+        self, position_ids: torch.Tensor | None, batch: int, length: int, past: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(rotary positions, what decoder layers receive as `position_ids`), as the text model builds them."""
+        if position_ids is None:
+            position_ids = (torch.arange(length, device=device) + past).unsqueeze(0)
+        return position_ids, position_ids
+
+    def attention_module(self, layer: nn.Module) -> nn.Module:
+        return layer.self_attn
+
+    def probe_projections(
+        self, layer: nn.Module, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], keys: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The last token's rotated query (B, H, 1, d), and all rotated keys (B, H_kv, L, d) when `keys`.
+
+        Recomputes only the projections needed from the layer's input, exactly as its attention does.
+        """
+        attention = self.attention_module(layer)
+        normed = layer.input_layernorm(hidden)
+        cos, sin = rotary
+        batch, length, _ = hidden.shape
+        query = attention.q_proj(normed[:, -1:]).view(batch, 1, -1, attention.head_dim).transpose(1, 2)
+        query = rotate(query, cos[..., -1:, :], sin[..., -1:, :])
+        if not keys:
+            return query, None
+        key = attention.k_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
+        return query, rotate(key, cos, sin)
+
+
+def rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of (B, heads, L, d) states, the same arithmetic as the decoders' attention."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return states * cos + rotate_half(states) * sin
+
+
+def cls_row_probe(attention: nn.Module, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+    """[CLS] attention (mean over heads) and head-mean keys for a CLIP-style attention input."""
+    batch, length, _ = hidden.shape
+    head_dim = attention.head_dim
+    query = attention.q_proj(hidden[:, :1]).view(batch, 1, -1, head_dim).transpose(1, 2)
+    key = attention.k_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
+    importance = kernels.attention_rows(query, key, scale=attention.scale, reduce="mean")[:, 0]
+    return {"importance": importance, "keys": key.mean(dim=1)}
+
+
+def received_attention_probe(attention: nn.Module, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mean attention each token receives (over queries and heads) and head-mean keys, for towers
+    without [CLS] (SigLIP)."""
+    batch, length, _ = hidden.shape
+    head_dim = attention.head_dim
+    query = attention.q_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
+    key = attention.k_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
+    received = kernels.attention_colsum(query, key, scale=attention.scale, causal=False)
+    return {"importance": received / (length * query.shape[1]), "keys": key.mean(dim=1)}
+
+
+def grid_coords(frames: int, rows: int, cols: int, crop: int = 0) -> torch.Tensor:
+    """(frames*rows*cols, 4) long coordinates (frame, row, col, crop) in row-major token order."""
+    frame, row, col = torch.meshgrid(torch.arange(frames), torch.arange(rows), torch.arange(cols), indexing="ij")
+    return torch.stack([frame.flatten(), row.flatten(), col.flatten(), torch.full_like(frame.flatten(), crop)], dim=1)

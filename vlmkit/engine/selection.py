@@ -1,0 +1,121 @@
+"""What a token method sees (`SelectionContext`) and what it returns (`Selection`).
+
+Indices in a selection are always *within one sample's visual tokens* (0 .. n-1, in sequence
+order), never positions in the padded batch: the engine owns the mapping to slots, masks,
+positions and cache.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from vlmkit.errors import InputError
+
+
+@dataclass
+class VisualTokens:
+    """The visual tokens of one sample, in sequence order, with where each came from.
+
+    Attributes:
+        slots: (n,) position of each token in the current (possibly compacted) sequence.
+        origin: (n,) index of each token among the sample's visual tokens before any pruning.
+        image: (n,) which image or video of the sample (0, 1, ...) the token belongs to.
+        frame, row, col: (n,) grid coordinates within that image (frame 0 for still images).
+        crop: (n,) AnyRes crop the token came from (0 = the base view), 0 where not applicable.
+        grids: per image, its (frames, rows, cols) token grid.
+        modality: per image, "image" or "video".
+        probes: per image, vision-tower probe results for its tokens (before any pruning), or None.
+    """
+
+    slots: torch.Tensor
+    origin: torch.Tensor
+    image: torch.Tensor
+    frame: torch.Tensor
+    row: torch.Tensor
+    col: torch.Tensor
+    crop: torch.Tensor
+    grids: list[tuple[int, int, int]] = field(default_factory=list)
+    modality: list[str] = field(default_factory=list)
+    probes: list[dict[str, torch.Tensor] | None] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.slots.numel())
+
+    def subset(self, index: torch.Tensor) -> "VisualTokens":
+        """The tokens at `index` (an index into this sample's visual tokens), slots unchanged.
+
+        Vision probes describe the tokens before pruning, so the subset carries none.
+        """
+        pick = lambda t: t[index]  # noqa: E731
+        return VisualTokens(
+            pick(self.slots), pick(self.origin), pick(self.image), pick(self.frame), pick(self.row),
+            pick(self.col), pick(self.crop), list(self.grids), list(self.modality),
+        )
+
+    def image_index(self, image: int) -> torch.Tensor:
+        """Indices (within this sample's visual tokens) of the tokens of one image."""
+        return torch.nonzero(self.image == image).flatten()
+
+
+@dataclass
+class SampleSelection:
+    """The selection for one sample.
+
+    Attributes:
+        keep: sorted indices of the kept visual tokens.
+        merge_target: optional (n,) long: for every visual token, the position *in `keep`* of the kept
+            token it is averaged into, or -1 when it is simply dropped. A kept token maps to itself.
+        merge_weight: optional (n,) non-negative weights of that average (default: equal).
+    """
+
+    keep: torch.Tensor
+    merge_target: torch.Tensor | None = None
+    merge_weight: torch.Tensor | None = None
+
+    def validate(self, available: int, method: str) -> None:
+        keep = self.keep
+        if keep.dtype != torch.long or keep.ndim != 1:
+            raise TypeError(f"{method}: Selection.keep must be a 1-D long tensor, got {keep.dtype} {tuple(keep.shape)}")
+        if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= available):
+            raise InputError(f"{method}: kept index out of range for a sample with {available} visual tokens")
+        if keep.numel() > 1 and not bool((keep[1:] > keep[:-1]).all()):
+            raise InputError(f"{method}: Selection.keep must be strictly increasing (sorted, no repeats)")
+        if self.merge_target is not None and self.merge_target.shape != (available,):
+            raise InputError(f"{method}: merge_target must have one entry per visual token ({available})")
+
+
+@dataclass
+class Selection:
+    """Per-sample selections, in batch order."""
+
+    samples: list[SampleSelection]
+
+    @classmethod
+    def keep_all(cls, visual: list[VisualTokens]) -> "Selection":
+        return cls([SampleSelection(torch.arange(len(v), device=v.slots.device)) for v in visual])
+
+
+@dataclass
+class SelectionContext:
+    """What the engine shows a `TokenSelector` at its compaction point.
+
+    Attributes:
+        hidden: (B, L, D) hidden states entering decoder layer `layer` in the current layout.
+        visual: per sample, its remaining visual tokens.
+        layer: the decoder layer before which the selection applies (0 = before the LLM).
+        num_layers: decoder layers in the LLM.
+        last_row_attention: per sample, (n,) attention the last token pays to each visual token at
+            layer `layer - 1` (softmax over the whole sequence, mean over heads), when requested.
+        vision: per sample, per image, the vision-tower probe results mapped to that image's tokens
+            (dict with "importance" (n_img,) and "keys" (n_img, d)), when requested.
+        call_index: how many selections this method has made before (for seeded methods).
+    """
+
+    hidden: torch.Tensor
+    visual: list[VisualTokens]
+    layer: int
+    num_layers: int
+    last_row_attention: list[torch.Tensor] | None = None
+    vision: list[list[dict[str, torch.Tensor]]] | None = None
+    call_index: int = 0

@@ -1,0 +1,132 @@
+"""Per-model-instance state the hooks share during one top-level call.
+
+One `EngineState` lives on a `Patch`. The base model's pre-hook stashes the call's `input_ids`; the
+wrapped `get_image_features` / `get_video_features` append one `VisualMeta` per image or video; the
+text-stack runner turns both into per-sample `VisualTokens` at prefill and consumes them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from vlmkit.engine.selection import Selection, VisualTokens
+from vlmkit.errors import InputError
+
+
+@dataclass
+class VisualMeta:
+    """One image or video as the LLM sees it.
+
+    Attributes:
+        modality: "image" or "video".
+        grid: (frames, rows, cols) of its token grid (for AnyRes: of the base view).
+        coords: (n, 4) long, per placeholder token in sequence order: frame, row, col, crop; crop -1
+            marks a structural token (e.g. LLaVA-NeXT's image newline) that is never pruned.
+        probe: vision-tower probe results mapped to the n tokens ("importance" (n,), "keys" (n, d)),
+            when a method asked for them.
+    """
+
+    modality: str
+    grid: tuple[int, int, int]
+    coords: torch.Tensor
+    probe: dict[str, torch.Tensor] | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.coords.shape[0])
+
+
+@dataclass
+class EngineState:
+    image_token_ids: dict[str, int]
+    input_ids: torch.Tensor | None = None
+    metas: dict[str, list[VisualMeta]] = field(default_factory=lambda: {"image": [], "video": []})
+    probe_request: set[str] = field(default_factory=set)
+    # what the last prefill selected: per method name, per sample, original visual-token indices kept
+    selections: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    # raw selections by compaction layer, for `Patch.reuse_selections()`
+    recorded: dict[int, Selection] = field(default_factory=dict)
+    reuse: bool = False
+    calls: dict[str, int] = field(default_factory=dict)
+
+    def begin_vision(self, modality: str) -> None:
+        """A vision pass starts: metas from an earlier, unconsumed pass are stale."""
+        if self.input_ids is None:
+            self.metas[modality] = []
+
+    def add_meta(self, modality: str, meta: VisualMeta) -> None:
+        self.metas[modality].append(meta)
+
+    def take_visual_tokens(self, num_rows: int, length: int, device: torch.device) -> list[VisualTokens] | None:
+        """Per-sample visual tokens of this call's query tokens, or None when the call has none.
+
+        Consumes the stashed input ids and metas. Placeholders are matched to metas in sequence order,
+        images and videos each in the order they were encoded (the order the model scatters them).
+        """
+        input_ids, metas = self.input_ids, self.metas
+        self.input_ids, self.metas = None, {"image": [], "video": []}
+        if input_ids is None or input_ids.shape[-1] != length or input_ids.shape[0] != num_rows:
+            return None
+        queues = {modality: list(items) for modality, items in metas.items()}
+        samples: list[VisualTokens] = []
+        any_visual = False
+        for row in range(num_rows):
+            parts = _sample_parts(input_ids[row], self.image_token_ids, queues, row)
+            any_visual |= bool(parts)
+            samples.append(_visual_tokens(parts, device))
+        leftover = {m: len(q) for m, q in queues.items() if q}
+        if leftover:
+            raise InputError(
+                f"image/placeholder count mismatch: {leftover} encoded image(s)/video(s) have no placeholder "
+                "tokens in input_ids; pass one placeholder per image as the processor writes it"
+            )
+        return samples if any_visual else None
+
+
+def _sample_parts(ids: torch.Tensor, token_ids: dict[str, int], queues: dict[str, list[VisualMeta]], row: int):
+    """[(start, meta)] for each image/video span in one row of input ids."""
+    parts = []
+    for modality, token_id in token_ids.items():
+        positions = torch.nonzero(ids == token_id).flatten().tolist()
+        cursor = 0
+        while cursor < len(positions):
+            if not queues.get(modality):
+                raise InputError(
+                    f"image/placeholder count mismatch in sample {row}: {len(positions) - cursor} {modality} "
+                    f"placeholder token(s) have no encoded {modality}; pass as many images as placeholders"
+                )
+            meta = queues[modality].pop(0)
+            span = positions[cursor : cursor + meta.num_tokens]
+            if len(span) != meta.num_tokens or span[-1] - span[0] != meta.num_tokens - 1:
+                raise InputError(
+                    f"image/placeholder count mismatch in sample {row}: a {modality} has {meta.num_tokens} "
+                    f"features but {len(span)} contiguous placeholder tokens"
+                )
+            parts.append((span[0], meta))
+            cursor += meta.num_tokens
+    return sorted(parts, key=lambda part: part[0])
+
+
+def _visual_tokens(parts, device: torch.device) -> VisualTokens:
+    slots, coords, image, probes = [], [], [], []
+    for index, (start, meta) in enumerate(parts):
+        prunable = meta.coords[:, 3] >= 0
+        probes.append(None if meta.probe is None else {k: v[prunable] for k, v in meta.probe.items()})
+        slots.append(torch.arange(start, start + meta.num_tokens)[prunable])
+        coords.append(meta.coords[prunable])
+        image.append(torch.full((int(prunable.sum()),), index, dtype=torch.long))
+    if not parts:
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return VisualTokens(empty, empty, empty, empty, empty, empty, empty)
+    slots_t = torch.cat(slots).to(device)
+    coords_t = torch.cat(coords).to(device)
+    return VisualTokens(
+        slots=slots_t,
+        origin=torch.arange(slots_t.numel(), device=device),
+        image=torch.cat(image).to(device),
+        frame=coords_t[:, 0], row=coords_t[:, 1], col=coords_t[:, 2], crop=coords_t[:, 3],
+        grids=[meta.grid for _, meta in parts],
+        modality=[meta.modality for _, meta in parts],
+        probes=probes,
+    )
