@@ -24,10 +24,24 @@ from transformers import (
     CLIPImageProcessor,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessor,
+    LlavaNextProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessor,
+    LlavaOnevisionProcessor,
+    LlavaOnevisionVideoProcessor,
     LlavaProcessor,
     PreTrainedConfig,
     PreTrainedModel,
     ProcessorMixin,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessor,
+    Qwen2VLProcessor,
+    Qwen2VLVideoProcessor,
 )
 
 from vlmkit.errors import ConfigError, did_you_mean
@@ -54,24 +68,73 @@ class _Family:
     config_class: type[PreTrainedConfig]
     model_class: type[PreTrainedModel]
     defaults: dict[str, Any]
-    derived: Callable[[dict[str, Any], Any], dict[str, Any]]  # (config kwargs, tokenizer) -> fixed keys
+    # (merged config kwargs, tokenizer) -> {"key" or "sub_config.key": value} set from them
+    derived: Callable[[dict[str, Any], Any], dict[str, Any]]
     processor: Callable[[PreTrainedConfig, Any], ProcessorMixin]
+
+
+def _tokenizer_keys(tokenizer) -> dict[str, Any]:
+    return {
+        "text_config.vocab_size": len(tokenizer),
+        "text_config.pad_token_id": tokenizer.pad_token_id,
+        "text_config.bos_token_id": tokenizer.bos_token_id,
+        "text_config.eos_token_id": tokenizer.eos_token_id,
+    }
 
 
 def _llava_derived(kwargs: dict[str, Any], tokenizer) -> dict[str, Any]:
     vision = kwargs["vision_config"]
     return {
+        **_tokenizer_keys(tokenizer),
         "image_token_index": tokenizer.convert_tokens_to_ids("<image>"),
         "image_seq_length": (vision["image_size"] // vision["patch_size"]) ** 2,
     }
 
 
+def _onevision_derived(kwargs: dict[str, Any], tokenizer) -> dict[str, Any]:
+    return {
+        **_tokenizer_keys(tokenizer),
+        "image_token_index": tokenizer.convert_tokens_to_ids("<image>"),
+        "video_token_index": tokenizer.convert_tokens_to_ids("<video>"),
+    }
+
+
+def _qwen2_vl_derived(kwargs: dict[str, Any], tokenizer) -> dict[str, Any]:
+    ids = tokenizer.convert_tokens_to_ids
+    return {
+        **_tokenizer_keys(tokenizer),
+        "image_token_id": ids("<|image_pad|>"),
+        "video_token_id": ids("<|video_pad|>"),
+        "vision_start_token_id": ids("<|vision_start|>"),
+        "vision_end_token_id": ids("<|vision_end|>"),
+        "vision_config.hidden_size": kwargs["text_config"]["hidden_size"],  # the merger's output width
+    }
+
+
+def _square(side: int) -> dict[str, int]:
+    return {"height": side, "width": side}
+
+
 def _llava_processor(config: LlavaConfig, tokenizer) -> LlavaProcessor:
     side = config.vision_config.image_size
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": side}, crop_size={"height": side, "width": side}
-    )
     return LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": side}, crop_size=_square(side)),
+        tokenizer=tokenizer,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,  # CLIP's [CLS]
+        chat_template=tokenizer.chat_template,
+    )
+
+
+def _llava_next_processor(config: LlavaNextConfig, tokenizer) -> LlavaNextProcessor:
+    side = config.vision_config.image_size
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": side},
+        crop_size=_square(side),
+        image_grid_pinpoints=config.image_grid_pinpoints,
+    )
+    return LlavaNextProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=config.vision_config.patch_size,
@@ -81,6 +144,52 @@ def _llava_processor(config: LlavaConfig, tokenizer) -> LlavaProcessor:
     )
 
 
+def _onevision_processor(config: LlavaOnevisionConfig, tokenizer) -> LlavaOnevisionProcessor:
+    side = config.vision_config.image_size
+    siglip_norm = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    return LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(
+            size=_square(side), image_grid_pinpoints=config.image_grid_pinpoints, **siglip_norm
+        ),
+        video_processor=LlavaOnevisionVideoProcessor(size=_square(side), **siglip_norm),
+        tokenizer=tokenizer,
+        num_image_tokens=(side // config.vision_config.patch_size) ** 2,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        vision_aspect_ratio=config.vision_aspect_ratio,
+        chat_template=tokenizer.chat_template,
+    )
+
+
+def _qwen2_vl_processor(config: Qwen2VLConfig, tokenizer) -> Qwen2VLProcessor:
+    vision = config.vision_config
+    unit = vision.patch_size * vision.spatial_merge_size  # pixels per side of one visual token
+    geometry = {
+        "patch_size": vision.patch_size,
+        "temporal_patch_size": vision.temporal_patch_size,
+        "merge_size": vision.spatial_merge_size,
+        # 8x8 to 16x16 visual tokens per image or frame
+        "size": {"shortest_edge": (8 * unit) ** 2, "longest_edge": (16 * unit) ** 2},
+    }
+    return Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**geometry),
+        video_processor=Qwen2VLVideoProcessor(**geometry, cap_pixels_per_frame=True),
+        tokenizer=tokenizer,
+        chat_template=tokenizer.chat_template,
+    )
+
+
+_CLIP_TOWER = {
+    "model_type": "clip_vision_model",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "patch_size": 4,
+    "projection_dim": 32,
+}
+# AnyRes grids (pixels) for a 32-pixel tower: every image is tiled into 2 or 4 crops.
+_PINPOINTS = [[32, 64], [64, 32], [64, 64]]
+
 _FAMILIES: dict[str, _Family] = {
     # LLaVA-1.5 layout: CLIP tower with [CLS], second-to-last layer, CLS dropped, 2-layer MLP.
     # 48x48 pixels in 4x4 patches: 144 visual tokens per image.
@@ -88,16 +197,7 @@ _FAMILIES: dict[str, _Family] = {
         config_class=LlavaConfig,
         model_class=LlavaForConditionalGeneration,
         defaults={
-            "vision_config": {
-                "model_type": "clip_vision_model",
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "num_hidden_layers": 3,
-                "num_attention_heads": 4,
-                "image_size": 48,
-                "patch_size": 4,
-                "projection_dim": 32,
-            },
+            "vision_config": {**_CLIP_TOWER, "image_size": 48},
             "text_config": {"model_type": "llama", **_TEXT},
             "vision_feature_layer": -2,
             "vision_feature_select_strategy": "default",
@@ -106,12 +206,77 @@ _FAMILIES: dict[str, _Family] = {
         derived=_llava_derived,
         processor=_llava_processor,
     ),
+    # LLaVA-NeXT: the same tower at 32x32 (64 tokens per crop), AnyRes tiling over
+    # `_PINPOINTS` plus the base image, unpadding and one image_newline per row of patches.
+    "llava_next": _Family(
+        config_class=LlavaNextConfig,
+        model_class=LlavaNextForConditionalGeneration,
+        defaults={
+            "vision_config": {**_CLIP_TOWER, "image_size": 32},
+            "text_config": {"model_type": "llama", **_TEXT},
+            "vision_feature_layer": -2,
+            "vision_feature_select_strategy": "default",
+            "projector_hidden_act": "gelu",
+            "image_grid_pinpoints": _PINPOINTS,
+        },
+        derived=_llava_derived,
+        processor=_llava_next_processor,
+    ),
+    # LLaVA-OneVision: SigLIP tower (no [CLS], last layer, "full"), Qwen2 decoder, AnyRes with
+    # anyres_max_9; videos are frames of 64 tokens pooled 2x2 to 16, plus one newline per video.
+    "llava_onevision": _Family(
+        config_class=LlavaOnevisionConfig,
+        model_class=LlavaOnevisionForConditionalGeneration,
+        defaults={
+            "vision_config": {
+                "model_type": "siglip_vision_model",
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "image_size": 32,
+                "patch_size": 4,
+                "vision_use_head": False,
+            },
+            "text_config": {"model_type": "qwen2", **_TEXT},
+            "vision_feature_layer": -1,
+            "vision_feature_select_strategy": "full",
+            "vision_aspect_ratio": "anyres_max_9",
+            "projector_hidden_act": "gelu",
+            "image_grid_pinpoints": _PINPOINTS,
+        },
+        derived=_onevision_derived,
+        processor=_onevision_processor,
+    ),
+    # Qwen2-VL: native-resolution ViT (4-pixel patches, 2x2 merge, 2-frame temporal patches)
+    # and M-RoPE over (t, h, w) in the decoder; 64 to 256 visual tokens per image or frame pair.
+    "qwen2_vl": _Family(
+        config_class=Qwen2VLConfig,
+        model_class=Qwen2VLForConditionalGeneration,
+        defaults={
+            "vision_config": {
+                "model_type": "qwen2_vl_vision",
+                "depth": 2,
+                "embed_dim": 32,
+                "num_heads": 4,
+                "mlp_ratio": 2,
+                "patch_size": 4,
+                "spatial_merge_size": 2,
+                "temporal_patch_size": 2,
+            },
+            "text_config": {
+                "model_type": "qwen2_vl_text",
+                **_TEXT,
+                # head_dim 16: 8 rotary frequencies split over (t, h, w) like Qwen2-VL's [16, 24, 24]
+                "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            },
+        },
+        derived=_qwen2_vl_derived,
+        processor=_qwen2_vl_processor,
+    ),
 }
 
 FAMILIES: tuple[str, ...] = tuple(_FAMILIES)
-
-# Set from the tokenizer (and, for Qwen2-VL, from the text width); overriding them is an error.
-_TOKENIZER_KEYS = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")
 
 
 def _family(name: str) -> _Family:
@@ -134,32 +299,30 @@ def _check_keys(given: dict[str, Any], config_class: type, where: str) -> None:
 
 
 def _merge(family: _Family, overrides: dict[str, Any], tokenizer) -> dict[str, Any]:
-    """Family defaults updated by `overrides`; sub-config dicts are merged key by key."""
+    """Family defaults updated by `overrides` (sub-config dicts merged key by key), then derived keys."""
     kwargs = copy.deepcopy(family.defaults)
     _check_keys(overrides, family.config_class, family.config_class.__name__)
+    given = set()
     for key, value in overrides.items():
         if key in ("text_config", "vision_config"):
             if not isinstance(value, dict):
                 raise TypeError(f"{key} override must be a dict of config fields, got {type(value).__name__}")
             model_type = value.get("model_type", kwargs[key]["model_type"])
-            _check_keys(value, type(CONFIG_MAPPING[model_type]()), f"{key} ({model_type})")
-            forbidden = sorted(set(value) & set(_TOKENIZER_KEYS))
-            if forbidden:
-                raise ConfigError(f"{key} keys {forbidden} are set from the tiny tokenizer; remove them.")
+            _check_keys(value, CONFIG_MAPPING[model_type], f"{key} ({model_type})")
             kwargs[key].update(value)
+            given.update(f"{key}.{field}" for field in value)
         else:
             kwargs[key] = value
+            given.add(key)
     derived = family.derived(kwargs, tokenizer)
-    fixed = sorted(set(overrides) & set(derived))
+    fixed = sorted(given & set(derived))
     if fixed:
-        raise ConfigError(f"keys {fixed} are derived from the tokenizer and the vision config; remove them.")
-    kwargs.update(derived)
-    kwargs["text_config"].update(
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+        raise ConfigError(
+            f"{fixed} are derived from the tiny tokenizer and the other config values; remove them from the overrides."
+        )
+    for path, value in derived.items():
+        *parent, field = path.split(".")
+        (kwargs[parent[0]] if parent else kwargs)[field] = value
     return kwargs
 
 
