@@ -105,6 +105,7 @@ class Patch:
         while self._undo:
             _, undo = self._undo.pop()
             undo()
+        self.state.clear()
         self._removed = True
         if _PATCHED.get(self.model) is self:
             del _PATCHED[self.model]
@@ -160,10 +161,14 @@ class Patch:
         base = adapter.base_model
 
         def stash_inputs(module, args, kwargs):
-            input_ids = kwargs.get("input_ids", args[0] if args else None)
-            if kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None:
-                state.metas = {"image": [], "video": []}
-            state.input_ids = input_ids
+            encoded = kwargs.get("mm_encoder_outputs") or {}
+            sources = {}
+            for modality, pixels in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+                if kwargs.get(pixels) is not None:
+                    sources[modality] = None
+                elif encoded.get(modality) is not None:
+                    sources[modality] = encoded[modality]
+            state.begin_call(kwargs.get("input_ids", args[0] if args else None), sources)
             return None
 
         handle = base.register_forward_pre_hook(stash_inputs, with_kwargs=True)
@@ -190,7 +195,6 @@ class Patch:
             signature = inspect.signature(original)
 
             def encode(*args, _original=original, _modality=modality, _signature=signature, **kwargs):
-                state.begin_vision(_modality)
                 probes.clear()
                 active["on"] = True
                 try:
@@ -198,8 +202,7 @@ class Patch:
                 finally:
                     active["on"] = False
                 call = _signature.bind_partial(*args, **kwargs).arguments
-                for meta in adapter.visual_metas(_modality, call, output, list(probes) or None):
-                    state.add_meta(_modality, meta)
+                state.encoded_by_us(_modality, output, adapter.visual_metas(_modality, call, output, list(probes) or None))
                 probes.clear()
                 return output
 

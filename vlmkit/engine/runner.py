@@ -153,6 +153,7 @@ class TextStackRunner:
         validity: dict[int, torch.Tensor] = {}
         rotary = None
         shift = torch.zeros(batch, dtype=torch.long, device=inputs_embeds.device)
+        no_shift = shift
         probe = None
         last_row = None
 
@@ -165,7 +166,7 @@ class TextStackRunner:
                 stream, dropped_shift = self._apply(selector, selection, stream, full)
                 shift = shift + dropped_shift
                 rotary, masks, validity = None, {}, {}
-            layer_shift = self._layer_shift(past_key_values, index, shift)
+            layer_shift = self._incoming_shift(past_key_values, index, no_shift)
             if rotary is None or rotary[0] is not layer_shift:
                 rope_positions = self._shifted(stream.positions, layer_shift)
                 rotary = (layer_shift, text_model.rotary_emb(stream.hidden, rope_positions))
@@ -187,7 +188,7 @@ class TextStackRunner:
             if index in self.probe_layers and stream.visual is not None:
                 last_row = self._last_row_attention(layer, index, probe, stream, kv_valid, past_key_values)
             if past_key_values is not None:
-                past_key_values.layers[index].record(kv_valid, length, layer_shift)
+                past_key_values.layers[index].record(kv_valid, length, shift + layer_shift)
 
         hidden = stream.hidden
         if full is not None:
@@ -228,13 +229,15 @@ class TextStackRunner:
             cache.layers[index] = CompactLayer.from_layer(layer, attention_mask)
 
     @staticmethod
-    def _layer_shift(cache, index: int, shift: torch.Tensor) -> torch.Tensor:
-        """The reindex shift this layer applies to incoming positions (its own, once it has a cache)."""
-        if cache is not None:
-            layer = cache.layers[index]
-            if layer.position_shift is not None:
-                return layer.position_shift
-        return shift
+    def _incoming_shift(cache, index: int, zero: torch.Tensor) -> torch.Tensor:
+        """What layer `index` subtracts from the caller's positions of this call's tokens.
+
+        Positions of tokens compacted in this call are rewritten by the compaction itself; tokens that
+        arrive later (decoding) carry caller-layout positions and get the shift the layer recorded.
+        """
+        if cache is not None and cache.layers[index].position_shift is not None:
+            return cache.layers[index].position_shift
+        return zero
 
     @staticmethod
     def _shifted(positions: torch.Tensor | None, shift: torch.Tensor) -> torch.Tensor | None:

@@ -1,8 +1,10 @@
 """Per-model-instance state the hooks share during one top-level call.
 
-One `EngineState` lives on a `Patch`. The base model's pre-hook stashes the call's `input_ids`; the
-wrapped `get_image_features` / `get_video_features` append one `VisualMeta` per image or video; the
-text-stack runner turns both into per-sample `VisualTokens` at prefill and consumes them.
+One `EngineState` lives on a `Patch`. The wrapped `get_image_features` / `get_video_features`
+record one `VisualMeta` per image or video they encode; the base model's pre-hook stashes the
+call's `input_ids` and where its features come from (encoded inside the call, or the
+`mm_encoder_outputs` that `generate()` encoded once and passes to every step without a cache);
+the text-stack runner turns both into per-sample `VisualTokens`.
 """
 from __future__ import annotations
 
@@ -41,8 +43,11 @@ class VisualMeta:
 class EngineState:
     image_token_ids: dict[str, int]
     input_ids: torch.Tensor | None = None
-    metas: dict[str, list[VisualMeta]] = field(default_factory=lambda: {"image": [], "video": []})
-    probe_request: set[str] = field(default_factory=set)
+    # per modality, where this call's features come from: None = encoded inside the call, else the
+    # `mm_encoder_outputs` entry generate() passed in
+    sources: dict[str, object] = field(default_factory=dict)
+    # per modality, the last encoder output, the metas of its images/videos, and meta by feature tensor
+    encoded: dict[str, tuple[object, list[VisualMeta], dict[int, VisualMeta]]] = field(default_factory=dict)
     # what the last prefill selected: per method name, per sample, original visual-token indices kept
     selections: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     # raw selections by compaction layer, for `Patch.reuse_selections()`
@@ -50,25 +55,48 @@ class EngineState:
     reuse: bool = False
     calls: dict[str, int] = field(default_factory=dict)
 
-    def begin_vision(self, modality: str) -> None:
-        """A vision pass starts: metas from an earlier, unconsumed pass are stale."""
-        if self.input_ids is None:
-            self.metas[modality] = []
+    def begin_call(self, input_ids: torch.Tensor | None, sources: dict[str, object]) -> None:
+        """The base model's forward starts (its pre-hook): remember the ids and the feature sources."""
+        self.input_ids, self.sources = input_ids, sources
 
-    def add_meta(self, modality: str, meta: VisualMeta) -> None:
-        self.metas[modality].append(meta)
+    def encoded_by_us(self, modality: str, output: object, metas: list[VisualMeta]) -> None:
+        self.encoded[modality] = (output, metas, {id(f): m for f, m in zip(output.pooler_output, metas)})
+
+    def _metas_of(self, modality: str) -> list[VisualMeta]:
+        """Metas for the features the encoder output holds now (generate() repeats them for beams)."""
+        output, metas, meta_of_feature = self.encoded[modality]
+        features = output.pooler_output
+        if isinstance(features, (list, tuple)) and all(id(f) in meta_of_feature for f in features):
+            return [meta_of_feature[id(f)] for f in features]
+        if len(features) != len(metas):
+            raise InputError(
+                f"the encoder output holds {len(features)} images/videos but {len(metas)} were encoded; "
+                "vlmkit cannot tell which placeholder each belongs to"
+            )
+        return metas
+
+    def clear(self) -> None:
+        self.input_ids, self.sources, self.encoded = None, {}, {}
 
     def take_visual_tokens(self, num_rows: int, length: int, device: torch.device) -> list[VisualTokens] | None:
         """Per-sample visual tokens of this call's query tokens, or None when the call has none.
 
-        Consumes the stashed input ids and metas. Placeholders are matched to metas in sequence order,
-        images and videos each in the order they were encoded (the order the model scatters them).
+        Placeholders are matched to the encoded images/videos in sequence order, each modality in the
+        order it was encoded (the order in which the model scatters features into placeholders).
         """
-        input_ids, metas = self.input_ids, self.metas
-        self.input_ids, self.metas = None, {"image": [], "video": []}
-        if input_ids is None or input_ids.shape[-1] != length or input_ids.shape[0] != num_rows:
+        input_ids, sources = self.input_ids, self.sources
+        self.input_ids, self.sources = None, {}
+        if input_ids is None or input_ids.shape[-1] != length or input_ids.shape[0] != num_rows or not sources:
             return None
-        queues = {modality: list(items) for modality, items in metas.items()}
+        queues = {}
+        for modality, source in sources.items():
+            output = self.encoded.get(modality, (None,))[0]
+            if output is None or (source is not None and source is not output):
+                raise InputError(
+                    f"the {modality} features of this call were not encoded by this patched model; pass pixel "
+                    "values (or features from its own get_*_features) so that vlmkit can locate each visual token"
+                )
+            queues[modality] = self._metas_of(modality)
         samples: list[VisualTokens] = []
         any_visual = False
         for row in range(num_rows):

@@ -160,15 +160,16 @@ def _onevision_processor(config: LlavaOnevisionConfig, tokenizer) -> LlavaOnevis
     )
 
 
-def _qwen2_vl_processor(config: Qwen2VLConfig, tokenizer) -> Qwen2VLProcessor:
+def _qwen2_vl_processor(config: Qwen2VLConfig, tokenizer, pixels: tuple[int, int] | None = None) -> Qwen2VLProcessor:
+    """Qwen2-VL processor for `config`; `pixels` is the (min, max) pixel count of a resized image."""
     vision = config.vision_config
     unit = vision.patch_size * vision.spatial_merge_size  # pixels per side of one visual token
+    low, high = pixels or ((8 * unit) ** 2, (16 * unit) ** 2)  # tiny default: 8x8 to 16x16 tokens
     geometry = {
         "patch_size": vision.patch_size,
         "temporal_patch_size": vision.temporal_patch_size,
         "merge_size": vision.spatial_merge_size,
-        # 8x8 to 16x16 visual tokens per image or frame
-        "size": {"shortest_edge": (8 * unit) ** 2, "longest_edge": (16 * unit) ** 2},
+        "size": {"shortest_edge": low, "longest_edge": high},
     }
     return Qwen2VLProcessor(
         image_processor=Qwen2VLImageProcessor(**geometry),

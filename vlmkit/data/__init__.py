@@ -1,0 +1,1 @@
+"""Data: images, video and the procedurally generated shapes world with its benchmarks."""

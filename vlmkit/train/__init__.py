@@ -1,0 +1,1 @@
+"""Training of the shipped shapes models (seeded, resumable, CPU-sized)."""
