@@ -9,9 +9,8 @@ The environment variable ``VLMKIT_KERNELS`` is read at every call:
   (``TRITON_INTERPRET=1``), which is slow and meant for tests.
 
 The Triton implementations live in ``_triton_<module>.py`` modules imported on first use.
-Triton decides between compiling and interpreting when ``@triton.jit`` runs, that is when
-such a module is imported, so `triton_module` re-imports it when ``TRITON_INTERPRET``
-changed since.
+Triton reads ``TRITON_INTERPRET`` when ``@triton.jit`` runs, including on its own library
+functions when ``triton`` is imported: set it before the process imports triton.
 """
 from __future__ import annotations
 
@@ -37,7 +36,7 @@ def triton_available() -> bool:
 
 
 def interpreting() -> bool:
-    """Whether Triton kernels defined now run in Triton's CPU interpreter (``TRITON_INTERPRET``)."""
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1`` before ``import triton``)."""
     from triton import knobs
 
     return bool(knobs.runtime.interpret)
@@ -87,16 +86,13 @@ def choose_backend(op: str, *tensors: torch.Tensor | None, differentiable: bool 
         devices = sorted({str(t.device) for t in given})
         raise ConfigError(
             f"{op}: {ENV_VAR}=triton was set but the inputs are on {', '.join(devices)}; Triton runs "
-            f"on CUDA tensors, or on CPU tensors only under its interpreter (TRITON_INTERPRET=1, slow, "
-            f"for tests). Move the inputs to a GPU, set TRITON_INTERPRET=1, or unset {ENV_VAR}."
+            f"on CUDA tensors, or on CPU tensors only under its interpreter (TRITON_INTERPRET=1 set before "
+            f"triton is imported; slow, for tests). Move the inputs to a GPU, start the process with "
+            f"TRITON_INTERPRET=1, or unset {ENV_VAR}."
         )
     return "triton"
 
 
 def triton_module(name: str) -> ModuleType:
-    """Import ``vlmkit.kernels._triton_<name>``, rebuilt if ``TRITON_INTERPRET`` changed since."""
-    for module_name in ("vlmkit.kernels._triton_common", f"vlmkit.kernels._triton_{name}"):
-        module = importlib.import_module(module_name)
-        if module.INTERPRETED != interpreting():
-            module = importlib.reload(module)
-    return module
+    """Import ``vlmkit.kernels._triton_<name>`` (on first use only, so that Triton stays optional)."""
+    return importlib.import_module(f"vlmkit.kernels._triton_{name}")

@@ -22,7 +22,6 @@ import triton.language as tl
 
 from vlmkit.kernels import _triton_common as common
 
-INTERPRETED = common.INTERPRETED
 _LOG2E = 1.0 / math.log(2.0)
 _REDUCE_CODES = {"none": 0, "sum": 1, "mean": 1, "max": 2}
 

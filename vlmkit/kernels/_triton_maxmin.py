@@ -18,7 +18,6 @@ import triton.language as tl
 from vlmkit.kernels import _triton_common as common
 from vlmkit.kernels.maxmin import NORM_EPS
 
-INTERPRETED = common.INTERPRETED
 _STEP_BLOCK_N = 128
 _STEP_BLOCK_C = 64
 

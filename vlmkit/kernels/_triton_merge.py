@@ -14,7 +14,6 @@ import triton.language as tl
 
 from vlmkit.kernels import _triton_common as common
 
-INTERPRETED = common.INTERPRETED
 
 
 @triton.autotune(
