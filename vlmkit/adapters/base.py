@@ -154,6 +154,13 @@ def received_attention_probe(attention: nn.Module, hidden: torch.Tensor) -> dict
     return {"importance": received / (length * query.shape[1]), "keys": key.mean(dim=1)}
 
 
+def concat_probes(probes: list[dict[str, torch.Tensor]] | None) -> dict[str, torch.Tensor] | None:
+    """Join the probe results of several tower passes along their first (tower batch) dimension."""
+    if not probes:
+        return None
+    return {name: torch.cat([p[name] for p in probes]) for name in probes[0]}
+
+
 def grid_coords(frames: int, rows: int, cols: int, crop: int = 0) -> torch.Tensor:
     """(frames*rows*cols, 4) long coordinates (frame, row, col, crop) in row-major token order."""
     frame, row, col = torch.meshgrid(torch.arange(frames), torch.arange(rows), torch.arange(cols), indexing="ij")

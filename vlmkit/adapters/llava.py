@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from vlmkit.adapters.base import Adapter, cls_row_probe, grid_coords
+from vlmkit.adapters.base import Adapter, cls_row_probe, concat_probes, grid_coords
 from vlmkit.engine.state import VisualMeta
 
 
@@ -28,7 +28,7 @@ class LlavaAdapter(Adapter):
     def visual_metas(self, modality, call, output, probes):
         strategy = call.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
         features = output.pooler_output
-        probe = _concat(probes)
+        probe = concat_probes(probes)
         metas = []
         for index, image_features in enumerate(features):
             count = image_features.shape[0]
@@ -44,9 +44,3 @@ class LlavaAdapter(Adapter):
             metas.append(VisualMeta("image", (1, side, side), coords, image_probe))
         return metas
 
-
-def _concat(probes):
-    """Concatenate per-pass probe dicts along the tower's batch dimension (None when no probe ran)."""
-    if not probes:
-        return None
-    return {name: torch.cat([p[name] for p in probes]) for name in probes[0]}

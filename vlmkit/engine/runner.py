@@ -75,6 +75,7 @@ class TextStackRunner:
                     f"{selector.name}: layer={layer} is out of range for a language model with "
                     f"{self.num_layers} decoder layers (valid: 0..{self.num_layers - 1})"
                 )
+            selector.position_policy(adapter.mrope)  # raises for an undefined policy, before any mutation
             self.selectors[layer] = selector
         self.probe_layers = {
             layer - 1 for layer, s in self.selectors.items() if "last_row_attention" in s.needs and layer > 0
@@ -375,12 +376,7 @@ class TextStackRunner:
         new_hidden = hidden.gather(1, gather[..., None].expand(-1, -1, hidden.shape[-1]))
         positions, layer_positions = take(stream.positions), take(stream.layer_positions)
         shift = torch.zeros(batch, dtype=torch.long, device=hidden.device)
-        if selector.position_policy() == "reindex":
-            if positions.ndim == 3:
-                raise ConfigError(
-                    f"{selector.name}: positions='reindex' is defined for 1-D rotary positions only; "
-                    "M-RoPE (Qwen2-VL) keeps each token's 3-D grid position: use positions='keep'"
-                )
+        if selector.position_policy(self.adapter.mrope) == "reindex":
             reindexed = (new_valid.long().cumsum(dim=1) - 1).clamp(min=0)
             last_before, last_after = positions[:, -1], reindexed[:, -1]
             shift = last_before - last_after

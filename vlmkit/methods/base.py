@@ -17,7 +17,7 @@ from vlmkit.errors import ConfigError, UnknownMethodError, did_you_mean
 if TYPE_CHECKING:
     from vlmkit.engine.selection import Selection, SelectionContext
 
-POSITION_POLICIES = ("keep", "reindex")
+POSITION_POLICIES = ("auto", "keep", "reindex")
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,11 @@ class TokenBudgetConfig(MethodConfig):
     keep: float | None = field(default=None, metadata={"help": "share of visual tokens kept, in (0, 1]"})
     tokens: int | None = field(default=None, metadata={"help": "number of visual tokens kept (per budget unit)"})
     positions: str = field(
-        default="keep",
-        metadata={"help": "position ids after pruning: 'keep' the original ids or 'reindex' the kept sequence"},
+        default="auto",
+        metadata={
+            "help": "position ids after pruning: 'keep' the original ids, 'reindex' the kept sequence, or 'auto' "
+            "(the method's own policy; always 'keep' under 3-D M-RoPE)"
+        },
     )
 
     def __post_init__(self) -> None:
@@ -110,6 +113,8 @@ class TokenSelector(Method):
 
     #: what `select` needs the engine to compute, e.g. {"last_row_attention"} or {"vision_attention"}
     needs: ClassVar[frozenset[str]] = frozenset()
+    #: the paper's position policy, used for positions="auto" on 1-D rotary models
+    natural_positions: ClassVar[str] = "reindex"
 
     def compaction_layer(self, num_layers: int) -> int:
         return 0
@@ -118,8 +123,21 @@ class TokenSelector(Method):
         """The vision layer to probe, for methods that need "vision_attention"."""
         raise NotImplementedError
 
-    def position_policy(self) -> str:
-        return getattr(self.config, "positions", "keep")
+    def position_policy(self, mrope: bool) -> str:
+        """The effective position policy: 'keep' or 'reindex'.
+
+        Raises:
+            ConfigError: 'reindex' under M-RoPE, where positions are 3-D grid coordinates.
+        """
+        policy = getattr(self.config, "positions", "auto")
+        if policy == "auto":
+            return "keep" if mrope else self.natural_positions
+        if policy == "reindex" and mrope:
+            raise ConfigError(
+                f"{self.name}: positions='reindex' is defined for 1-D rotary positions only; M-RoPE (Qwen2-VL) "
+                "keeps each token's 3-D grid position: use positions='keep' or 'auto'"
+            )
+        return policy
 
     def select(self, context: "SelectionContext") -> "Selection":
         raise NotImplementedError

@@ -48,6 +48,7 @@ class FastV(TokenSelector):
     Config = FastVConfig
     paper = "https://arxiv.org/abs/2403.06764"
     needs = frozenset({"last_row_attention"})
+    natural_positions = "keep"
 
     def compaction_layer(self, num_layers: int) -> int:
         return self.config.layer

@@ -2,9 +2,9 @@
 
 Site: `embeds`. Each image's token grid is cut into windows of `rows x cols` tokens (per frame and
 per AnyRes crop); a window becomes one token, the mean of its members, placed at the window's first
-(top-left) token. The window is the one whose token count is closest to the budget, square or one
-column wider, so `keep=0.25` pools 2x2 and `keep=1/9` pools 3x3 (the kept count can differ a little
-from the budget when the grid does not divide evenly).
+(top-left) token. The window, square or one column wider, is the one whose size is closest to
+1 / keep, so `keep=0.5` pools 1x2, `keep=0.25` 2x2 and `keep=1/9` 3x3 (the kept count can differ a
+little from the budget when the grid does not divide evenly).
 """
 from __future__ import annotations
 
@@ -36,10 +36,10 @@ class Pool(TokenSelector):
 
     def _pool(self, visual: VisualTokens) -> SampleSelection:
         window_of = torch.empty(len(visual), dtype=torch.long)
-        for image, (frames, rows, cols) in enumerate(visual.grids):
+        for image in range(len(visual.grids)):
             members = visual.image_index(image).cpu()
             target = self.config.kept_count(members.numel(), DEFAULT_KEEP)
-            height, width = _window(rows, cols, frames, target)
+            height, width = _window(members.numel() / target)
             key = torch.stack(
                 [visual.frame[members], visual.crop[members], visual.row[members] // height, visual.col[members] // width],
                 dim=1,
@@ -55,12 +55,7 @@ class Pool(TokenSelector):
         return SampleSelection(keep.to(device), merge_target=merge_target.to(device))
 
 
-def _window(rows: int, cols: int, frames: int, target: int) -> tuple[int, int]:
-    """The (rows, cols) window, square or one column wider, whose pooled count is closest to target."""
-    best, best_error = (1, 1), math.inf
-    for height in range(1, rows + 1):
-        for width in (height, height + 1):
-            count = frames * math.ceil(rows / height) * math.ceil(cols / min(width, cols))
-            if abs(count - target) < best_error:
-                best, best_error = (height, min(width, cols)), abs(count - target)
-    return best
+def _window(area: float) -> tuple[int, int]:
+    """The (rows, cols) window, square or one column wider, whose size is closest to `area` tokens."""
+    candidates = [(side, side + extra) for side in range(1, math.isqrt(int(area)) + 2) for extra in (0, 1)]
+    return min(candidates, key=lambda window: (abs(window[0] * window[1] - area), window[0] * window[1]))

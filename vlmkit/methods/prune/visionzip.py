@@ -21,8 +21,8 @@ Deviations from the reference code (dvlab-research/VisionZip), and why:
 - the contextual average is taken in the LLM's input space (after the projector) by the engine,
   so one code path serves every family (AnyRes crops, Qwen2-VL's 2x2 patch merger); the reference
   averages vision features before the projector;
-- positions default to `reindex` (the kept tokens form a shorter sequence, as in the reference,
-  where pruning happens before the positions exist).
+- positions="auto" re-indexes on 1-D RoPE models (the kept tokens form a shorter sequence, as in
+  the reference, where pruning happens before the positions exist) and keeps the 3-D ids under M-RoPE.
 A budget given as `keep` / `tokens` is split dominant : contextual as 54 : 10.
 """
 from __future__ import annotations
@@ -46,7 +46,6 @@ class VisionZipConfig(TokenBudgetConfig):
     dominant: int | None = field(default=None, metadata={"help": "dominant tokens per image (with contextual, instead of keep/tokens)"})
     contextual: int | None = field(default=None, metadata={"help": "contextual (merged) tokens per image"})
     vision_layer: int | None = field(default=None, metadata={"help": "vision layer to score at (default: the layer the LLM reads)"})
-    positions: str = field(default="reindex", metadata={"help": "position ids after pruning: 'keep' or 'reindex'"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
