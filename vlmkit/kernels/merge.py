@@ -31,7 +31,8 @@ def merge_tokens(
     """Weighted mean of the tokens mapped to each target, and the targets' new sizes.
 
     ``merged[b, t] = sum_{i: target=t} w_i s_i x_i / sum_{i: target=t} w_i s_i`` (0 where
-    nothing maps to t) and ``new_size[b, t] = sum_{i: target=t} s_i``. Accumulates in float32.
+    nothing maps to t) and ``new_size[b, t] = sum_{i: target=t} s_i``. Accumulates in float32
+    (float64 for float64 inputs).
     The PyTorch path is differentiable in ``x``, ``weight`` and ``size``; when an input requires
     grad, the default dispatch uses it even on CUDA.
 
@@ -44,7 +45,7 @@ def merge_tokens(
         num_targets: T, the number of output tokens.
 
     Returns:
-        ``(merged, new_size)``: (B, T, C) in ``x.dtype``, and float32 (B, T).
+        ``(merged, new_size)``: (B, T, C) in ``x.dtype``, and (B, T) float32 (float64 for float64 ``x``).
 
     Raises:
         TypeError: wrong tensor types or dtypes.
@@ -75,13 +76,14 @@ def merge_tokens_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch path and specification of `merge_tokens` (same arguments, no checks); differentiable."""
     batch, _, channels = x.shape
+    accumulate = torch.promote_types(x.dtype, torch.float32)  # float64 stays float64 (gradcheck)
     kept = target_index >= 0
     target = target_index.clamp(min=0).long()  # dropped tokens go to target 0 with zero mass
-    token_size = torch.ones_like(target, dtype=torch.float32) if size is None else size.float()
+    token_size = torch.ones(target.shape, dtype=accumulate, device=x.device) if size is None else size.to(accumulate)
     token_size = torch.where(kept, token_size, 0.0)
-    mass = token_size if weight is None else token_size * weight.float()
-    numerator = x.new_zeros(batch, num_targets, channels, dtype=torch.float32).scatter_add(
-        1, target[:, :, None].expand(-1, -1, channels), x.float() * mass[:, :, None]
+    mass = token_size if weight is None else token_size * weight.to(accumulate)
+    numerator = torch.zeros(batch, num_targets, channels, dtype=accumulate, device=x.device).scatter_add(
+        1, target[:, :, None].expand(-1, -1, channels), x.to(accumulate) * mass[:, :, None]
     )
     denominator = mass.new_zeros(batch, num_targets).scatter_add(1, target, mass)
     new_size = token_size.new_zeros(batch, num_targets).scatter_add(1, target, token_size)
