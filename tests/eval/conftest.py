@@ -1,4 +1,5 @@
 """Shared fixtures for the eval tests."""
+
 from __future__ import annotations
 
 import os

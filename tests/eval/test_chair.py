@@ -1,4 +1,5 @@
 """CHAIR against shikiw/OPERA chair.py: word rules, ground truth and pinned reference outputs."""
+
 from __future__ import annotations
 
 import json
@@ -44,18 +45,41 @@ def test_reproduces_opera_chair_py(scorer):
         (["toilet", "sink", "bench"], [["bench", "bench"]], [10], 1 / 3, 1.0),
         (["elephant", "giraffe", "bird"], [["bird", "bird"]], [11], 1 / 3, 2 / 3),
         (["cat", "couch", "remote", "laptop"], [["laptop computer", "laptop"]], [15], 0.25, 1.0),
-        (["train", "traffic light", "fire hydrant"], [["traffic light", "traffic light"], ["fire hydrant", "fire hydrant"]], [10, 14], 2 / 3, 1.0),
+        (
+            ["train", "traffic light", "fire hydrant"],
+            [["traffic light", "traffic light"], ["fire hydrant", "fire hydrant"]],
+            [10, 14],
+            2 / 3,
+            1.0,
+        ),
         (["person", "skis", "snowboard", "person", "person", "bench"], [["bench", "bench"]], [14], 1 / 6, 0.75),
         (["dog", "dog", "frisbee", "sports ball", "person"], [], [], 0.0, 1.0),
-        (["wine glass", "wine glass", "dining table", "tie", "teddy bear", "hot dog"], [["teddy bear", "teddy bear"], ["hot dog", "hot dog"]], [16, 19], 1 / 3, 0.6),
+        (
+            ["wine glass", "wine glass", "dining table", "tie", "teddy bear", "hot dog"],
+            [["teddy bear", "teddy bear"], ["hot dog", "hot dog"]],
+            [16, 19],
+            1 / 3,
+            0.6,
+        ),
         ([], [], [], 0.0, 0.0),
-        (["tv", "tv", "tv", "dining table", "cat"], [["television", "tv"], ["tv", "tv"], ["monitor", "tv"], ["desk", "dining table"]], [1, 4, 5, 9], 0.8, 1 / 3),
+        (
+            ["tv", "tv", "tv", "dining table", "cat"],
+            [["television", "tv"], ["tv", "tv"], ["monitor", "tv"], ["desk", "dining table"]],
+            [1, 4, 5, 9],
+            0.8,
+            1 / 3,
+        ),
     ]
     for sentence, (generated, hallucinated, idxs, chair_i, recall) in zip(result["sentences"], expected):
         assert sentence["mscoco_generated_words"] == generated
         assert sentence["mscoco_hallucinated_words"] == hallucinated
         assert sentence["hallucination_idxs"] == idxs
-        assert sentence["metrics"] == {"CHAIRs": int(bool(hallucinated)), "CHAIRi": chair_i, "Recall": recall, "Len": 0.0}
+        assert sentence["metrics"] == {
+            "CHAIRs": int(bool(hallucinated)),
+            "CHAIRi": chair_i,
+            "Recall": recall,
+            "Len": 0.0,
+        }
     assert result["counts"]["captions"] == 11 and result["warnings"] == []
 
 
@@ -64,7 +88,10 @@ def test_trim_incomplete_matches_reference_rule(scorer):
     result = scorer.score(RECORDS, trim_incomplete=True)
     assert result["overall"] == {"CHAIRs": 0.8181818181818182, "CHAIRi": 0.35, "Recall": 0.6, "Len": 0.1409090909090909}
     assert result["sentences"][-1]["caption"] == "A television and a tv monitor are on the desk."
-    assert scorer.score([{"image_id": 104, "caption": "A cat on a"}], trim_incomplete=True)["sentences"][0]["caption"] == ""
+    assert (
+        scorer.score([{"image_id": 104, "caption": "A cat on a"}], trim_incomplete=True)["sentences"][0]["caption"]
+        == ""
+    )
 
 
 def test_ground_truth_unites_instances_and_caption_objects(scorer):

@@ -1,4 +1,5 @@
 """Loaders on tiny files in the official layouts, written here; missing and corrupt inputs."""
+
 from __future__ import annotations
 
 import json
@@ -44,10 +45,23 @@ def pope_dir(tmp_path):
     questions = tmp_path / "coco"
     questions.mkdir()
     for split in ("random", "adversarial"):
-        _jsonl(questions / f"coco_pope_{split}.json", [
-            {"question_id": 1, "image": "COCO_val2014_000000000001.jpg", "text": "Is there a dog in the image?", "label": "yes"},
-            {"question_id": 2, "image": "COCO_val2014_000000000002.jpg", "text": "Is there a cat in the image?", "label": "no"},
-        ])
+        _jsonl(
+            questions / f"coco_pope_{split}.json",
+            [
+                {
+                    "question_id": 1,
+                    "image": "COCO_val2014_000000000001.jpg",
+                    "text": "Is there a dog in the image?",
+                    "label": "yes",
+                },
+                {
+                    "question_id": 2,
+                    "image": "COCO_val2014_000000000002.jpg",
+                    "text": "Is there a cat in the image?",
+                    "label": "no",
+                },
+            ],
+        )
     return questions, images
 
 
@@ -101,15 +115,25 @@ def test_pope_parquet(tmp_path):
     buffer = tmp_path / "img.png"
     _image(buffer, 200)
     good = buffer.read_bytes()
-    table = pa.table({
-        "id": ["0", "1", "2"],
-        "question_id": ["1", "2", "3"],
-        "question": ["Is there a dog in the image?", "Is there a cat in the image?", "Is there a car in the image?"],
-        "answer": ["yes", "no", "no"],
-        "image_source": ["a", "b", "c"],
-        "image": [{"bytes": good, "path": "a.png"}, {"bytes": good, "path": "b.png"}, {"bytes": b"garbage", "path": "c.png"}],
-        "category": ["random", "random", "popular"],
-    })
+    table = pa.table(
+        {
+            "id": ["0", "1", "2"],
+            "question_id": ["1", "2", "3"],
+            "question": [
+                "Is there a dog in the image?",
+                "Is there a cat in the image?",
+                "Is there a car in the image?",
+            ],
+            "answer": ["yes", "no", "no"],
+            "image_source": ["a", "b", "c"],
+            "image": [
+                {"bytes": good, "path": "a.png"},
+                {"bytes": good, "path": "b.png"},
+                {"bytes": b"garbage", "path": "c.png"},
+            ],
+            "category": ["random", "random", "popular"],
+        }
+    )
     folder = tmp_path / "POPE" / "data"
     folder.mkdir(parents=True)
     pq.write_table(table, folder / "test-00000-of-00001.parquet")
@@ -162,7 +186,9 @@ def test_chair_errors(coco_images, tmp_path):
         datasets.load_chair(folder, gt, image_ids=[5, 19])
     annotations = tmp_path / "annotations"
     annotations.mkdir()
-    with pytest.raises(DatasetError, match="4 COCO annotation files missing .*: instances_train2014.json, instances_val2014.json"):
+    with pytest.raises(
+        DatasetError, match="4 COCO annotation files missing .*: instances_train2014.json, instances_val2014.json"
+    ):
         datasets.load_chair(folder, annotations)
 
 
@@ -176,7 +202,8 @@ def mme_root(tmp_path):
     _image(art / "images" / "10.jpg")
     (art / "questions_answers_YN").mkdir(parents=True)
     (art / "questions_answers_YN" / "10.txt").write_text(
-        "Is this artwork by Monet? Please answer yes or no.\tYes\nIs this artwork by Dali? Please answer yes or no.\tNo\n"
+        "Is this artwork by Monet? Please answer yes or no.\tYes\n"
+        "Is this artwork by Dali? Please answer yes or no.\tNo\n"
     )
     color = base / "color"
     _image(color / "000000055072.jpg")
@@ -186,7 +213,9 @@ def mme_root(tmp_path):
     )
     code = base / "code_reasoning"
     _image(code / "0001.png")
-    (code / "0001.txt").write_text("Is the output 'Hello'? Please answer yes or no.\tYes\nIs the output 'World'? Please answer yes or no.\tNo")
+    (code / "0001.txt").write_text(
+        "Is the output 'Hello'? Please answer yes or no.\tYes\nIs the output 'World'? Please answer yes or no.\tNo"
+    )
     return tmp_path
 
 
@@ -194,11 +223,18 @@ def test_mme_both_layouts(mme_root):
     bench = datasets.load_mme(mme_root, subtasks=["artwork", "color", "code_reasoning"])
     samples = list(bench)
     assert [s.sample_id for s in samples] == [
-        "artwork/10.jpg/0", "artwork/10.jpg/1", "color/000000055072.jpg/0", "color/000000055072.jpg/1",
-        "code_reasoning/0001.png/0", "code_reasoning/0001.png/1",
+        "artwork/10.jpg/0",
+        "artwork/10.jpg/1",
+        "color/000000055072.jpg/0",
+        "color/000000055072.jpg/1",
+        "code_reasoning/0001.png/0",
+        "code_reasoning/0001.png/1",
     ]
     # LLaVA's prompt: "Please answer yes or no." and the spaces before it go, then the short-answer suffix.
-    assert samples[2].prompt == "Is there a brown giraffe in the image?\nAnswer the question using a single word or phrase."
+    assert (
+        samples[2].prompt
+        == "Is there a brown giraffe in the image?\nAnswer the question using a single word or phrase."
+    )
     assert samples[2].metadata["question"] == "Is there a brown giraffe in the image?  Please answer yes or no."
     assert samples[0].target == "Yes" and samples[1].target == "No"
     assert samples[4].load_media()[0].size == (8, 6)
@@ -236,15 +272,41 @@ def test_frame_sampling_rules():
 def test_mvbench(tmp_path):
     root = tmp_path / "MVBench"
     (root / "json").mkdir(parents=True)
-    (root / "json" / "action_count.json").write_text(json.dumps([
-        {"video": "a.mp4", "question": "How many times?", "candidates": ["1", "2", "3"], "answer": "2"},
-    ]))
-    (root / "json" / "action_sequence.json").write_text(json.dumps([
-        {"video": "b.mp4", "question": "What first?", "candidates": ["sit", "stand"], "answer": "stand", "start": 0.5, "end": 1.5},
-    ]))
-    (root / "json" / "episodic_reasoning.json").write_text(json.dumps([
-        {"video": "clip1", "question": "Why?", "candidates": ["x", "y"], "answer": "x", "start": 1.0, "end": 2.0},
-    ]))
+    (root / "json" / "action_count.json").write_text(
+        json.dumps(
+            [
+                {"video": "a.mp4", "question": "How many times?", "candidates": ["1", "2", "3"], "answer": "2"},
+            ]
+        )
+    )
+    (root / "json" / "action_sequence.json").write_text(
+        json.dumps(
+            [
+                {
+                    "video": "b.mp4",
+                    "question": "What first?",
+                    "candidates": ["sit", "stand"],
+                    "answer": "stand",
+                    "start": 0.5,
+                    "end": 1.5,
+                },
+            ]
+        )
+    )
+    (root / "json" / "episodic_reasoning.json").write_text(
+        json.dumps(
+            [
+                {
+                    "video": "clip1",
+                    "question": "Why?",
+                    "candidates": ["x", "y"],
+                    "answer": "x",
+                    "start": 1.0,
+                    "end": 2.0,
+                },
+            ]
+        )
+    )
     _video(root / "video" / "perception" / "videos" / "a.mp4")
     _video(root / "video" / "star" / "Charades_v1_480" / "b.mp4")
     for k in range(1, 11):
@@ -261,7 +323,9 @@ def test_mvbench(tmp_path):
     assert len(frames) == 4 and frames[0].size == (64, 64)
     # Segment middles of frames 0-19: 2, 7, 12, 16 -> grey levels 20, 70, 120, 160 (lossy codec).
     assert [round(np.asarray(f)[..., 0].mean() / 10) for f in frames] == [2, 7, 12, 16]
-    assert sequence.media[0] == VideoFile(root / "video" / "star" / "Charades_v1_480" / "b.mp4", 4, "mvbench", (0.5, 1.5))
+    assert sequence.media[0] == VideoFile(
+        root / "video" / "star" / "Charades_v1_480" / "b.mp4", 4, "mvbench", (0.5, 1.5)
+    )
     assert [round(np.asarray(f)[..., 0].mean() / 10) for f in sequence.load_media()] == [6, 8, 11, 14]
     assert episodic.media[0] == FrameFolder(root / "video" / "tvqa" / "frames_fps3_hq" / "clip1", 4, (1.0, 2.0))
     # Frames 3, 4, 5, 5 of 00001-00010.jpg (values 20 * index, JPEG-rounded).
@@ -275,18 +339,26 @@ def test_mvbench_missing_and_corrupt(tmp_path):
     (root / "json").mkdir(parents=True)
     with pytest.raises(DatasetError, match="1 MVBench json/<task>.json files missing .*: action_count"):
         datasets.load_mvbench(root, tasks=["action_count"])
-    (root / "json" / "action_count.json").write_text(json.dumps([
-        {"video": "a.mp4", "question": "?", "candidates": ["1", "2"], "answer": "2"},
-        {"video": "gone.mp4", "question": "?", "candidates": ["1", "2"], "answer": "1"},
-    ]))
+    (root / "json" / "action_count.json").write_text(
+        json.dumps(
+            [
+                {"video": "a.mp4", "question": "?", "candidates": ["1", "2"], "answer": "2"},
+                {"video": "gone.mp4", "question": "?", "candidates": ["1", "2"], "answer": "1"},
+            ]
+        )
+    )
     (root / "video" / "perception" / "videos").mkdir(parents=True)
     (root / "video" / "perception" / "videos" / "a.mp4").write_bytes(b"not a video")
     with pytest.raises(DatasetError, match="1 MVBench videos missing .*gone.mp4"):
         datasets.load_mvbench(root, tasks=["action_count"])
-    (root / "json" / "action_count.json").write_text(json.dumps([{"video": "a.mp4", "question": "?", "candidates": ["1"], "answer": "3"}]))
+    (root / "json" / "action_count.json").write_text(
+        json.dumps([{"video": "a.mp4", "question": "?", "candidates": ["1"], "answer": "3"}])
+    )
     with pytest.raises(DatasetError, match="answer '3' is not one of the candidates"):
         datasets.load_mvbench(root, tasks=["action_count"])
-    (root / "json" / "action_count.json").write_text(json.dumps([{"video": "a.mp4", "question": "?", "candidates": ["1"], "answer": "1"}]))
+    (root / "json" / "action_count.json").write_text(
+        json.dumps([{"video": "a.mp4", "question": "?", "candidates": ["1"], "answer": "1"}])
+    )
     sample = next(iter(datasets.load_mvbench(root, tasks=["action_count"])))
     with pytest.raises(InputError, match="cannot decode video .*a.mp4"):
         sample.load_media()
@@ -297,14 +369,43 @@ def test_mvbench_missing_and_corrupt(tmp_path):
 def test_videomme_grouped_and_flat(tmp_path):
     videos = tmp_path / "data"
     _video(videos / "fFjv93ACGo8.mp4", frames=12)
-    question = {"question_id": "001-1", "task_type": "Counting Problem", "question": "How many apples?",
-                "options": ["A. One.", "B. Two.", "C. Three.", "D. Four."], "answer": "C"}
+    question = {
+        "question_id": "001-1",
+        "task_type": "Counting Problem",
+        "question": "How many apples?",
+        "options": ["A. One.", "B. Two.", "C. Three.", "D. Four."],
+        "answer": "C",
+    }
     grouped = tmp_path / "videomme.json"
-    grouped.write_text(json.dumps([{"video_id": "001", "videoID": "fFjv93ACGo8", "duration": "short", "domain": "Knowledge",
-                                    "sub_category": "Humanity & History", "questions": [question]}]))
+    grouped.write_text(
+        json.dumps(
+            [
+                {
+                    "video_id": "001",
+                    "videoID": "fFjv93ACGo8",
+                    "duration": "short",
+                    "domain": "Knowledge",
+                    "sub_category": "Humanity & History",
+                    "questions": [question],
+                }
+            ]
+        )
+    )
     flat = tmp_path / "flat.json"
-    flat.write_text(json.dumps([{**question, "video_id": "001", "videoID": "fFjv93ACGo8", "duration": "short",
-                                 "domain": "Knowledge", "sub_category": "Humanity & History"}]))
+    flat.write_text(
+        json.dumps(
+            [
+                {
+                    **question,
+                    "video_id": "001",
+                    "videoID": "fFjv93ACGo8",
+                    "duration": "short",
+                    "domain": "Knowledge",
+                    "sub_category": "Humanity & History",
+                }
+            ]
+        )
+    )
     for path in (grouped, flat):
         (sample,) = list(datasets.load_videomme(path, videos, num_frames=3))
         assert sample.sample_id == "001-1" and sample.target == "C"
@@ -313,7 +414,9 @@ def test_videomme_grouped_and_flat(tmp_path):
         assert sample.prompt.startswith("Select the best answer")
     frames = sample.load_media()
     assert [round(np.asarray(f)[..., 0].mean() / 10) for f in frames] == [0, 5, 11]
-    result = video.score([{**sample.metadata, "response": "The best answer is C."}], "videomme", group_by=("duration", "domain"))
+    result = video.score(
+        [{**sample.metadata, "response": "The best answer is C."}], "videomme", group_by=("duration", "domain")
+    )
     assert result["groups"]["domain"]["Knowledge"]["accuracy"] == 1.0
     assert len(datasets.load_videomme(flat, videos, durations=["long"])) == 0
     with pytest.raises(DatasetError, match="1 Video-MME videos missing .*fFjv93ACGo8.mp4"):
@@ -327,10 +430,19 @@ def test_egoschema(tmp_path):
     videos = tmp_path / "videos"
     _video(videos / "q1.mp4", frames=8)
     questions = tmp_path / "questions.json"
-    questions.write_text(json.dumps([
-        {"q_uid": uid, "google_drive_id": "x", "question": "What does c do?", **{f"option {k}": f"thing {k}" for k in range(5)}}
-        for uid in ("q1", "q2")
-    ]))
+    questions.write_text(
+        json.dumps(
+            [
+                {
+                    "q_uid": uid,
+                    "google_drive_id": "x",
+                    "question": "What does c do?",
+                    **{f"option {k}": f"thing {k}" for k in range(5)},
+                }
+                for uid in ("q1", "q2")
+            ]
+        )
+    )
     answers = tmp_path / "subset_answers.json"
     answers.write_text(json.dumps({"q1": 3}))
     (sample,) = list(datasets.load_egoschema(questions, videos, answers, num_frames=2))

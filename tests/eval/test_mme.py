@@ -1,4 +1,5 @@
 """MME parsing and scoring against the official eval tool's behaviour."""
+
 from __future__ import annotations
 
 import random
@@ -33,7 +34,9 @@ def test_official_parse(response, expected):
     assert mme.parse(response) == expected
 
 
-@pytest.mark.parametrize(("response", "expected"), [("n", "no"), ("y", "yes"), ("  yes", "yes"), ("No.", "no"), ("x", "other")])
+@pytest.mark.parametrize(
+    ("response", "expected"), [("n", "no"), ("y", "yes"), ("  yes", "yes"), ("No.", "no"), ("x", "other")]
+)
 def test_lmms_eval_parse(response, expected):
     assert mme.parse(response, style="lmms_eval") == expected
 
@@ -59,10 +62,20 @@ def test_reproduces_official_calculation_py_digits():
     # <task>.txt files, printed exactly these numbers (float artefacts included).
     result = mme.score(mme_results())
     expected = {
-        "existence": 50.0, "count": 62.5, "position": 80.0, "color": 58.333333333333336,
-        "posters": 33.33333333333333, "celebrity": 37.5, "scene": 40.0, "landmark": 25.0,
-        "artwork": 33.33333333333333, "OCR": 12.5, "commonsense_reasoning": 40.0,
-        "numerical_calculation": 49.99999999999999, "text_translation": 99.99999999999999, "code_reasoning": 62.5,
+        "existence": 50.0,
+        "count": 62.5,
+        "position": 80.0,
+        "color": 58.333333333333336,
+        "posters": 33.33333333333333,
+        "celebrity": 37.5,
+        "scene": 40.0,
+        "landmark": 25.0,
+        "artwork": 33.33333333333333,
+        "OCR": 12.5,
+        "commonsense_reasoning": 40.0,
+        "numerical_calculation": 49.99999999999999,
+        "text_translation": 99.99999999999999,
+        "code_reasoning": 62.5,
     }
     assert {name: r["score"] for name, r in result["subtasks"].items()} == expected
     assert result["perception"] == 432.5

@@ -1,4 +1,5 @@
 """POPE parsing styles, metrics and their quirks."""
+
 from __future__ import annotations
 
 import pytest
@@ -117,7 +118,9 @@ def test_division_by_zero_is_flagged_not_raised():
 
 
 def _rows(tp, fp, tn, fn):
-    return ["Yes"] * tp + ["Yes"] * fp + ["No"] * tn + ["No"] * fn, ["yes"] * tp + ["no"] * fp + ["no"] * tn + ["yes"] * fn
+    return ["Yes"] * tp + ["Yes"] * fp + ["No"] * tn + ["No"] * fn, ["yes"] * tp + ["no"] * fp + ["no"] * tn + [
+        "yes"
+    ] * fn
 
 
 def test_reproduces_llava_eval_pope_digits():
@@ -126,14 +129,34 @@ def test_reproduces_llava_eval_pope_digits():
     # printed these; the metrics depend only on the four counts, which the synthetic rows reproduce.
     expected = {
         "adversarial": ((1182, 117, 1383, 318), 0.855, 0.9099307159353349, 0.788, 0.8445873526259379, 0.433),
-        "random": ((1182, 31, 1379, 318), 0.8800687285223368, 0.9744435284418796, 0.788, 0.8713601179506082, 0.4168384879725086),
-        "popular": ((1182, 59, 1441, 318), 0.8743333333333333, 0.9524576954069299, 0.788, 0.8624589565851879, 0.4136666666666667),
+        "random": (
+            (1182, 31, 1379, 318),
+            0.8800687285223368,
+            0.9744435284418796,
+            0.788,
+            0.8713601179506082,
+            0.4168384879725086,
+        ),
+        "popular": (
+            (1182, 59, 1441, 318),
+            0.8743333333333333,
+            0.9524576954069299,
+            0.788,
+            0.8624589565851879,
+            0.4136666666666667,
+        ),
     }
     result = pope.score_splits({split: _rows(*counts) for split, (counts, *_) in expected.items()})
     for split, (counts, acc, precision, recall, f1, yes_ratio) in expected.items():
         got = result["splits"][split]
         assert (got["TP"], got["FP"], got["TN"], got["FN"]) == counts
-        assert (got["accuracy"], got["precision"], got["recall"], got["f1"], got["yes_ratio"]) == (acc, precision, recall, f1, yes_ratio)
+        assert (got["accuracy"], got["precision"], got["recall"], got["f1"], got["yes_ratio"]) == (
+            acc,
+            precision,
+            recall,
+            f1,
+            yes_ratio,
+        )
     assert result["mean_f1"] == (0.8445873526259379 + 0.8713601179506082 + 0.8624589565851879) / 3
     assert round(result["mean_f1"] * 100, 1) == 85.9
     assert result["warnings"] == []

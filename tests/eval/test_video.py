@@ -1,4 +1,5 @@
 """Video multiple-choice extraction per reference, and accuracy per group."""
+
 from __future__ import annotations
 
 import pytest

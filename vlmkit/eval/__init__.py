@@ -1,14 +1,41 @@
 """Benchmark loaders and reference-exact scorers for vlmkit's eval suite.
 
-Nothing heavy is imported here; import the submodule you need.
+Nothing heavy is imported here; import the submodule you need. Each scorer module's docstring names
+the reference script (repository, path, commit) it reproduces and its documented deviations.
+Scorers return fractions (MME: points, as the official tool) plus a ``"warnings"`` list; a zero
+denominator gives 0.0 and a warning instead of an exception.
 
-Scorers (each module's docstring names the reference script, repository and commit it follows):
+Scorers:
 
-* :mod:`vlmkit.eval.pope`: ``parse(answer, style="llava", label=None)``,
-  ``score(answers, labels, style="llava")``, ``score_splits({split: (answers, labels)}, style)``;
-  styles ``"llava"``, ``"opera"``, ``"vcd"``, ``"lmms_eval"``.
-* :mod:`vlmkit.eval.chair`: ``Chair(gt_objects, synonyms=None)``, ``Chair.from_coco(dir, image_ids=None)``,
-  ``Chair.from_ground_truth(path)``, ``.save_ground_truth(path)``, ``.caption_to_words(caption)``,
-  ``.score(records, trim_incomplete=False)``; ``require_nltk_data()``.
-* :mod:`vlmkit.eval.mme`: ``parse(response, style="official")``, ``score({subtask: records})``.
+* :mod:`vlmkit.eval.pope`: ``parse(answer, style="llava", label=None) -> "yes" | "no" | "other"``;
+  ``score(answers, labels, style="llava") -> {TP, FP, TN, FN, other, n, accuracy, precision, recall,
+  f1, yes_ratio, style, warnings}``; ``score_splits({split: (answers, labels)}, style) -> {splits,
+  mean_f1, mean_accuracy, style, warnings}``; ``STYLES = ("llava", "opera", "vcd", "lmms_eval")``.
+* :mod:`vlmkit.eval.chair`: ``Chair(gt_objects, synonyms=None)``; ``Chair.from_coco(annotation_dir,
+  image_ids=None, synonyms=None)``; ``Chair.from_ground_truth(path, synonyms=None)``;
+  ``chair.save_ground_truth(path)``; ``chair.image_ids``; ``chair.ground_truth(image_id)``;
+  ``chair.caption_to_words(caption) -> CaptionWords(words, node_words, idxs, double_words)``;
+  ``chair.score(records, trim_incomplete=False) -> {overall: {CHAIRs, CHAIRi, Recall, Len}, counts,
+  sentences, warnings}``; ``require_nltk_data()``.
+* :mod:`vlmkit.eval.mme`: ``parse(response, style="official")``; ``score({subtask: [{image, question,
+  gt, response}]}, style="official") -> {subtasks: {name: {acc, acc_plus, score, ...}}, perception,
+  cognition, total, style, warnings}``; ``PERCEPTION``, ``COGNITION``, ``SUBTASKS``.
+* :mod:`vlmkit.eval.video`: ``parse_choice(response, options, style) -> letter | None`` with styles
+  ``"mvbench"``, ``"videomme"``, ``"egoschema"``; ``score(records, style, group_by=("task_type",))
+  -> {accuracy, correct, answered, total, groups, style, warnings}``.
+
+Loaders (:mod:`vlmkit.eval.datasets`), each returning a :class:`~vlmkit.eval.datasets.Benchmark`
+(iterable of :class:`~vlmkit.eval.datasets.Sample`, with ``len`` and an ``info`` dict to record):
+
+* ``load_pope(path, image_dir=None, splits=None, prompt=...)``: question JSON lines + images, or lmms-eval parquet.
+* ``load_chair(image_dir, ground_truth, num_images=500, seed=42, image_ids=None, prompt=...)``.
+* ``load_mme(root, subtasks=None, prompt=...)``.
+* ``load_mvbench(root, tasks=None, num_frames=16, video_dirs=None, prompt=...)``.
+* ``load_videomme(annotations, video_dir, num_frames=32, durations=None, prompt=...)``.
+* ``load_egoschema(questions, video_dir, answers=None, num_frames=32, prompt=...)``.
+
+``Sample(sample_id, prompt, target, media, metadata, answer_prefix)``; ``sample.load_media()`` reads
+the images or sampled frames and raises :class:`~vlmkit.errors.InputError` naming a corrupt file.
+Media references and frame sampling are in :mod:`vlmkit.eval.media`; default prompts, with their
+sources, in :mod:`vlmkit.eval.prompts`.
 """

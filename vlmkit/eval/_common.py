@@ -1,4 +1,5 @@
 """Small helpers shared by the scorers: style checks and division that flags zero denominators."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence

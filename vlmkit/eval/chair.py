@@ -37,6 +37,7 @@ Example:
     >>> chair.score([{"image_id": 1, "caption": "A man walks a puppy next to a car."}])["overall"]["CHAIRs"]
     1.0
 """
+
 from __future__ import annotations
 
 import json
@@ -60,11 +61,33 @@ COCO_ANNOTATION_FILES = (
 GROUND_TRUTH_FORMAT = "vlmkit-chair-ground-truth"
 
 _COCO_DOUBLE_WORDS = (
-    "motor bike", "motor cycle", "air plane", "traffic light", "street light", "traffic signal",
-    "stop light", "fire hydrant", "stop sign", "parking meter", "suit case", "sports ball",
-    "baseball bat", "baseball glove", "tennis racket", "wine glass", "hot dog", "cell phone",
-    "mobile phone", "teddy bear", "hair drier", "potted plant", "bow tie", "laptop computer",
-    "stove top oven", "home plate", "train track",
+    "motor bike",
+    "motor cycle",
+    "air plane",
+    "traffic light",
+    "street light",
+    "traffic signal",
+    "stop light",
+    "fire hydrant",
+    "stop sign",
+    "parking meter",
+    "suit case",
+    "sports ball",
+    "baseball bat",
+    "baseball glove",
+    "tennis racket",
+    "wine glass",
+    "hot dog",
+    "cell phone",
+    "mobile phone",
+    "teddy bear",
+    "hair drier",
+    "potted plant",
+    "bow tie",
+    "laptop computer",
+    "stove top oven",
+    "home plate",
+    "train track",
 )
 _ANIMAL_WORDS = ("bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "animal", "cub")
 _VEHICLE_WORDS = ("jet", "train")
@@ -118,7 +141,7 @@ def require_nltk_data() -> None:
         calls = "; ".join(f"nltk.download({name!r})" for name in missing)
         raise DatasetError(
             f"CHAIR needs NLTK data that was not found: {', '.join(missing)} (searched {list(nltk.data.path)}). "
-            f"Fix: python -c \"import nltk; {calls}\", or point the NLTK_DATA environment variable at a "
+            f'Fix: python -c "import nltk; {calls}", or point the NLTK_DATA environment variable at a '
             "folder that holds them."
         )
     _nltk_checked = True
@@ -301,7 +324,7 @@ class Chair:
         i = 0
         while i < len(lemmas):
             starts.append(i)
-            pair = " ".join(lemmas[i:i + 2])
+            pair = " ".join(lemmas[i : i + 2])
             if pair in self._double_words:
                 merged.append(self._double_words[pair])
                 i += 2
@@ -334,15 +357,27 @@ class Chair:
         Raises:
             InputError: A record lacks a key or names an image without ground truth.
         """
-        totals = dict.fromkeys(("captions", "hallucinated_captions", "mentions", "hallucinated_mentions",
-                                "gt_objects", "recalled_gt_objects", "tokens"), 0)
+        totals = dict.fromkeys(
+            (
+                "captions",
+                "hallucinated_captions",
+                "mentions",
+                "hallucinated_mentions",
+                "gt_objects",
+                "recalled_gt_objects",
+                "tokens",
+            ),
+            0,
+        )
         sentences = []
         for index, record in enumerate(records):
             if "image_id" not in record or "caption" not in record:
-                raise InputError(f"CHAIR record {index} has keys {sorted(record)}; each record needs 'image_id' and 'caption'.")
+                raise InputError(
+                    f"CHAIR record {index} has keys {sorted(record)}; each record needs 'image_id' and 'caption'."
+                )
             caption = record["caption"]
             if trim_incomplete:
-                caption = caption[:caption.rfind(".") + 1]
+                caption = caption[: caption.rfind(".") + 1]
             gt = self.ground_truth(record["image_id"])
             found = self.caption_to_words(caption)
             hallucinated = [[w, node] for w, node in zip(found.words, found.node_words) if node not in gt]
@@ -354,21 +389,23 @@ class Chair:
             totals["gt_objects"] += len(gt)
             totals["recalled_gt_objects"] += len(recalled)
             totals["tokens"] += len(found.double_words)
-            sentences.append({
-                "image_id": record["image_id"],
-                "caption": caption,
-                "mscoco_hallucinated_words": hallucinated,
-                "mscoco_gt_words": sorted(gt),
-                "mscoco_generated_words": list(found.node_words),
-                "hallucination_idxs": [idx for idx, node in zip(found.idxs, found.node_words) if node not in gt],
-                "words": found.double_words,
-                "metrics": {
-                    "CHAIRs": int(bool(hallucinated)),
-                    "CHAIRi": len(hallucinated) / len(found.words) if found.words else 0.0,
-                    "Recall": len(recalled) / len(gt) if gt else 0.0,
-                    "Len": 0.0,
-                },
-            })
+            sentences.append(
+                {
+                    "image_id": record["image_id"],
+                    "caption": caption,
+                    "mscoco_hallucinated_words": hallucinated,
+                    "mscoco_gt_words": sorted(gt),
+                    "mscoco_generated_words": list(found.node_words),
+                    "hallucination_idxs": [idx for idx, node in zip(found.idxs, found.node_words) if node not in gt],
+                    "words": found.double_words,
+                    "metrics": {
+                        "CHAIRs": int(bool(hallucinated)),
+                        "CHAIRi": len(hallucinated) / len(found.words) if found.words else 0.0,
+                        "Recall": len(recalled) / len(gt) if gt else 0.0,
+                        "Len": 0.0,
+                    },
+                }
+            )
         warnings: list[str] = []
         overall = {
             "CHAIRs": divide(totals["hallucinated_captions"], totals["captions"], "CHAIRs", warnings),
@@ -386,7 +423,9 @@ def _read_synonyms(synonyms: str | os.PathLike | None) -> list[list[str]]:
         try:
             text = Path(synonyms).read_text(encoding="utf-8")
         except OSError as error:
-            raise DatasetError(f"CHAIR synonyms file {synonyms} cannot be read ({error}); pass an existing file or the table as text.") from None
+            raise DatasetError(
+                f"CHAIR synonyms file {synonyms} cannot be read ({error}); pass an existing file or the table as text."
+            ) from None
     elif isinstance(synonyms, str):
         text = synonyms
     else:

@@ -7,20 +7,19 @@ can record an error row and go on.
 
 Each sample's ``metadata`` holds what the benchmark's scorer needs besides the model's reply:
 
-==========  ==========================================================================  ==================================
-loader      metadata                                                                    scorer record
-==========  ==========================================================================  ==================================
-POPE        ``split``, ``question_id``, ``image``, ``label``                            ``pope.score_splits`` by split
-CHAIR       ``image_id``                                                                ``{"image_id", "caption": reply}``
-MME         ``subtask``, ``image``, ``question``, ``gt``                                ``{**metadata, "response": reply}``
-MVBench     ``task_type``, ``options``, ``answer``, ``question``, ``video``              ``{**metadata, "response": reply}``
-Video-MME   ``duration``, ``domain``, ``sub_category``, ``task_type``, ``options``, ...  ``{**metadata, "response": reply}``
-EgoSchema   ``options``, ``answer``, ``question``, ``video``                             ``{**metadata, "response": reply}``
-==========  ==========================================================================  ==================================
+* POPE: ``split``, ``question_id``, ``image``, ``label``; group replies by split for
+  ``pope.score_splits`` (answers and labels pair by position).
+* CHAIR: ``image_id``; score ``{"image_id": ..., "caption": reply}`` with ``Chair.score``.
+* MME: ``subtask``, ``image``, ``question``, ``gt``; score ``{**metadata, "response": reply}`` grouped
+  by subtask with ``mme.score``.
+* MVBench, Video-MME, EgoSchema: ``options``, ``answer``, ``question``, ``video`` and the grouping keys
+  (``task_type``; Video-MME also ``duration``, ``domain``, ``sub_category``); score
+  ``{**metadata, "response": reply}`` with ``video.score``.
 
 Default prompts come from :mod:`vlmkit.eval.prompts`; pass ``prompt=`` (a :class:`~vlmkit.eval.prompts.Prompt`
 or a template string) to change them.
 """
+
 from __future__ import annotations
 
 import json
@@ -147,13 +146,17 @@ def load_pope(
     source = Path(path)
     template = _template(prompt)
     wanted = None if splits is None else list(splits)
-    parquet = sorted(source.rglob("*.parquet")) if source.is_dir() else ([source] if source.suffix == ".parquet" else [])
+    parquet = (
+        sorted(source.rglob("*.parquet")) if source.is_dir() else ([source] if source.suffix == ".parquet" else [])
+    )
     if parquet:
         return _load_pope_parquet(source, parquet, wanted, template)
     if source.is_dir():
         files = sorted(p for p in source.iterdir() if "pope" in p.name and p.suffix in (".json", ".jsonl"))
         if not files:
-            raise DatasetError(f"POPE: {source} holds no *pope*.json(l) question files or .parquet files; point path at them.")
+            raise DatasetError(
+                f"POPE: {source} holds no *pope*.json(l) question files or .parquet files; point path at them."
+            )
     elif source.is_file():
         files = [source]
     else:
@@ -162,7 +165,9 @@ def load_pope(
         raise DatasetError(f"POPE question files ({source}) name image files; pass image_dir= (e.g. COCO val2014).")
     images = Path(image_dir)
     if not images.is_dir():
-        raise DatasetError(f"POPE image folder {images} does not exist; pass the folder holding the images (e.g. COCO val2014).")
+        raise DatasetError(
+            f"POPE image folder {images} does not exist; pass the folder holding the images (e.g. COCO val2014)."
+        )
     samples, found = [], set()
     for file in files:
         for line_number, row in _json_lines(file):
@@ -171,20 +176,32 @@ def load_pope(
             found.add(split)
             if wanted is not None and split not in wanted:
                 continue
-            samples.append(Sample(
-                sample_id=f"{split}/{row['question_id']}",
-                prompt=template.format(question=row["text"]),
-                target=str(row["label"]).lower().strip(),
-                media=(ImageFile(images / row["image"]),),
-                metadata={"split": split, "question_id": row["question_id"], "image": row["image"], "label": row["label"]},
-            ))
+            samples.append(
+                Sample(
+                    sample_id=f"{split}/{row['question_id']}",
+                    prompt=template.format(question=row["text"]),
+                    target=str(row["label"]).lower().strip(),
+                    media=(ImageFile(images / row["image"]),),
+                    metadata={
+                        "split": split,
+                        "question_id": row["question_id"],
+                        "image": row["image"],
+                        "label": row["label"],
+                    },
+                )
+            )
     _check_splits(wanted, found, source)
     _check_unique(samples, "POPE", "load one question file (or split) at a time")
     _check_files(
-        {s.metadata["image"] for s in samples}, lambda name: (images / name).is_file(), "POPE images", images,
+        {s.metadata["image"] for s in samples},
+        lambda name: (images / name).is_file(),
+        "POPE images",
+        images,
         "copy the images the question files name into image_dir",
     )
-    return Benchmark("pope", samples, info={"files": [str(f) for f in files], "image_dir": str(images), "splits": sorted(found)})
+    return Benchmark(
+        "pope", samples, info={"files": [str(f) for f in files], "image_dir": str(images), "splits": sorted(found)}
+    )
 
 
 def load_chair(
@@ -218,8 +235,13 @@ def load_chair(
         raise DatasetError(f"CHAIR image folder {images} does not exist; pass the COCO val2014 image folder.")
     truth = Path(ground_truth)
     if truth.is_dir():
-        _check_files(COCO_ANNOTATION_FILES, lambda name: (truth / name).is_file(), "COCO annotation files", truth,
-                     "unzip annotations_trainval2014.zip there, or pass a ground-truth file from Chair.save_ground_truth")
+        _check_files(
+            COCO_ANNOTATION_FILES,
+            lambda name: (truth / name).is_file(),
+            "COCO annotation files",
+            truth,
+            "unzip annotations_trainval2014.zip there, or pass a ground-truth file from Chair.save_ground_truth",
+        )
         covered = None
     else:
         covered = set(Chair.from_ground_truth(truth).image_ids)
@@ -230,8 +252,13 @@ def load_chair(
             available.setdefault(int(match.group(1)), file)
     if image_ids is not None:
         chosen = [int(i) for i in image_ids]
-        _check_files(chosen, lambda i: i in available, "CHAIR images" + ("" if covered is None else " with ground truth"),
-                     images, "use ids of images present in image_dir (and in the ground-truth file)")
+        _check_files(
+            chosen,
+            lambda i: i in available,
+            "CHAIR images" + ("" if covered is None else " with ground truth"),
+            images,
+            "use ids of images present in image_dir (and in the ground-truth file)",
+        )
     elif num_images is None:
         chosen = sorted(available)
     else:
@@ -243,10 +270,22 @@ def load_chair(
         chosen = random.Random(seed).sample(sorted(available), num_images)
     template = _template(prompt)
     samples = [
-        Sample(sample_id=str(i), prompt=template.format(), target=None, media=(ImageFile(available[i]),), metadata={"image_id": i})
+        Sample(
+            sample_id=str(i),
+            prompt=template.format(),
+            target=None,
+            media=(ImageFile(available[i]),),
+            metadata={"image_id": i},
+        )
         for i in chosen
     ]
-    info = {"image_ids": chosen, "image_dir": str(images), "ground_truth": str(truth), "seed": seed, "num_images": num_images}
+    info = {
+        "image_ids": chosen,
+        "image_dir": str(images),
+        "ground_truth": str(truth),
+        "seed": seed,
+        "num_images": num_images,
+    }
     return Benchmark("chair", samples, info=info)
 
 
@@ -274,8 +313,12 @@ def load_mme(
         DatasetError: Missing subtask folders, question files, images, or malformed lines.
     """
     base = Path(root)
-    candidates = [base, base / "MME_Benchmark_release_version", base / "MME_Benchmark",
-                  base / "MME_Benchmark_release_version" / "MME_Benchmark"]
+    candidates = [
+        base,
+        base / "MME_Benchmark_release_version",
+        base / "MME_Benchmark",
+        base / "MME_Benchmark_release_version" / "MME_Benchmark",
+    ]
     folder = next((c for c in candidates if any((c / t).is_dir() for t in _mme.SUBTASKS)), None)
     if folder is None:
         raise DatasetError(
@@ -286,7 +329,9 @@ def load_mme(
     unknown = [t for t in names if t not in _mme.SUBTASKS]
     if unknown:
         raise DatasetError(f"MME subtasks {unknown} do not exist; valid: {', '.join(_mme.SUBTASKS)}.")
-    _check_files(names, lambda t: (folder / t).is_dir(), "MME subtask folders", folder, "unzip the complete MME release")
+    _check_files(
+        names, lambda t: (folder / t).is_dir(), "MME subtask folders", folder, "unzip the complete MME release"
+    )
     template = _template(prompt)
     samples, missing = [], []
     for task in names:
@@ -299,25 +344,33 @@ def load_mme(
         if not question_files:
             missing.append(f"{qa_dir}/*.txt")
         for qa_file in question_files:
-            image = next((image_dir / (qa_file.stem + s) for s in _IMAGE_SUFFIXES if (image_dir / (qa_file.stem + s)).is_file()), None)
+            image = next(
+                (image_dir / (qa_file.stem + s) for s in _IMAGE_SUFFIXES if (image_dir / (qa_file.stem + s)).is_file()),
+                None,
+            )
             if image is None:
                 missing.append(str(image_dir / (qa_file.stem + ".{jpg,png}")))
                 continue
             lines = [line for line in qa_file.read_text(encoding="utf-8").splitlines() if line.strip()]
             if len(lines) != 2:
-                raise DatasetError(f"MME: {qa_file} has {len(lines)} question lines; MME has 2 per image. Restore the file from the release.")
+                raise DatasetError(
+                    f"MME: {qa_file} has {len(lines)} question lines; MME has 2 per image. "
+                    "Restore the file from the release."
+                )
             for k, line in enumerate(lines):
                 parts = line.split("\t")
                 if len(parts) != 2 or parts[1].strip() not in ("Yes", "No"):
                     raise DatasetError(f"MME: {qa_file} line {k + 1} is not 'question<TAB>Yes|No': {line!r}.")
                 question, answer = parts[0], parts[1].strip()
-                samples.append(Sample(
-                    sample_id=f"{task}/{image.name}/{k}",
-                    prompt=template.format(question=question.replace(prompts.MME_YES_NO, "").strip()),
-                    target=answer,
-                    media=(ImageFile(image),),
-                    metadata={"subtask": task, "image": image.name, "question": question, "gt": answer},
-                ))
+                samples.append(
+                    Sample(
+                        sample_id=f"{task}/{image.name}/{k}",
+                        prompt=template.format(question=question.replace(prompts.MME_YES_NO, "").strip()),
+                        target=answer,
+                        media=(ImageFile(image),),
+                        metadata={"subtask": task, "image": image.name, "question": question, "gt": answer},
+                    )
+                )
     if missing:
         _raise_missing("MME question files or images", missing, folder, "unzip the complete MME release")
     return Benchmark("mme", samples, info={"root": str(folder), "subtasks": names})
@@ -381,8 +434,13 @@ def load_mvbench(
     unknown = [t for t in names if t not in MVBENCH_TASKS]
     if unknown:
         raise DatasetError(f"MVBench tasks {unknown} do not exist; valid: {', '.join(MVBENCH_TASKS)}.")
-    _check_files(names, lambda t: (base / "json" / f"{t}.json").is_file(), "MVBench json/<task>.json files", base,
-                 "download OpenGVLab/MVBench and point root at the folder holding json/ and video/")
+    _check_files(
+        names,
+        lambda t: (base / "json" / f"{t}.json").is_file(),
+        "MVBench json/<task>.json files",
+        base,
+        "download OpenGVLab/MVBench and point root at the folder holding json/ and video/",
+    )
     template = _template(prompt)
     samples = []
     for task in names:
@@ -391,23 +449,44 @@ def load_mvbench(
         items = _read_json(base / "json" / f"{task}.json", "MVBench")
         for index, item in enumerate(items):
             where = f"{base / 'json' / f'{task}.json'} item {index}"
-            _require(item, ("video", "question", "candidates", "answer") + (("start", "end") if bounded else ()), where, "MVBench")
+            _require(
+                item,
+                ("video", "question", "candidates", "answer") + (("start", "end") if bounded else ()),
+                where,
+                "MVBench",
+            )
             letter = _letter_of(item["answer"], item["candidates"], where)
             bound = (float(item["start"]), float(item["end"])) if bounded else None
             path = video_root / item["video"]
-            media = FrameFolder(path, num_frames, bound) if kind == "frame" else VideoFile(path, num_frames, "mvbench", bound)
+            media = (
+                FrameFolder(path, num_frames, bound)
+                if kind == "frame"
+                else VideoFile(path, num_frames, "mvbench", bound)
+            )
             options = "\n".join(f"({string.ascii_uppercase[k]}) {c}" for k, c in enumerate(item["candidates"]))
-            samples.append(Sample(
-                sample_id=f"{task}/{index}",
-                prompt=template.format(question=item["question"], options=options),
-                target=letter,
-                media=(media,),
-                metadata={"task_type": task_type, "options": list(item["candidates"]), "answer": letter,
-                          "question": item["question"], "video": item["video"]},
-                answer_prefix=prompt.answer_prefix if isinstance(prompt, prompts.Prompt) else "",
-            ))
-    _check_files([s.media[0].path for s in samples], os.path.exists, "MVBench videos", base / "video",
-                 "unzip the video archives under video/ or pass video_dirs=")
+            samples.append(
+                Sample(
+                    sample_id=f"{task}/{index}",
+                    prompt=template.format(question=item["question"], options=options),
+                    target=letter,
+                    media=(media,),
+                    metadata={
+                        "task_type": task_type,
+                        "options": list(item["candidates"]),
+                        "answer": letter,
+                        "question": item["question"],
+                        "video": item["video"],
+                    },
+                    answer_prefix=prompt.answer_prefix if isinstance(prompt, prompts.Prompt) else "",
+                )
+            )
+    _check_files(
+        [s.media[0].path for s in samples],
+        os.path.exists,
+        "MVBench videos",
+        base / "video",
+        "unzip the video archives under video/ or pass video_dirs=",
+    )
     return Benchmark("mvbench", samples, info={"root": str(base), "tasks": names, "num_frames": num_frames})
 
 
@@ -450,16 +529,25 @@ def load_videomme(
             else:
                 rows.append(video)
     if not videos.is_dir():
-        raise DatasetError(f"Video-MME video folder {videos} does not exist; pass the folder holding <videoID>.mp4 files.")
+        raise DatasetError(
+            f"Video-MME video folder {videos} does not exist; pass the folder holding <videoID>.mp4 files."
+        )
     wanted = None if durations is None else set(durations)
     template = _template(prompt)
     samples, missing = [], []
     for index, row in enumerate(rows):
         where = f"{source} question {index}"
-        _require(row, ("question_id", "duration", "domain", "sub_category", "task_type", "question", "options", "answer"), where, "Video-MME")
+        _require(
+            row,
+            ("question_id", "duration", "domain", "sub_category", "task_type", "question", "options", "answer"),
+            where,
+            "Video-MME",
+        )
         if wanted is not None and row["duration"] not in wanted:
             continue
-        options = [re.sub(rf"^{string.ascii_uppercase[k]}\.\s*", "", str(text)) for k, text in enumerate(row["options"])]
+        options = [
+            re.sub(rf"^{string.ascii_uppercase[k]}\.\s*", "", str(text)) for k, text in enumerate(row["options"])
+        ]
         letter = _letter_of(row["answer"], options, where, by_letter=True)
         names = [str(row[k]) for k in ("videoID", "video_id") if row.get(k)]
         path = next((videos / (n + s) for n in names for s in _VIDEO_SUFFIXES if (videos / (n + s)).is_file()), None)
@@ -467,19 +555,31 @@ def load_videomme(
             missing.append(str(videos / f"{names[0] if names else '?'}.mp4"))
             continue
         lettered = "\n".join(f"{string.ascii_uppercase[k]}. {text}" for k, text in enumerate(options))
-        samples.append(Sample(
-            sample_id=str(row["question_id"]),
-            prompt=template.format(question=row["question"], options=lettered),
-            target=letter,
-            media=(VideoFile(path, num_frames, "uniform"),),
-            metadata={"question_id": row["question_id"], "video": path.name, "duration": row["duration"],
-                      "domain": row["domain"], "sub_category": row["sub_category"], "task_type": row["task_type"],
-                      "options": options, "answer": letter, "question": row["question"]},
-        ))
+        samples.append(
+            Sample(
+                sample_id=str(row["question_id"]),
+                prompt=template.format(question=row["question"], options=lettered),
+                target=letter,
+                media=(VideoFile(path, num_frames, "uniform"),),
+                metadata={
+                    "question_id": row["question_id"],
+                    "video": path.name,
+                    "duration": row["duration"],
+                    "domain": row["domain"],
+                    "sub_category": row["sub_category"],
+                    "task_type": row["task_type"],
+                    "options": options,
+                    "answer": letter,
+                    "question": row["question"],
+                },
+            )
+        )
     if missing:
         _raise_missing("Video-MME videos", sorted(set(missing)), videos, "download the videos into video_dir")
     _check_unique(samples, "Video-MME", "remove duplicated questions from the annotation file")
-    return Benchmark("videomme", samples, info={"annotations": str(source), "video_dir": str(videos), "num_frames": num_frames})
+    return Benchmark(
+        "videomme", samples, info={"annotations": str(source), "video_dir": str(videos), "num_frames": num_frames}
+    )
 
 
 def load_egoschema(
@@ -512,8 +612,13 @@ def load_egoschema(
     truth: dict[str, int] = {}
     if answers is not None:
         truth = _read_json(Path(answers), "EgoSchema")
-        _check_files(list(truth), items.__contains__, "EgoSchema questions named in the answer file", Path(questions),
-                     "use the questions.json and subset_answers.json of one release")
+        _check_files(
+            list(truth),
+            items.__contains__,
+            "EgoSchema questions named in the answer file",
+            Path(questions),
+            "use the questions.json and subset_answers.json of one release",
+        )
         keys = list(truth)
     template = _template(prompt)
     samples = []
@@ -526,15 +631,25 @@ def load_egoschema(
         if answers is not None:
             letter = _letter_of(truth[key], options, f"{answers} entry {key}", by_letter=True)
         lettered = "\n".join(f"{string.ascii_uppercase[k]}. {text}" for k, text in enumerate(options))
-        samples.append(Sample(
-            sample_id=key,
-            prompt=template.format(question=item["question"], options=lettered),
-            target=letter,
-            media=(VideoFile(videos / f"{key}.mp4", num_frames, "uniform"),),
-            metadata={"options": options, "answer": letter, "question": item["question"], "video": f"{key}.mp4"},
-        ))
-    _check_files([s.media[0].path for s in samples], os.path.exists, "EgoSchema videos", videos, "download the videos into video_dir")
-    return Benchmark("egoschema", samples, info={"questions": str(questions), "answers": str(answers), "num_frames": num_frames})
+        samples.append(
+            Sample(
+                sample_id=key,
+                prompt=template.format(question=item["question"], options=lettered),
+                target=letter,
+                media=(VideoFile(videos / f"{key}.mp4", num_frames, "uniform"),),
+                metadata={"options": options, "answer": letter, "question": item["question"], "video": f"{key}.mp4"},
+            )
+        )
+    _check_files(
+        [s.media[0].path for s in samples],
+        os.path.exists,
+        "EgoSchema videos",
+        videos,
+        "download the videos into video_dir",
+    )
+    return Benchmark(
+        "egoschema", samples, info={"questions": str(questions), "answers": str(answers), "num_frames": num_frames}
+    )
 
 
 def _load_pope_parquet(source: Path, files: list[Path], wanted: list[str] | None, template: str) -> Benchmark:
@@ -573,7 +688,9 @@ def _load_pope_parquet(source: Path, files: list[Path], wanted: list[str] | None
                         sample_id=f"{split}/{row['question_id']}",
                         prompt=template.format(question=str(row["question"]).strip()),
                         target=str(row["answer"]).lower().strip(),
-                        media=(ImageBytes(data or b"", f"{file} row {row_number - 1} (question_id {row['question_id']})"),),
+                        media=(
+                            ImageBytes(data or b"", f"{file} row {row_number - 1} (question_id {row['question_id']})"),
+                        ),
                         metadata={"split": split, "question_id": row["question_id"], "label": row["answer"]},
                     )
 
@@ -592,7 +709,9 @@ def _json_lines(file: Path) -> Iterator[tuple[int, dict]]:
                 try:
                     yield number, json.loads(line)
                 except ValueError as error:
-                    raise DatasetError(f"{file}:{number} is not a JSON object ({error}); POPE files hold one object per line.") from None
+                    raise DatasetError(
+                        f"{file}:{number} is not a JSON object ({error}); POPE files hold one object per line."
+                    ) from None
 
 
 def _read_json(file: Path, benchmark: str) -> Any:
@@ -621,7 +740,9 @@ def _read_parquet_rows(file: Path) -> list[dict]:
 def _require(row: Mapping, keys: Iterable[str], where: str, benchmark: str) -> None:
     missing = [key for key in keys if key not in row]
     if missing:
-        raise DatasetError(f"{benchmark}: {where} lacks {', '.join(missing)}; the official format has {', '.join(keys)}.")
+        raise DatasetError(
+            f"{benchmark}: {where} lacks {', '.join(missing)}; the official format has {', '.join(keys)}."
+        )
 
 
 def _letter_of(answer: Any, options: Sequence[str], where: str, by_letter: bool = False) -> str:

@@ -13,6 +13,7 @@ Frame sampling:
   ``get_index``): the middle of ``count`` equal segments, within the ``(start, end)`` bound in seconds
   when the task has one.
 """
+
 from __future__ import annotations
 
 import io
@@ -33,7 +34,9 @@ def uniform_indices(total: int, count: int) -> list[int]:
     return np.linspace(0, total - 1, count).astype(int).tolist()
 
 
-def mvbench_indices(count: int, fps: float, max_frame: int, bound: tuple[float, float] | None = None, first: int = 0) -> list[int]:
+def mvbench_indices(
+    count: int, fps: float, max_frame: int, bound: tuple[float, float] | None = None, first: int = 0
+) -> list[int]:
     """MVBench's segment-middle indices.
 
     Args:
@@ -69,7 +72,9 @@ class ImageFile:
             with Image.open(self.path) as image:
                 return [image.convert("RGB")]
         except (OSError, ValueError, Image.DecompressionBombError) as error:
-            raise InputError(f"cannot read image {self.path}: {error}. Replace the file or leave the sample out.") from None
+            raise InputError(
+                f"cannot read image {self.path}: {error}. Replace the file or leave the sample out."
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -137,7 +142,9 @@ class VideoFile:
                 indices = uniform_indices(total, self.num_frames)
             frames = reader.get_batch(indices).asnumpy()
         except Exception as error:  # decord raises its own DECORDError and RuntimeErrors for bad files
-            raise InputError(f"cannot decode video {self.path}: {error}. Replace the file or leave the sample out.") from None
+            raise InputError(
+                f"cannot decode video {self.path}: {error}. Replace the file or leave the sample out."
+            ) from None
         return [Image.fromarray(frame).convert("RGB") for frame in frames]
 
 

@@ -28,6 +28,7 @@ Example:
     >>> mme.parse("n")
     'other'
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -37,8 +38,16 @@ from vlmkit.errors import InputError, did_you_mean
 from vlmkit.eval._common import check_style
 
 PERCEPTION = (
-    "existence", "count", "position", "color", "posters",
-    "celebrity", "scene", "landmark", "artwork", "OCR",
+    "existence",
+    "count",
+    "position",
+    "color",
+    "posters",
+    "celebrity",
+    "scene",
+    "landmark",
+    "artwork",
+    "OCR",
 )
 """The 10 perception subtasks, in the official tool's order."""
 
@@ -122,7 +131,10 @@ def score(results: Mapping[str, Sequence[Mapping[str, str]]], style: str = "offi
                 total += subtasks[name]["score"]
         missing = [name for name in members if name not in subtasks]
         if missing:
-            warnings.append(f"{total_name} total covers {len(members) - len(missing)} of {len(members)} subtasks; missing: {', '.join(missing)}")
+            warnings.append(
+                f"{total_name} total covers {len(members) - len(missing)} of {len(members)} subtasks; "
+                f"missing: {', '.join(missing)}"
+            )
         totals[total_name] = total
     return {
         "subtasks": subtasks,
@@ -141,8 +153,7 @@ def _score_subtask(name: str, records: Sequence[Mapping[str, str]], style: str) 
         missing = [key for key in _RECORD_KEYS if key not in record]
         if missing:
             raise InputError(
-                f"MME {name} record {index} lacks {', '.join(missing)}; each record needs "
-                f"{', '.join(_RECORD_KEYS)}."
+                f"MME {name} record {index} lacks {', '.join(missing)}; each record needs {', '.join(_RECORD_KEYS)}."
             )
         truth = str(record["gt"]).lower()
         if truth not in ("yes", "no"):

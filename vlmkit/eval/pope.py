@@ -37,6 +37,7 @@ Example:
     >>> r["TP"], r["FP"], r["TN"], r["FN"], r["yes_ratio"]
     (2, 1, 1, 0, 0.75)
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -142,8 +143,7 @@ def score(answers: Sequence[str], labels: Sequence[str], style: str = "llava") -
     yes_ratio = divide(tp + fp, n, "yes_ratio", warnings)
     if counts["other"]:
         warnings.append(
-            f"{counts['other']} of {n} answers are neither 'yes' nor 'no' under style {style!r}; "
-            "they count as wrong"
+            f"{counts['other']} of {n} answers are neither 'yes' nor 'no' under style {style!r}; they count as wrong"
         )
     return {
         **counts,
@@ -158,9 +158,7 @@ def score(answers: Sequence[str], labels: Sequence[str], style: str = "llava") -
     }
 
 
-def score_splits(
-    splits: Mapping[str, tuple[Sequence[str], Sequence[str]]], style: str = "llava"
-) -> dict[str, Any]:
+def score_splits(splits: Mapping[str, tuple[Sequence[str], Sequence[str]]], style: str = "llava") -> dict[str, Any]:
     """Score several POPE splits and average their F1 (the LLaVA paper's single "POPE" number).
 
     Args:

@@ -4,6 +4,7 @@ Templates are plain ``str.format`` strings. ``{question}`` is the benchmark's qu
 its trailing "Please answer yes or no."), ``{options}`` the options one per line, already lettered as
 the benchmark letters them. The model's chat template is the runner's business, not these strings'.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,7 +30,9 @@ class Prompt:
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 
 POPE = {
-    "llava": Prompt("{question}" + SHORT_ANSWER, source="haotian-liu/LLaVA playground/data/eval/pope/llava_pope_test.jsonl"),
+    "llava": Prompt(
+        "{question}" + SHORT_ANSWER, source="haotian-liu/LLaVA playground/data/eval/pope/llava_pope_test.jsonl"
+    ),
     "vcd": Prompt(
         "{question} Please answer this question with one word.",
         source="DAMO-NLP-SG/VCD experiments/eval/object_hallucination_vqa_llava.py",

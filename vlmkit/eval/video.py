@@ -15,8 +15,8 @@ reproduces one reference's extraction:
   (BradyFU/Video-MME @8889f313a4b9e9480611d65daa505aab2ef63808) points to. Strip, delete answer
   prefixes (with the list's quirks: two missing commas fuse ``"The best option is"`` with ``"The
   correct option is"`` and ``"Best answer:"`` with ``"Best option:"``, so those only go as pairs),
-  then take the first capital ``A``-``D`` anywhere (``"The Answer is D"`` gives A). Accuracy is correct / *answered*: replies with no letter
-  leave the denominator, as in the reference.
+  then take the first capital ``A``-``D`` anywhere (``"The Answer is D"`` gives A). Accuracy is
+  correct / *answered*: replies with no letter leave the denominator, as in the reference.
 * ``"egoschema"``: EvolvingLMMs-Lab/lmms-eval ``lmms_eval/tasks/egoschema/utils.py``
   (``parse_multi_choice_response``, from MMMU) @75571cfe0fa36ca5ec2e6aa2bb268f9d38295af3, which
   scores the 500-question subset whose answers are public (the EgoSchema repository has no scorer;
@@ -37,6 +37,7 @@ Example:
     >>> video.parse_choice("The best answer is C.", ["w", "x", "y", "z"], style="videomme")
     'C'
 """
+
 from __future__ import annotations
 
 import re
@@ -112,7 +113,9 @@ def score(
     for index, record in enumerate(records):
         missing = [key for key in ("response", "options", "answer") if key not in record]
         if missing:
-            raise InputError(f"video record {index} lacks {', '.join(missing)}; each needs response, options and answer.")
+            raise InputError(
+                f"video record {index} lacks {', '.join(missing)}; each needs response, options and answer."
+            )
         truth = _answer_letter(record["answer"], record["options"], index)
         predicted, quirk = _choose(record["response"], record["options"], style)
         if quirk:
@@ -130,9 +133,13 @@ def score(
             "the official notebook counts them right"
         )
     if quirks["several"]:
-        warnings.append(f"{quirks['several']} mvbench replies name several options; the first counts (the notebook accepts any)")
+        warnings.append(
+            f"{quirks['several']} mvbench replies name several options; the first counts (the notebook accepts any)"
+        )
     if quirks["unparsed"]:
-        warnings.append(f"{quirks['unparsed']} egoschema replies name no option and count as wrong (lmms-eval guesses at random)")
+        warnings.append(
+            f"{quirks['unparsed']} egoschema replies name no option and count as wrong (lmms-eval guesses at random)"
+        )
     if style == "videomme" and result["answered"] < result["total"]:
         warnings.append(
             f"{result['total'] - result['answered']} of {result['total']} videomme replies name no option and are "
@@ -140,8 +147,10 @@ def score(
         )
     return {
         **result,
-        "groups": {key: {value: tally.result(f"{key}={value}", warnings) for value, tally in values.items()}
-                   for key, values in groups.items()},
+        "groups": {
+            key: {value: tally.result(f"{key}={value}", warnings) for value, tally in values.items()}
+            for key, values in groups.items()
+        },
         "style": style,
         "warnings": warnings,
     }
