@@ -54,15 +54,6 @@ def _generate(model, inputs, steps=8) -> list[list[int]]:
     return out[:, inputs["input_ids"].shape[1] :].tolist()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls run fastest on one thread, the more so on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module", params=FAMILIES)
 def family_model(request):
     model, processor = tiny(request.param)

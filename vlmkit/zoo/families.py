@@ -21,15 +21,13 @@ import torch
 from torch import nn
 from transformers import (
     CONFIG_MAPPING,
+    AutoModelForImageTextToText,
     CLIPImageProcessor,
     LlavaConfig,
-    LlavaForConditionalGeneration,
     LlavaNextConfig,
-    LlavaNextForConditionalGeneration,
     LlavaNextImageProcessor,
     LlavaNextProcessor,
     LlavaOnevisionConfig,
-    LlavaOnevisionForConditionalGeneration,
     LlavaOnevisionImageProcessor,
     LlavaOnevisionProcessor,
     LlavaOnevisionVideoProcessor,
@@ -38,11 +36,11 @@ from transformers import (
     PreTrainedModel,
     ProcessorMixin,
     Qwen2VLConfig,
-    Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessor,
     Qwen2VLProcessor,
     Qwen2VLVideoProcessor,
 )
+from transformers.initialization import no_init_weights
 
 from vlmkit.errors import ConfigError, did_you_mean
 from vlmkit.zoo.tokenizer import tiny_tokenizer
@@ -66,7 +64,6 @@ class _Family:
     """How to build one tiny family: config defaults, classes, and the processor for a config."""
 
     config_class: type[PreTrainedConfig]
-    model_class: type[PreTrainedModel]
     defaults: dict[str, Any]
     # (merged config kwargs, tokenizer) -> {"key" or "sub_config.key": value} set from them
     derived: Callable[[dict[str, Any], Any], dict[str, Any]]
@@ -196,7 +193,6 @@ _FAMILIES: dict[str, _Family] = {
     # 48x48 pixels in 4x4 patches: 144 visual tokens per image.
     "llava": _Family(
         config_class=LlavaConfig,
-        model_class=LlavaForConditionalGeneration,
         defaults={
             "vision_config": {**_CLIP_TOWER, "image_size": 48},
             "text_config": {"model_type": "llama", **_TEXT},
@@ -211,7 +207,6 @@ _FAMILIES: dict[str, _Family] = {
     # `_PINPOINTS` plus the base image, unpadding and one image_newline per row of patches.
     "llava_next": _Family(
         config_class=LlavaNextConfig,
-        model_class=LlavaNextForConditionalGeneration,
         defaults={
             "vision_config": {**_CLIP_TOWER, "image_size": 32},
             "text_config": {"model_type": "llama", **_TEXT},
@@ -227,7 +222,6 @@ _FAMILIES: dict[str, _Family] = {
     # anyres_max_9; videos are frames of 64 tokens pooled 2x2 to 16, plus one newline per video.
     "llava_onevision": _Family(
         config_class=LlavaOnevisionConfig,
-        model_class=LlavaOnevisionForConditionalGeneration,
         defaults={
             "vision_config": {
                 "model_type": "siglip_vision_model",
@@ -253,7 +247,6 @@ _FAMILIES: dict[str, _Family] = {
     # and M-RoPE over (t, h, w) in the decoder; 64 to 256 visual tokens per image or frame pair.
     "qwen2_vl": _Family(
         config_class=Qwen2VLConfig,
-        model_class=Qwen2VLForConditionalGeneration,
         defaults={
             "vision_config": {
                 "model_type": "qwen2_vl_vision",
@@ -333,15 +326,15 @@ def init_weights(model: nn.Module, seed: int, std: float = INIT_STD) -> None:
 
     Norm layers get weight 1 and bias 0, other biases 0, and every other tensor (linear,
     convolution and embedding weights, class embeddings, `image_newline`) a normal with mean 0
-    and standard deviation `std`, drawn in `named_parameters()` order. The global torch RNG is
-    not used.
+    and standard deviation `std`, drawn in `named_parameters()` order (tied tensors once) on the
+    parameters' device. The global torch RNG is not used.
 
     Args:
-        model: the model to initialise in place (any device but meta).
-        seed: generator seed; equal seeds give bit-identical weights.
+        model: the model to initialise in place, on one device other than meta.
+        seed: generator seed; equal seeds give bit-identical weights on a given device type.
         std: standard deviation of the normal draws.
     """
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     norms = {
         id(param)
         for module in model.modules()
@@ -354,8 +347,31 @@ def init_weights(model: nn.Module, seed: int, std: float = INIT_STD) -> None:
         elif name.endswith("bias"):
             param.zero_()
         else:
-            sample = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
-            param.copy_(sample)
+            param.normal_(0.0, std, generator=generator)
+
+
+def build_model(
+    config: PreTrainedConfig,
+    seed: int,
+    std: float,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+) -> PreTrainedModel:
+    """Instantiate `config`'s image-text-to-text model on `device`, tie it, and `init_weights` it.
+
+    The library's own initialisation is skipped (it would draw from the global RNG and be
+    overwritten anyway); on the meta device nothing is drawn at all.
+    """
+    with torch.device(device), no_init_weights():
+        model = AutoModelForImageTextToText.from_config(
+            config, dtype=dtype, attn_implementation=attn_implementation
+        )
+    model.tie_weights()
+    if torch.device(device).type != "meta":
+        init_weights(model, seed, std)
+    return model.eval()
 
 
 def tiny(
@@ -396,12 +412,10 @@ def tiny(
     spec = _family(family)
     tokenizer = tiny_tokenizer(family)
     config = spec.config_class(**_merge(spec, overrides, tokenizer))
-    with torch.random.fork_rng(devices=[]):
-        model = spec.model_class(config)
-    init_weights(model, seed, std=config.text_config.initializer_range)
-    model.set_attn_implementation(attn_implementation)
+    model = build_model(
+        config, seed, config.text_config.initializer_range, attn_implementation=attn_implementation
+    )
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.eval()
     return model, spec.processor(config, tokenizer)
