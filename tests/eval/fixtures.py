@@ -206,3 +206,16 @@ def mme_results() -> dict[str, list[dict[str, str]]]:
                 k += 1
         results[task] = rows
     return results
+
+
+POPE_PHRASES = [
+    "Yes", "No", "yes", "no", "Yes.", "No.", "NO", "No!", "YES", "Yes, there is a dog.", "No, there is not.",
+    "There isn't a dog.", "I don't know", "I see eyes", "Nope", "", "Not really", "yes and no", "Snow covers it",
+    "None", "The answer is no", "Yes. No.", "  yes  ", "No, but yes", "Nothing", "It is not there",
+]  # fmt: skip
+
+
+def pope_rows() -> list[tuple[str, str]]:
+    """(answer, label) pairs: every phrase under both labels, plus uneven plain rows."""
+    rows = [(phrase, label) for phrase in POPE_PHRASES for label in ("yes", "no")]
+    return rows + [("Yes", "yes")] * 5 + [("No", "no")] * 3 + [("Yes", "no")] * 2

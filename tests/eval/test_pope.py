@@ -7,6 +7,8 @@ import pytest
 from vlmkit.errors import ConfigError, InputError
 from vlmkit.eval import pope
 
+from .fixtures import pope_rows
+
 
 @pytest.mark.parametrize(
     ("answer", "expected"),
@@ -160,6 +162,36 @@ def test_reproduces_llava_eval_pope_digits():
     assert result["mean_f1"] == (0.8445873526259379 + 0.8713601179506082 + 0.8624589565851879) / 3
     assert round(result["mean_f1"] * 100, 1) == 85.9
     assert result["warnings"] == []
+
+
+# What each reference printed on fixtures.pope_rows(): LLaVA eval_pope.py, OPERA pope_eval.py
+# (recorder + print_acc), VCD experiments/eval/eval_pope.py, lmms-eval pope_aggregate_* (whose yes
+# ratio, 0.5, is the ground truth's; ours is the predictions').
+POPE_REFERENCE = {  # (TP, FP, TN, FN), accuracy, precision, recall, f1, yes_ratio
+    "llava": ((23, 20, 11, 8), 0.5483870967741935, 0.5348837209302325,
+              0.7419354838709677, 0.6216216216216216, 0.6935483870967742),
+    "opera": ((19, 16, 15, 12), 0.5483870967741935, 0.5428571428571428,
+              0.6129032258064516, 0.5757575757575757, 0.5645161290322581),
+    "vcd": ((15, 11, 20, 16), 0.5645161290322581, 0.5769230769230769,
+            0.4838709677419355, 0.5263157894736842, 0.41935483870967744),
+    "lmms_eval": ((9, 6, 6, 3), 0.24193548387096775, 0.6, 0.75, 0.6666666666666665, 15 / 62),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("style", pope.STYLES)
+def test_reproduces_each_reference_on_quirky_answers(style):
+    rows = pope_rows()
+    result = pope.score([a for a, _ in rows], [label for _, label in rows], style=style)
+    counts, accuracy, precision, recall, f1, yes_ratio = POPE_REFERENCE[style]
+    assert (result["TP"], result["FP"], result["TN"], result["FN"]) == counts
+    assert (result["accuracy"], result["precision"], result["recall"], result["f1"]) == (
+        accuracy,
+        precision,
+        recall,
+        f1,
+    )
+    assert result["yes_ratio"] == yes_ratio
+    assert result["other"] == (38 if style == "lmms_eval" else 0)
 
 
 def test_score_splits_flags_nonstandard_splits_and_carries_warnings():
