@@ -168,3 +168,31 @@ def test_methods_compose_and_stay_consistent(family):
     assert torch.equal(cached, recomputed)
     with torch.no_grad():
         assert torch.equal(tiny(**batch).logits, logits)
+
+
+VIDEO_FAMILIES = [f for f in FAMILIES if "video" in vlmkit.adapters.adapter_for(model(f)[0]).placeholder_ids()]
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+@pytest.mark.parametrize("method", PRUNING)
+def test_video_pruning_keeps_the_invariants(family, method):
+    from tests.conftest import noise_video
+
+    tiny, processor = model(family)
+    batch = inputs(processor, [noise_video(4, seed=1), noise_video(4, seed=2)], QUESTIONS[:2], modality="video")
+    with torch.no_grad():
+        logits = tiny(**batch).logits
+    with vlmkit.apply(tiny, f"{method}:keep=1.0"), torch.no_grad():
+        assert torch.equal(tiny(**batch).logits, logits)
+    with vlmkit.apply(tiny, pruned_spec(method)) as patch:
+        with torch.no_grad():
+            assert not torch.equal(tiny(**batch).logits, logits), "the pruned budget must change the output"
+        assert all(0 < len(k) for k in patch.selections[method])
+        cached = generate(tiny, batch)
+        with patch.reuse_selections():
+            assert torch.equal(generate(tiny, batch, use_cache=False), cached)
+        torch.manual_seed(0)
+        beams = generate(tiny, batch, num_beams=2)
+        with patch.reuse_selections():
+            torch.manual_seed(0)
+            assert torch.equal(generate(tiny, batch, num_beams=2, use_cache=False), beams)

@@ -46,8 +46,8 @@ class EngineState:
     # per modality, where this call's features come from: None = encoded inside the call, else the
     # `mm_encoder_outputs` entry generate() passed in
     sources: dict[str, object] = field(default_factory=dict)
-    # per modality, the last encoder output, the metas of its images/videos, and meta by feature tensor
-    encoded: dict[str, tuple[object, list[VisualMeta], dict[int, VisualMeta]]] = field(default_factory=dict)
+    # per modality, the last encoder output and (feature, meta) for each image/video it encoded
+    encoded: dict[str, tuple[object, list[tuple[torch.Tensor, VisualMeta]]]] = field(default_factory=dict)
     # what the last prefill selected: per method name, per sample, original visual-token indices kept
     selections: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     # raw selections by compaction layer, for `Patch.reuse_selections()`
@@ -60,19 +60,26 @@ class EngineState:
         self.input_ids, self.sources = input_ids, sources
 
     def encoded_by_us(self, modality: str, output: object, metas: list[VisualMeta]) -> None:
-        self.encoded[modality] = (output, metas, {id(f): m for f, m in zip(output.pooler_output, metas)})
+        self.encoded[modality] = (output, list(zip(list(output.pooler_output), metas)))
 
     def _metas_of(self, modality: str) -> list[VisualMeta]:
-        """Metas for the features the encoder output holds now (generate() repeats them for beams)."""
-        output, metas, meta_of_feature = self.encoded[modality]
-        features = output.pooler_output
-        if isinstance(features, (list, tuple)) and all(id(f) in meta_of_feature for f in features):
-            return [meta_of_feature[id(f)] for f in features]
-        if len(features) != len(metas):
-            raise InputError(
-                f"the encoder output holds {len(features)} images/videos but {len(metas)} were encoded; "
-                "vlmkit cannot tell which placeholder each belongs to"
-            )
+        """Metas for the features the encoder output holds now.
+
+        generate() may have repeated them (beam search, `num_return_sequences`) or re-stacked them, so
+        each current feature is matched to the encoded one it is (or equals).
+        """
+        output, encoded = self.encoded[modality]
+        metas = []
+        for feature in output.pooler_output:
+            match = next((m for f, m in encoded if f is feature), None)
+            if match is None:
+                match = next((m for f, m in encoded if f.shape == feature.shape and torch.equal(f, feature)), None)
+            if match is None:
+                raise InputError(
+                    f"a {modality} feature of this call matches none of the {len(encoded)} encoded by this patched "
+                    "model; vlmkit cannot tell which placeholder tokens it fills"
+                )
+            metas.append(match)
         return metas
 
     def clear(self) -> None:

@@ -1,0 +1,137 @@
+"""Each pruning method against its paper's algorithm: hand-made inputs with known answers, and
+hand computations from eager attention maps of the tiny models (written independently of vlmkit)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vlmkit
+from tests.conftest import photos
+from tests.engine.models import QUESTIONS, inputs, model
+from vlmkit.engine.selection import SelectionContext, VisualTokens
+from vlmkit.methods.prune.fastv import FastV
+from vlmkit.methods.prune.pool import Pool
+from vlmkit.methods.prune.random import RandomPrune
+from vlmkit.methods.prune.visionzip import VisionZip
+
+
+def grid_tokens(rows: int, cols: int) -> VisualTokens:
+    n = rows * cols
+    index = torch.arange(n)
+    return VisualTokens(
+        slots=index + 5, origin=index, image=torch.zeros(n, dtype=torch.long), frame=torch.zeros(n, dtype=torch.long),
+        row=index // cols, col=index % cols, crop=torch.zeros(n, dtype=torch.long), grids=[(1, rows, cols)], modality=["image"],
+    )
+
+
+def context(visual, **extra) -> SelectionContext:
+    return SelectionContext(hidden=torch.zeros(1, 30, 4), visual=visual, layer=2, num_layers=4, **extra)
+
+
+# ---------------------------------------------------------------- hand-made inputs
+def test_fastv_keeps_the_most_attended_tokens():
+    visual = [grid_tokens(2, 3)]
+    scores = torch.tensor([0.10, 0.40, 0.05, 0.30, 0.40, 0.20])  # tie at 0.40: both kept
+    selection = FastV(keep=0.5).select(context(visual, last_row_attention=[scores]))
+    assert selection.samples[0].keep.tolist() == [1, 3, 4]
+    selection = FastV(tokens=2).select(context(visual, last_row_attention=[scores]))
+    assert selection.samples[0].keep.tolist() == [1, 4]  # ties resolve to the lower index first
+
+
+def test_visionzip_dominant_then_evenly_strided_contextual_targets():
+    importance = torch.tensor([0.9, 0.1, 0.2, 0.8, 0.3, 0.1, 0.1, 0.1])
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [1.0, 1.0], [0.1, 1.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    keep, target = VisionZip(dominant=2, contextual=2).select_image(importance, keys)
+    # dominant: tokens 0 and 3; rest = [1, 2, 4, 5, 6, 7], step 3 -> targets 1 and 5
+    assert keep.tolist() == [0, 1, 3, 5]
+    # token 2 ~ (1, 0.1) is closest to target 5 (1, 0); 4 and 6 point up like target 1; 7 (-1, 0) is
+    # most similar (least opposite) to target 1 (0, 1)
+    assert target.tolist() == [0, 1, 3, 2, 1, 3, 1, 1]
+
+
+def test_visionzip_budget_splits_54_to_10():
+    assert VisionZip(tokens=64).counts(576) == (54, 10)
+    assert VisionZip().counts(576) == (54, 10)  # default: 64 of 576
+    assert VisionZip(dominant=5, contextual=0).counts(3) == (3, 0)
+
+
+def test_pool_2x2_windows_keep_top_left_and_average_members():
+    selection = Pool(keep=0.25).select(context([grid_tokens(4, 4)])).samples[0]
+    assert selection.keep.tolist() == [0, 2, 8, 10]
+    assert selection.merge_target.tolist() == [0, 0, 1, 1, 0, 0, 1, 1, 2, 2, 3, 3, 2, 2, 3, 3]
+
+
+def test_pool_half_budget_uses_one_by_two_windows():
+    selection = Pool(keep=0.5).select(context([grid_tokens(2, 4)])).samples[0]
+    assert selection.keep.tolist() == [0, 2, 4, 6]
+
+
+def test_random_is_seeded_and_independent_of_the_batch_position():
+    visual = [grid_tokens(4, 4), grid_tokens(4, 4)]
+    first = RandomPrune(keep=0.25, seed=1).select(context(visual))
+    again = RandomPrune(keep=0.25, seed=1).select(context(visual[:1]))
+    other = RandomPrune(keep=0.25, seed=2).select(context(visual[:1]))
+    assert torch.equal(first.samples[0].keep, first.samples[1].keep)
+    assert torch.equal(first.samples[0].keep, again.samples[0].keep)
+    assert not torch.equal(first.samples[0].keep, other.samples[0].keep)
+    assert first.samples[0].keep.numel() == 4
+
+
+# ---------------------------------------------------------------- hand computations on real models
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "llava_onevision"])
+def test_fastv_matches_eager_attention_maps(family):
+    tiny, processor = model(family, "eager")
+    batch = inputs(processor, photos()[:3], QUESTIONS[:3])
+    layer, keep = 2, 0.3
+    seen = {}
+    hook = tiny.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True
+    )
+    with torch.no_grad():
+        attentions = tiny(**batch, output_attentions=True).attentions
+    hook.remove()
+    row = attentions[layer - 1][:, :, -1, :].mean(dim=1)  # last token's attention at layer K-1, mean over heads
+    visual = batch["input_ids"] == tiny.config.image_token_id
+    newline = getattr(tiny.model, "image_newline", None)
+    if newline is not None:  # image-newline tokens are structural: never scored, never pruned
+        visual &= ~(seen["embeds"] == newline).all(dim=-1)
+    with vlmkit.apply(tiny, f"fastv:layer={layer},keep={keep}") as patch, torch.no_grad():
+        tiny(**batch)
+        chosen = patch.selections["fastv"]
+    for sample in range(3):
+        scores = row[sample][visual[sample]]
+        count = int(keep * scores.numel() + 0.5)
+        expected = torch.sort(torch.argsort(scores, descending=True, stable=True)[:count]).values
+        assert chosen[sample].tolist() == expected.tolist()
+
+
+def test_visionzip_matches_eager_cls_attention_and_key_similarity():
+    tiny, processor = model("llava", "eager")
+    batch = inputs(processor, photos()[:2], QUESTIONS[:2])
+    tower = tiny.model.vision_tower
+    layer = len(tower.encoder.layers) - 2  # hidden_states[-2] is this layer's output
+    with torch.no_grad():
+        out = tower(batch["pixel_values"], output_attentions=True, output_hidden_states=True)
+        attention = out.attentions[layer]  # (images, heads, 1 + N, 1 + N)
+        block = tower.encoder.layers[layer]
+        normed = block.layer_norm1(out.hidden_states[layer])
+        keys = block.self_attn.k_proj(normed).view(*normed.shape[:2], attention.shape[1], -1).mean(dim=2)
+    dominant, contextual = 12, 4
+    with vlmkit.apply(tiny, f"visionzip:dominant={dominant},contextual={contextual}") as patch, torch.no_grad():
+        tiny(**batch)
+        chosen = patch.selections["visionzip"]
+        merge_targets = [sample.merge_target for sample in patch.state.recorded[0].samples]
+    for image in range(2):
+        cls_row = attention[image, :, 0, 1:].mean(dim=0)
+        top = torch.argsort(cls_row, descending=True, stable=True)[:dominant]
+        rest = torch.tensor(sorted(set(range(cls_row.numel())) - set(top.tolist())))
+        targets = rest[:: rest.numel() // contextual][:contextual]
+        assert chosen[image].tolist() == sorted(top.tolist() + targets.tolist())
+        # every other token joins the target with the most similar head-mean key
+        patch_keys = F.normalize(keys[image, 1:], dim=-1)
+        joiners = [t for t in rest.tolist() if t not in targets.tolist()]
+        best = targets[(patch_keys[joiners] @ patch_keys[targets].T).argmax(dim=1)]
+        kept = chosen[image].tolist()
+        assert merge_targets[image][joiners].tolist() == [kept.index(t) for t in best.tolist()]
+        assert merge_targets[image][kept].tolist() == list(range(len(kept)))
