@@ -9,7 +9,6 @@
 """
 from vlmkit.zoo.families import FAMILIES, tiny
 from vlmkit.zoo.flops import flops
-from vlmkit.zoo import shipped
 from vlmkit.zoo.shipped import available, load
 from vlmkit.zoo.twins import TWINS, published_parameters, twin, twin_config, twin_processor
 

@@ -12,11 +12,16 @@ No training and no download: the vocabulary is written out below. It is a byte-l
 A word found in the vocabulary is one token; anything else falls back to one token per byte.
 All families share one vocabulary (same ids everywhere); they differ in which special tokens
 play bos/eos/pad, whether `<s>` is prepended, and the chat template.
+
+The vocabulary is frozen: trained checkpoints (`vlmkit/zoo/checkpoints/`) and golden test
+values depend on every id, so `SPECIAL_TOKENS` and `_WORDS` must not change.
 """
 from __future__ import annotations
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
+
+from vlmkit.errors import ConfigError, did_you_mean
 
 SPECIAL_TOKENS = (
     "<pad>",
@@ -162,7 +167,15 @@ def tiny_tokenizer(family: str) -> PreTrainedTokenizerFast:
 
     Returns:
         A `PreTrainedTokenizerFast`; identical (same ids) on every call and in every process.
+
+    Raises:
+        ConfigError: unknown family.
     """
+    if family not in _FAMILY_TOKENIZERS:
+        raise ConfigError(
+            f"no tiny tokenizer for family {family!r}; valid families: {', '.join(_FAMILY_TOKENIZERS)}."
+            + did_you_mean(family, _FAMILY_TOKENIZERS)
+        )
     roles, prepend_bos, chat_template, named_tokens = _FAMILY_TOKENIZERS[family]
     backend = Tokenizer(models.BPE(vocab=_vocabulary(), merges=[], ignore_merges=True))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)

@@ -1,0 +1,64 @@
+import pytest
+
+from vlmkit.errors import ConfigError
+from vlmkit.zoo import FAMILIES
+from vlmkit.zoo.tokenizer import tiny_tokenizer
+
+MESSAGES = [
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]},
+    {"role": "assistant", "content": [{"type": "text", "text": "A red circle."}]},
+    {"role": "user", "content": "And now?"},
+]
+RENDERED = {
+    "llava": "USER: <image>\nWhat is shown? ASSISTANT: A red circle. </s>USER: And now? ASSISTANT:",
+    "llava_next": "[INST] <image>\nWhat is shown? [/INST] A red circle.</s>[INST] And now? [/INST]",
+    "llava_onevision": (
+        "<|im_start|>user\n<image>\nWhat is shown?<|im_end|>\n<|im_start|>assistant\nA red circle.<|im_end|>\n"
+        "<|im_start|>user\nAnd now?<|im_end|>\n<|im_start|>assistant\n"
+    ),
+    "qwen2_vl": (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is shown?<|im_end|>\n"
+        "<|im_start|>assistant\nA red circle.<|im_end|>\n<|im_start|>user\nAnd now?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    ),
+}
+
+
+def test_vocabulary_is_frozen():
+    # Trained checkpoints depend on these ids; a change here breaks them.
+    tokenizer = tiny_tokenizer("llava")
+    assert len(tokenizer) == 762
+    assert tokenizer("Is there a red circle left of the blue square?").input_ids == [
+        1, 715, 288, 270, 446, 478, 420, 348, 274, 450, 482, 44,
+    ]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chat_template_mimics_the_real_layout(family):
+    assert tiny_tokenizer(family).apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True) == (
+        RENDERED[family]
+    )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_any_text_round_trips_and_special_tokens_are_atomic(family):
+    tokenizer = tiny_tokenizer(family)
+    text = "Zwölf Boxkämpfer jagen Viktor quer über den großen Sylter Deich 🙂 <|im_start|><image>"
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.convert_tokens_to_ids("<image>") in ids
+    assert tokenizer.convert_tokens_to_ids("<|im_start|>") in ids
+
+
+def test_left_padding_uses_the_pad_token():
+    tokenizer = tiny_tokenizer("llava")
+    tokenizer.padding_side = "left"
+    batch = tokenizer(["a red circle", "red"], padding=True)
+    assert batch.input_ids[1][:2] == [tokenizer.pad_token_id] * 2
+    assert batch.attention_mask[1] == [0, 0, 1, 1]
+
+
+def test_unknown_family():
+    with pytest.raises(ConfigError, match="valid families"):
+        tiny_tokenizer("idefics")
