@@ -94,8 +94,8 @@ _TWINS: dict[str, _Twin] = {
     # (users/juanola/experiments/e25_11_13_ctc/configurations/qwen2/qwen2_configs.py);
     # max_position_embeddings 32768 is the Instruct model's context (no shape depends on it).
     # Layer -1, anyres_max_9 and the 36 pinpoints from 384 to 2304 are LlavaOnevisionConfig's
-    # defaults, which the conversion keeps. The count, 893,675,552, is that geometry's (the model
-    # card rounds it to 894M).
+    # defaults, which the conversion keeps. The count, 893,675,552, is computed from this
+    # geometry (no stored safetensors index of this checkpoint was found to cross-check it).
     "llava-onevision-qwen2-0.5b": _Twin(
         hub_id="llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
         family="llava_onevision",
