@@ -192,7 +192,8 @@ def _spec(name: str) -> _Twin:
 
 
 def published_parameters(name: str) -> int:
-    """Parameter count of the real checkpoint `name` is a twin of (see the sources in this module)."""
+    """Parameter count of the checkpoint `name` twins: from its safetensors index where one was found,
+    else computed from its config (the sources are cited in this module)."""
     return _spec(name).parameters
 
 
