@@ -168,7 +168,7 @@ class TextStackRunner:
                 shift = shift + dropped_shift
                 rotary, masks, validity = None, {}, {}
             layer_shift = self._incoming_shift(past_key_values, index, no_shift)
-            if rotary is None or rotary[0] is not layer_shift:
+            if rotary is None or not (rotary[0] is layer_shift or torch.equal(rotary[0], layer_shift)):
                 rope_positions = self._shifted(stream.positions, layer_shift)
                 rotary = (layer_shift, text_model.rotary_emb(stream.hidden, rope_positions))
             kv_valid, physical_past = self._kv_validity(past_key_values, index, stream.valid, validity)

@@ -60,7 +60,17 @@ class EngineState:
         self.input_ids, self.sources = input_ids, sources
 
     def encoded_by_us(self, modality: str, output: object, metas: list[VisualMeta]) -> None:
+        """Record an encoder call; inside a forward, check its features fit the placeholders."""
         self.encoded[modality] = (output, list(zip(list(output.pooler_output), metas)))
+        if self.input_ids is not None and self.sources.get(modality, 0) is None:
+            placeholders = int((self.input_ids == self.image_token_ids[modality]).sum())
+            features = sum(meta.num_tokens for meta in metas)
+            if placeholders != features:
+                raise InputError(
+                    f"image/placeholder count mismatch: input_ids hold {placeholders} {modality} placeholder tokens "
+                    f"but the {len(metas)} {modality}(s) encode to {features} tokens; build the prompt with the "
+                    "model's processor so that each image gets exactly its placeholders"
+                )
 
     def _metas_of(self, modality: str) -> list[VisualMeta]:
         """Metas for the features the encoder output holds now.

@@ -1,0 +1,92 @@
+"""Positions after pruning: Qwen2-VL's 3-D M-RoPE ids and `rope_deltas` through decoding, and the
+`keep` / `reindex` policies on 1-D RoPE."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vlmkit
+from tests.conftest import photos
+from tests.engine.models import QUESTIONS, generate, inputs, model
+from vlmkit.errors import ConfigError
+
+
+def rotary_positions(tiny, run):
+    """Every `position_ids` the text model's rotary embedding receives during `run()`."""
+    seen = []
+    rotary = tiny.model.language_model.rotary_emb
+    handle = rotary.register_forward_pre_hook(lambda module, args: seen.append(args[1].clone()))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("spec", ["fastv:layer=2,keep=0.25", "visionzip:tokens=20", "pool:keep=0.25"])
+def test_qwen2_vl_positions_and_rope_deltas_survive_pruning(spec):
+    tiny, processor = model("qwen2_vl")
+    batch = inputs(processor, photos()[:2], QUESTIONS[:2])
+    dense = rotary_positions(tiny, lambda: generate(tiny, batch, max_new_tokens=4))
+    dense_deltas = tiny.model.rope_deltas.clone()
+    with vlmkit.apply(tiny, spec) as patch:
+        pruned = rotary_positions(tiny, lambda: generate(tiny, batch, max_new_tokens=4))
+        kept = patch.selections[spec.split(":")[0]]
+        assert torch.equal(tiny.model.rope_deltas, dense_deltas)
+    prompt = dense[0]
+    assert prompt.shape[0] == 3 and prompt.shape[1] == 2  # (t, h, w) x batch
+    # decoding steps: the same 3-D ids as without pruning, i.e. max prompt position + 1 + step
+    dense_steps = [p for p in dense if p.shape[-1] == 1]
+    pruned_steps = [p for p in pruned if p.shape[-1] == 1]
+    assert len(pruned_steps) >= len(dense_steps) > 0
+    for step, positions in enumerate(dense_steps):
+        assert torch.equal(positions, pruned_steps[step])
+        expected = prompt.amax(dim=(0, 2)) + 1 + step
+        assert torch.equal(positions[0, :, 0], expected)
+    # the pruned prompt holds exactly the kept tokens' original 3-D ids
+    pruned_prompt = [p for p in pruned if p.shape[-1] > 1][-1]
+    mask = batch["attention_mask"].bool()
+    for sample in range(2):
+        visual = torch.nonzero(batch["input_ids"][sample] == tiny.config.image_token_id).flatten()
+        kept_ids = prompt[:, sample, visual[kept[sample]]]
+        text = torch.nonzero(mask[sample] & (batch["input_ids"][sample] != tiny.config.image_token_id)).flatten()
+        expected = torch.sort(torch.cat([visual[kept[sample]], text])).values
+        width = pruned_prompt.shape[-1]
+        tail = pruned_prompt[:, sample, width - expected.numel() :]
+        assert torch.equal(tail, prompt[:, sample, expected])
+        assert kept_ids.shape[1] == len(kept[sample])
+
+
+def test_reindex_renumbers_the_kept_sequence_and_decodes_after_it():
+    tiny, processor = model("llava")
+    batch = inputs(processor, photos()[:1], QUESTIONS[:1])
+    length = batch["input_ids"].shape[1]
+    with vlmkit.apply(tiny, "pool:keep=0.25,positions=reindex") as patch:
+        seen = rotary_positions(tiny, lambda: generate(tiny, batch, max_new_tokens=3))
+        kept = len(patch.selections["pool"][0])
+    visual = int((batch["input_ids"] == tiny.config.image_token_id).sum())
+    new_length = length - visual + kept
+    prompt = [p for p in seen if p.shape[-1] > 1]
+    assert torch.equal(prompt[-1].flatten(), torch.arange(new_length))
+    steps = [int(p.flatten()) for p in seen if p.shape[-1] == 1]
+    assert steps == [new_length, new_length + 1]
+
+
+def test_keep_leaves_original_positions():
+    tiny, processor = model("llava")
+    batch = inputs(processor, photos()[:1], QUESTIONS[:1])
+    length = batch["input_ids"].shape[1]
+    with vlmkit.apply(tiny, "pool:keep=0.25,positions=keep") as patch:
+        seen = rotary_positions(tiny, lambda: generate(tiny, batch, max_new_tokens=3))
+        kept = patch.selections["pool"][0]
+    visual = torch.nonzero(batch["input_ids"][0] == tiny.config.image_token_id).flatten()
+    dropped = set(visual.tolist()) - set(visual[kept].tolist())
+    expected = torch.tensor([p for p in range(length) if p not in dropped])
+    assert torch.equal([p for p in seen if p.shape[-1] > 1][-1].flatten(), expected)
+    assert [int(p.flatten()) for p in seen if p.shape[-1] == 1] == [length, length + 1]
+
+
+def test_reindex_is_refused_under_mrope():
+    tiny, _ = model("qwen2_vl")
+    with pytest.raises(ConfigError, match="M-RoPE"):
+        vlmkit.apply(tiny, "fastv:keep=0.5,positions=reindex")
