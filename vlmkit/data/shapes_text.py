@@ -59,22 +59,28 @@ class QA:
         answer: the answer text the models are trained to give.
         kind: the question family ("existence", "count", "color", "position", "caption").
         label: "yes"/"no" for yes/no questions, else the short answer.
+        focus: the word of the question the answer is about (e.g. "star"), or "".
+        focus_answer: the one-word gist of the answer ("Yes", "Two", "Red", "left"), or "".
     """
 
     question: str
     answer: str
     kind: str
     label: str
+    focus: str = ""
+    focus_answer: str = ""
 
 
-def _yes_no(question: str, truth: bool, kind: str, rng: np.random.Generator) -> QA:
+def _yes_no(question: str, truth: bool, kind: str, rng: np.random.Generator, focus: str) -> QA:
     suffix = YES_NO_SUFFIXES[int(rng.integers(len(YES_NO_SUFFIXES)))]
-    return QA(question + suffix, "Yes." if truth else "No.", kind, "yes" if truth else "no")
+    word = "Yes" if truth else "No"
+    return QA(question + suffix, word + ".", kind, word.lower(), focus, word)
 
 
-def _open(question: str, answer: str, kind: str, rng: np.random.Generator) -> QA:
+def _open(question: str, answer: str, kind: str, rng: np.random.Generator, focus: str,
+          gist: str) -> QA:
     suffix = OPEN_SUFFIXES[int(rng.integers(len(OPEN_SUFFIXES)))]
-    return QA(question + suffix, answer[0].upper() + answer[1:] + ".", kind, answer)
+    return QA(question + suffix, answer[0].upper() + answer[1:] + ".", kind, answer, focus, gist)
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,7 +170,7 @@ def existence_qa(scene: Scene, rng: np.random.Generator, positive: bool) -> QA:
                  "Does the image contain a {}?", "Do you see a {} in the image?")
     template = templates[int(rng.integers(len(templates)))]
     question = template.replace("a {}", f"{article(category)} {category}")
-    return _yes_no(question, category in present, "existence", rng)
+    return _yes_no(question, category in present, "existence", rng, category)
 
 
 def count_qa(scene: Scene, rng: np.random.Generator) -> QA:
@@ -173,10 +179,11 @@ def count_qa(scene: Scene, rng: np.random.Generator) -> QA:
     n = scene.count(category)
     if rng.random() < 0.5:
         return _open(f"How many {plural(category)} are there in the image?", NUMBER_WORDS[n],
-                     "count", rng)
+                     "count", rng, plural(category), NUMBER_WORDS[n].capitalize())
     truth = rng.random() < 0.5
     asked = n if truth else int(rng.choice([k for k in range(1, 5) if k != n]))
-    return _yes_no(count_question(category, asked), truth, "count", rng)
+    focus = category if asked == 1 else plural(category)
+    return _yes_no(count_question(category, asked), truth, "count", rng, focus)
 
 
 def count_question(category: str, n: int) -> str:
@@ -196,14 +203,15 @@ def colour_qa(scene: Scene, rng: np.random.Generator) -> QA | None:
     objs = scene.objects
     obj = objs[int(rng.integers(len(objs)))]
     if rng.random() < 0.4 and scene.count(obj.category) == 1:
-        return _open(f"What color is the {obj.category}?", obj.colour, "color", rng)
+        return _open(f"What color is the {obj.category}?", obj.colour, "color", rng, obj.category,
+                     obj.colour.capitalize())
     truth = rng.random() < 0.5
     if truth:
         colour = obj.colour
     else:
         used = {o.colour for o in objs if o.category == obj.category}
         colour = [c for c in COLOURS if c not in used][int(rng.integers(len(COLOURS) - len(used)))]
-    return _yes_no(colour_question(colour, obj.category), truth, "color", rng)
+    return _yes_no(colour_question(colour, obj.category), truth, "color", rng, obj.category)
 
 
 def colour_question(colour: str, category: str) -> str:
@@ -238,10 +246,10 @@ def position_qa(scene: Scene, rng: np.random.Generator) -> QA | None:
     side = sides[int(rng.integers(len(sides)))]
     if rng.random() < 0.35:
         answer = f"on the {side}" if side in ("left", "right") else f"at the {side}"
-        return _open(f"Where is the {obj.category}?", answer, "position", rng)
+        return _open(f"Where is the {obj.category}?", answer, "position", rng, obj.category, side)
     truth = rng.random() < 0.5
     return _yes_no(side_question(obj.category, side if truth else _SIDES[side]), truth,
-                   "position", rng)
+                   "position", rng, obj.category)
 
 
 def caption_qa(scene: Scene, rng: np.random.Generator) -> QA:
