@@ -99,6 +99,7 @@ Q, K = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 10, 8)
         (dict(q=Q, k=K[:1], num_kv_groups=2), ConfigError, "same batch size"),
         (dict(q=Q[0], k=K, num_kv_groups=2), ConfigError, "q must have 4 dimensions"),
         (dict(q=Q.long(), k=K, num_kv_groups=2), TypeError, "q must be a floating tensor"),
+        (dict(q=Q.bfloat16(), k=K, num_kv_groups=2), TypeError, "same dtype, got torch.bfloat16 and torch.float32"),
         (dict(q=Q.numpy(), k=K, num_kv_groups=2), TypeError, "q must be a torch.Tensor"),
         (dict(q=Q, k=K, num_kv_groups=2, reduce="median"), ConfigError, "reduce='median'.*'mean', 'sum'"),
         (dict(q=Q, k=K, num_kv_groups=2, scale=float("nan")), ConfigError, "scale must be finite"),

@@ -7,10 +7,11 @@
 
 Each op has its own module (``rows``, ``colsum``, ``merge``, ``maxmin``, named apart from the
 functions so that they do not shadow each other) holding the public dispatcher and the readable
-PyTorch reference ``<op>_reference`` (the specification, float32 accumulation); the Triton
-kernels of module ``<m>`` live in ``_triton_<m>.py``, imported only when used. The dispatcher picks Triton for CUDA tensors when
-Triton imports and no gradient is needed, PyTorch otherwise; ``VLMKIT_KERNELS=torch|triton``
-(read at call time) forces one. Kernels never patch models.
+PyTorch reference ``<op>_reference`` (the specification, float32 accumulation). The Triton
+kernels live in ``_triton_attention.py`` (rows and colsum), ``_triton_merge.py`` and
+``_triton_maxmin.py``, imported only when used. The dispatcher picks Triton for CUDA tensors
+when Triton imports, no input is float64 and no gradient is needed, PyTorch otherwise;
+``VLMKIT_KERNELS=torch|triton`` (read at call time) forces one. Kernels never patch models.
 """
 from vlmkit.kernels.colsum import attention_colsum
 from vlmkit.kernels.rows import attention_rows

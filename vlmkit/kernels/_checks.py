@@ -69,6 +69,8 @@ def heads(op: str, q: torch.Tensor, k: torch.Tensor, num_kv_groups: object) -> i
     groups = integer(op, "num_kv_groups", num_kv_groups, minimum=1)
     if q.shape[0] != k.shape[0]:
         raise ConfigError(f"{op}: q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}.")
+    if q.dtype != k.dtype:
+        raise TypeError(f"{op}: q and k must have the same dtype, got {q.dtype} and {k.dtype}.")
     if q.shape[-1] != k.shape[-1]:
         raise ConfigError(f"{op}: q and k must have the same head dim, got {q.shape[-1]} and {k.shape[-1]}.")
     if q.shape[1] != k.shape[1] * groups:
