@@ -1,0 +1,170 @@
+"""Prefill time, decode speed and peak memory: dense vs FastV vs VisionZip vs pool at 50 / 25 / 11 %.
+
+The model is a geometry twin: LLaVA-1.5's 576 visual tokens per image (a small CLIP-shaped tower, since
+the tower's cost is the same for every method) in front of the real Qwen2-0.5B language model geometry
+(`vlmkit.zoo.twin_config("llava-onevision-qwen2-0.5b")`), random weights, fp32, 64 text tokens.
+
+Measured per configuration, interleaved (dense, then each method, repeated), medians over repeats:
+- LLM prefill: wall time of the language model's forward within the prefill (vision tower excluded);
+- full prefill: the whole forward (tower + projector + LLM), i.e. time to first token;
+- decode: tokens/s of the next 16 tokens with the KV cache;
+- peak memory: the process's peak resident set during the prefill (Linux VmHWM, reset per run);
+- FLOPs-ideal speedup of the LLM prefill (`vlmkit.zoo.flops`), and measured / ideal.
+
+Usage:
+    python -m benchmarks.prefill [--repeats 3] [--threads 2] [--out benchmarks/results/prefill]
+
+(run as a module: as a script, `benchmarks/` would shadow top-level packages such as `kernels`)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+import vlmkit
+from vlmkit.zoo import flops, twin_config
+
+VISUAL_TOKENS = 576
+TEXT_TOKENS = 64
+BUDGETS = (0.5, 0.25, 0.11)
+IMAGE_TOKEN = 4
+
+
+def build_model() -> LlavaForConditionalGeneration:
+    text = twin_config("llava-onevision-qwen2-0.5b").text_config
+    vision = CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=64, intermediate_size=128,
+                              num_hidden_layers=2, num_attention_heads=2)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, image_seq_length=VISUAL_TOKENS)
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def build_inputs() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    text = torch.randint(10, 700, (TEXT_TOKENS,), generator=generator)
+    ids = torch.cat([text[:8], torch.full((VISUAL_TOKENS,), IMAGE_TOKEN), text[8:]])[None]
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values": torch.randn(1, 3, 336, 336, generator=generator),
+    }
+
+
+def configurations() -> list[tuple[str, tuple[str, ...]]]:
+    configs = [("dense", ())]
+    for keep in BUDGETS:
+        configs += [
+            (f"fastv {keep:.0%}", (f"fastv:layer=2,keep={keep}",)),
+            (f"visionzip {keep:.0%}", (f"visionzip:tokens={round(VISUAL_TOKENS * keep)}",)),
+            (f"pool {keep:.0%}", (f"pool:keep={keep}",)),
+        ]
+    return configs
+
+
+def reset_peak_memory() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure(model, inputs, specs) -> dict[str, float]:
+    llm = {}
+    language_model = model.model.language_model
+    start = language_model.register_forward_pre_hook(lambda *a: llm.__setitem__("start", time.perf_counter()))
+    stop = language_model.register_forward_hook(lambda *a: llm.__setitem__("stop", time.perf_counter()))
+    patch = vlmkit.apply(model, *specs) if specs else None
+    try:
+        with torch.no_grad():
+            reset_peak_memory()
+            begin = time.perf_counter()
+            model(**inputs, use_cache=True, logits_to_keep=1)
+            full = time.perf_counter() - begin
+            peak = peak_memory_mb()
+            prefill_llm = llm["stop"] - llm["start"]
+            kept = min(len(k) for kept in patch.selections.values() for k in kept) if patch else VISUAL_TOKENS
+            begin = time.perf_counter()
+            model.generate(**inputs, max_new_tokens=1, do_sample=False)
+            one = time.perf_counter() - begin
+            begin = time.perf_counter()
+            model.generate(**inputs, max_new_tokens=17, min_new_tokens=17, do_sample=False)
+            seventeen = time.perf_counter() - begin
+    finally:
+        start.remove()
+        stop.remove()
+        if patch:
+            patch.remove()
+    return {"llm_prefill_s": prefill_llm, "prefill_s": full, "decode_tok_s": 16 / max(seventeen - one, 1e-9),
+            "peak_mb": peak, "visual_tokens": kept}
+
+
+def ideal_flops(model, name: str, kept: int) -> float:
+    layers = model.config.text_config.num_hidden_layers
+    if name.startswith("fastv"):
+        per_layer = [VISUAL_TOKENS] * 2 + [kept] * (layers - 2)
+        return flops(model.config, TEXT_TOKENS, per_layer)
+    return flops(model.config, TEXT_TOKENS, kept)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/results/prefill")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model, inputs = build_model(), build_inputs()
+    configs = configurations()
+    measure(model, inputs, ())  # warm-up
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name, _ in configs}
+    for _ in range(args.repeats):
+        for name, specs in configs:
+            runs[name].append(measure(model, inputs, specs))
+    dense_flops = flops(model.config, TEXT_TOKENS, VISUAL_TOKENS)
+    median = lambda name, key: statistics.median(run[key] for run in runs[name])  # noqa: E731
+    rows = []
+    for name, specs in configs:
+        kept = int(median(name, "visual_tokens"))
+        ideal = dense_flops / ideal_flops(model, name, kept)
+        speedup = median("dense", "llm_prefill_s") / median(name, "llm_prefill_s")
+        rows.append({
+            "config": name, "specs": list(specs), "visual_tokens": kept,
+            "llm_prefill_s": median(name, "llm_prefill_s"), "prefill_s": median(name, "prefill_s"),
+            "llm_prefill_speedup": speedup,
+            "ttft_speedup": median("dense", "prefill_s") / median(name, "prefill_s"),
+            "flops_ideal_speedup": ideal, "measured_over_ideal": speedup / ideal,
+            "decode_tok_s": median(name, "decode_tok_s"), "peak_mb": median(name, "peak_mb"),
+        })
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"torch": torch.__version__, "threads": args.threads, "repeats": args.repeats, "cpu": platform.processor() or platform.machine(),
+            "model": "LLaVA layout, 576 visual tokens, Qwen2-0.5B LLM geometry (random weights, fp32)", "text_tokens": TEXT_TOKENS}
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    lines = [
+        f"| config | visual tokens | LLM prefill s | speedup | FLOPs-ideal | measured/ideal | TTFT s | decode tok/s | peak MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['config']} | {r['visual_tokens']} | {r['llm_prefill_s']:.3f} | {r['llm_prefill_speedup']:.2f}x | "
+            f"{r['flops_ideal_speedup']:.2f}x | {r['measured_over_ideal']:.0%} | {r['prefill_s']:.3f} | "
+            f"{r['decode_tok_s']:.1f} | {r['peak_mb']:.0f} |"
+        )
+    table = "\n".join(lines)
+    out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
