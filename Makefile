@@ -1,19 +1,22 @@
 # `make demo` and `make test` build .venv from nothing when it is missing; both are quick when it exists.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PY ?= python3.11
+PIP_QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export NLTK_DATA ?= $(abspath ../shared/nltk_data)
 
-.PHONY: venv demo test test-slow clean
+.PHONY: venv demo test test-slow clean readme
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade -q "pip>=24" -c constraints.txt
-	$(BIN)/python -m pip install -q -c constraints.txt torch torchvision
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[triton,video,eval,notebooks,dev]"
+	$(BIN)/python -m pip install --upgrade -q "pip>=24" -c constraints.txt $(PIP_QUIET)
+	$(BIN)/python -m pip install -q -c constraints.txt torch torchvision $(PIP_QUIET)
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[triton,video,eval,notebooks,dev]" $(PIP_QUIET)
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
@@ -28,3 +31,6 @@ test-slow: venv
 
 clean:
 	rm -rf $(VENV)
+
+readme: venv
+	$(BIN)/vlmkit methods --update-readme README.md

@@ -1,6 +1,11 @@
-"""A separately installed package registers a method through the `vlmkit.methods` entry point."""
+"""A separately installed package registers a method through the `vlmkit.methods` entry point.
+
+The plugin is pip-installed into a private target directory on the subprocess's path (not into the
+shared venv), so the other tests running in parallel never see a half-installed plugin.
+"""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,11 +38,13 @@ def pip(*args: str) -> None:
                    capture_output=True, text=True)
 
 
-def test_example_plugin_installs_registers_and_applies():
-    pip("install", "--no-deps", "--no-build-isolation", str(PLUGIN))
-    try:
-        result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert result.stdout.strip().endswith("ok")
-    finally:
-        pip("uninstall", "-y", "vlmkit-example-method")
+def test_example_plugin_installs_registers_and_applies(tmp_path):
+    target = tmp_path / "site"
+    pip("install", "--no-deps", "--no-build-isolation", "--target", str(target), str(PLUGIN))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
+    without = subprocess.run([sys.executable, "-c", "import vlmkit; print([m.name for m in vlmkit.list_methods()])"],
+                             capture_output=True, text=True, timeout=300)
+    assert "'center'" not in without.stdout
