@@ -49,7 +49,8 @@ class Adapter:
 
     @property
     def vision_layers(self) -> nn.ModuleList:
-        raise NotImplementedError
+        """The vision tower's layers (CLIP and SigLIP towers keep them in `encoder.layers`)."""
+        return self.base_model.vision_tower.encoder.layers
 
     def vision_attention(self, layer_index: int) -> nn.Module:
         """The attention module of vision layer `layer_index` (negative counts from the end)."""

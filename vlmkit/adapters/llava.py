@@ -18,10 +18,6 @@ class LlavaAdapter(Adapter):
     family = "llava"
     model_classes = ("LlavaForConditionalGeneration",)
 
-    @property
-    def vision_layers(self):
-        return self.base_model.vision_tower.encoder.layers
-
     def vision_probe(self, attention, hidden, kwargs):
         return cls_row_probe(attention, hidden)
 

@@ -17,10 +17,6 @@ class LlavaNextAdapter(Adapter):
     family = "llava_next"
     model_classes = ("LlavaNextForConditionalGeneration",)
 
-    @property
-    def vision_layers(self):
-        return self.base_model.vision_tower.encoder.layers
-
     def vision_probe(self, attention, hidden, kwargs):
         return cls_row_probe(attention, hidden)
 

@@ -19,10 +19,6 @@ class LlavaOnevisionAdapter(Adapter):
     family = "llava_onevision"
     model_classes = ("LlavaOnevisionForConditionalGeneration",)
 
-    @property
-    def vision_layers(self):
-        return self.base_model.vision_tower.encoder.layers
-
     def vision_probe(self, attention, hidden, kwargs):
         return received_attention_probe(attention, hidden)
 
