@@ -149,9 +149,10 @@ def test_local_model_folder_is_loaded_and_hashed(data, tmp_path):
     assert main([*args, "--limit", "2", "--max-new-tokens", "2", "--no-progress", "--trust-remote-code"]) == 0
     record = json.loads((out / "config.json").read_text())["model"]
     assert record["source"] == "path" and record["path"] == str(folder) and record["trust_remote_code"] is True
-    assert record["weights_sha256"] == hashlib.sha256(
-        b"model.safetensors" + (folder / "model.safetensors").read_bytes()
-    ).hexdigest()
+    assert (
+        record["weights_sha256"]
+        == hashlib.sha256(b"model.safetensors" + (folder / "model.safetensors").read_bytes()).hexdigest()
+    )
 
     (folder / "model.safetensors").rename(folder / "weights.bin")
     with pytest.raises(ConfigError, match="no .safetensors weights"):
