@@ -27,6 +27,7 @@ PRUNED = {
     "visionzip": "visionzip:tokens=20",
     "random": "random:keep=0.3,seed=3",
     "pool": "pool:keep=0.25",
+    "divprune": "divprune:keep=0.2",
 }
 
 

@@ -10,6 +10,7 @@ import vlmkit
 from tests.conftest import photos
 from tests.engine.models import QUESTIONS, inputs, model
 from vlmkit.engine.selection import SelectionContext, VisualTokens
+from vlmkit.methods.prune.divprune import DivPrune
 from vlmkit.methods.prune.fastv import FastV
 from vlmkit.methods.prune.pool import Pool
 from vlmkit.methods.prune.random import RandomPrune
@@ -54,6 +55,20 @@ def test_visionzip_budget_splits_54_to_10():
     assert VisionZip(tokens=64).counts(576) == (54, 10)
     assert VisionZip().counts(576) == (54, 10)  # default: 64 of 576
     assert VisionZip(dominant=5, contextual=0).counts(3) == (3, 0)
+
+
+def test_divprune_picks_the_most_diverse_tokens():
+    # four directions in the plane, the first three nearly equal: Max-Min keeps one of the cluster
+    angles = torch.tensor([0.0, 0.05, 0.1, 1.5, 3.1, -1.6])
+    features = torch.stack([angles.cos(), angles.sin()], dim=1)
+    hidden = torch.zeros(1, 30, 2)
+    visual = grid_tokens(2, 3)
+    hidden[0, visual.slots] = features
+    selection = DivPrune(tokens=4).select(SelectionContext(hidden=hidden, visual=[visual], layer=0, num_layers=4))
+    # d = 1 - cos. First pick: the largest distance to the nearest other token: tokens 4 and 5 tie
+    # (their mutual 1.012) -> 4. Then argmax of the distance to the set: 0 (1.999), 5 (1.012 vs
+    # 1.029), 3 (0.929); the near-duplicates 1 and 2 are never picked.
+    assert selection.samples[0].keep.tolist() == [0, 3, 4, 5]
 
 
 def test_pool_2x2_windows_keep_top_left_and_average_members():
