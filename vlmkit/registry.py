@@ -22,6 +22,7 @@ _BUILTIN_TARGETS = {
     "visionzip": "vlmkit.methods.prune.visionzip:VisionZip",
     "random": "vlmkit.methods.prune.random:RandomPrune",
     "pool": "vlmkit.methods.prune.pool:Pool",
+    "divprune": "vlmkit.methods.prune.divprune:DivPrune",
 }
 
 
