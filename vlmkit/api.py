@@ -19,10 +19,12 @@ import torch
 from torch import nn
 
 from vlmkit.adapters import adapter_for
+from vlmkit.engine import branches
 from vlmkit.engine.runner import TextStackRunner
 from vlmkit.engine.state import EngineState
 from vlmkit.errors import ConfigError, ConflictError, UnknownMethodError
 from vlmkit.methods.base import Method, TokenSelector
+from vlmkit.methods.decode.base import DecodeMethod
 from vlmkit.registry import REGISTRY
 
 _PATCHED: "weakref.WeakKeyDictionary[nn.Module, Patch]" = weakref.WeakKeyDictionary()
@@ -152,6 +154,9 @@ class Patch:
                 self._install_visual_tracking(vision_layers)
                 names = ",".join(s.name for s in selectors)
                 self._set_instance_attr(f"{names}:layer", self.adapter.text_model, "forward", runner.bind())
+            for method in self.methods:
+                if isinstance(method, DecodeMethod):
+                    branches.install(self, method)
         except BaseException:
             self.remove()
             raise
@@ -254,9 +259,17 @@ def apply(model: nn.Module, *specs: str | Method) -> Patch:
 
 def _check_sites(patch: Patch) -> None:
     layers: dict[int, Method] = {}
+    decoder: Method | None = None
     num_layers = len(patch.adapter.decoder_layers)
     for method in patch.methods:
-        if isinstance(method, TokenSelector):
+        if isinstance(method, DecodeMethod):
+            if decoder is not None:
+                raise ConflictError(
+                    f"{decoder.name!r} and {method.name!r} both claim the logits site; apply one decoding method "
+                    "(ritual combines with VCD through its alpha_neg parameter)"
+                )
+            decoder = method
+        elif isinstance(method, TokenSelector):
             layer = method.compaction_layer(num_layers)
             if layer in layers:
                 raise ConflictError(

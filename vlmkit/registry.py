@@ -23,6 +23,13 @@ _BUILTIN_TARGETS = {
     "random": "vlmkit.methods.prune.random:RandomPrune",
     "pool": "vlmkit.methods.prune.pool:Pool",
     "divprune": "vlmkit.methods.prune.divprune:DivPrune",
+    "vcd": "vlmkit.methods.decode.vcd:VCD",
+    "icd": "vlmkit.methods.decode.icd:ICD",
+    "m3id": "vlmkit.methods.decode.m3id:M3ID",
+    "ritual": "vlmkit.methods.decode.ritual:RITUAL",
+    "dola": "vlmkit.methods.decode.dola:DoLa",
+    "lol": "vlmkit.methods.decode.lol:LOL",
+    "debias": "vlmkit.methods.decode.debias:Debias",
 }
 
 

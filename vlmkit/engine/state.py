@@ -8,6 +8,8 @@ the text-stack runner turns both into per-sample `VisualTokens`.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +55,8 @@ class EngineState:
     # raw selections by compaction layer, for `Patch.reuse_selections()`
     recorded: dict[int, Selection] = field(default_factory=dict)
     reuse: bool = False
+    # a contrastive-decoding branch that opted out of pruning: its forwards keep every visual token
+    bypass: bool = False
     calls: dict[str, int] = field(default_factory=dict)
 
     def begin_call(self, input_ids: torch.Tensor | None, sources: dict[str, object]) -> None:
@@ -95,6 +99,22 @@ class EngineState:
     def clear(self) -> None:
         self.input_ids, self.sources, self.encoded = None, {}, {}
 
+    @contextlib.contextmanager
+    def branch_scope(self, encoded: dict, prune: bool) -> Iterator[None]:
+        """Run one forward of a contrastive-decoding branch (`vlmkit.engine.branches`).
+
+        Its rows are the main rows' rows, so with `prune` it replays the selections the main rows'
+        prefill recorded (as `Patch.reuse_selections()` does); without, it keeps every visual token.
+        Its encoder records go to `encoded` (the branch's own dict, kept across its forwards); the
+        main call's records, selections, stash and reuse flag are restored afterwards.
+        """
+        saved = (self.input_ids, self.sources, self.encoded, self.selections, self.reuse, self.bypass)
+        self.encoded, self.reuse, self.bypass = encoded, prune, not prune
+        try:
+            yield
+        finally:
+            self.input_ids, self.sources, self.encoded, self.selections, self.reuse, self.bypass = saved
+
     def take_visual_tokens(self, num_rows: int, length: int, device: torch.device) -> list[VisualTokens] | None:
         """Per-sample visual tokens of this call's query tokens, or None when the call has none.
 
@@ -103,7 +123,7 @@ class EngineState:
         """
         input_ids, sources = self.input_ids, self.sources
         self.input_ids, self.sources = None, {}
-        if input_ids is None or input_ids.shape[-1] != length or input_ids.shape[0] != num_rows or not sources:
+        if self.bypass or input_ids is None or input_ids.shape[-1] != length or input_ids.shape[0] != num_rows or not sources:
             return None
         queues = {}
         for modality, source in sources.items():

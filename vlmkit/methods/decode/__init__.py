@@ -1,0 +1,1 @@
+"""Hallucination-mitigating decoding (site `logits`): contrastive branches and layer contrast."""
