@@ -168,7 +168,7 @@ def _eval_suite(args: argparse.Namespace) -> int:
                 str(run_dir),
                 item.methods,
                 settings,
-                settings.get("style") or args.style,
+                args.style or settings.get("style"),
                 record,
             )
         )
