@@ -90,3 +90,22 @@ def test_reindex_is_refused_under_mrope():
     tiny, _ = model("qwen2_vl")
     with pytest.raises(ConfigError, match="M-RoPE"):
         vlmkit.apply(tiny, "fastv:keep=0.5,positions=reindex")
+
+
+def test_qwen2_5_vl_probe_order_matches_the_towers_own_reordering():
+    """The tower runs on windows in a permuted order; the adapter's permutation is the one the model
+    applies to its merged tokens (checked against the merger's output, computed from the last block)."""
+    from vlmkit.adapters import adapter_for
+
+    tiny, processor = model("qwen2_5_vl")
+    batch = inputs(processor, photos()[:2], QUESTIONS[:2])
+    visual = tiny.model.visual
+    seen = {}
+    hook = visual.merger.register_forward_pre_hook(lambda module, args: seen.update(window_major=args[0]))
+    with torch.no_grad():
+        output = tiny.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+        merged = visual.merger(seen["window_major"])
+    hook.remove()
+    order = adapter_for(tiny).token_order(batch["image_grid_thw"])
+    assert not torch.equal(order, torch.arange(order.numel())), "windows must actually permute tokens"
+    assert torch.equal(merged[order], torch.cat(output.pooler_output))

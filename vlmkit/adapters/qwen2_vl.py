@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+from transformers.vision_utils import get_vision_window_index
 
 from vlmkit import kernels
 from vlmkit.adapters.base import Adapter, concat_probes, grid_coords
@@ -19,7 +20,7 @@ from vlmkit.errors import UnsupportedModelError
 
 class Qwen2VLAdapter(Adapter):
     family = "qwen2_vl"
-    model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    model_classes = ("Qwen2VLForConditionalGeneration",)
     mrope = True
 
     def __init__(self, model):
@@ -61,19 +62,27 @@ class Qwen2VLAdapter(Adapter):
         grids = call["image_grid_thw" if modality == "image" else "video_grid_thw"]
         merge = self.base_model.visual.spatial_merge_size
         probe = concat_probes(probes)
+        if probe is not None:  # patches -> merged tokens (groups of merge**2 consecutive patches), in sequence order
+            unit = merge * merge
+            importance = probe["importance"][0].reshape(-1, unit).sum(dim=1)
+            keys = probe["keys"][0].reshape(importance.numel(), unit, -1).mean(dim=1)
+            order = self.token_order(grids)
+            if order is not None:
+                importance, keys = importance[order], keys[order]
         metas, start = [], 0
         for t, h, w in grids.tolist():
             rows, cols = h // merge, w // merge
             count = t * rows * cols
             meta_probe = None
             if probe is not None:
-                patches = slice(start * merge * merge, (start + count) * merge * merge)
-                importance = probe["importance"][0, patches].reshape(count, merge * merge).sum(dim=1)
-                keys = probe["keys"][0, patches].reshape(count, merge * merge, -1).mean(dim=1)
-                meta_probe = {"importance": importance, "keys": keys}
+                meta_probe = {"importance": importance[start : start + count], "keys": keys[start : start + count]}
             metas.append(VisualMeta(modality, (t, rows, cols), grid_coords(t, rows, cols), meta_probe))
             start += count
         return metas
+
+    def token_order(self, grids: torch.Tensor) -> torch.Tensor | None:
+        """Permutation from the tower's internal token order to sequence order (None: the same)."""
+        return None
 
     def split_positions(self, position_ids, batch, length, past, device):
         """As `Qwen2VLTextModel.forward`: 3-D rotary positions, plus a text row when 4 rows are given."""
@@ -84,3 +93,18 @@ class Qwen2VLAdapter(Adapter):
         if position_ids.ndim == 3 and position_ids.shape[0] == 4:
             return position_ids[1:], position_ids[0]
         return position_ids, None
+
+
+class Qwen2_5_VLAdapter(Qwen2VLAdapter):
+    """Qwen2.5-VL: as Qwen2-VL, but its tower runs most blocks on windows of merged tokens, in a
+    window-major order that it undoes after the merger; probe results are put back in sequence order."""
+
+    family = "qwen2_5_vl"
+    model_classes = ("Qwen2_5_VLForConditionalGeneration",)
+
+    def token_order(self, grids):
+        visual = self.base_model.visual
+        window_index, _ = get_vision_window_index(
+            grids, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size, patch_size=visual.patch_size
+        )
+        return torch.argsort(window_index)

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import (
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLProcessor,
     CONFIG_MAPPING,
     AutoModelForImageTextToText,
     CLIPImageProcessor,
@@ -108,6 +110,12 @@ def _qwen2_vl_derived(kwargs: dict[str, Any], tokenizer) -> dict[str, Any]:
     }
 
 
+def _qwen2_5_vl_derived(kwargs: dict[str, Any], tokenizer) -> dict[str, Any]:
+    derived = _qwen2_vl_derived(kwargs, tokenizer)
+    derived["vision_config.out_hidden_size"] = derived.pop("vision_config.hidden_size")  # the merger's output width
+    return derived
+
+
 def _square(side: int) -> dict[str, int]:
     return {"height": side, "width": side}
 
@@ -168,7 +176,8 @@ def _qwen2_vl_processor(config: Qwen2VLConfig, tokenizer, pixels: tuple[int, int
         "merge_size": vision.spatial_merge_size,
         "size": {"shortest_edge": low, "longest_edge": high},
     }
-    return Qwen2VLProcessor(
+    processor_class = Qwen2_5_VLProcessor if isinstance(config, Qwen2_5_VLConfig) else Qwen2VLProcessor
+    return processor_class(
         image_processor=Qwen2VLImageProcessor(**geometry),
         video_processor=Qwen2VLVideoProcessor(**geometry, cap_pixels_per_frame=True),
         tokenizer=tokenizer,
@@ -266,6 +275,32 @@ _FAMILIES: dict[str, _Family] = {
             },
         },
         derived=_qwen2_vl_derived,
+        processor=_qwen2_vl_processor,
+    ),
+    # Qwen2.5-VL: the same geometry, with windowed attention in the tower (windows of 2x2 merged
+    # tokens, 16 pixels) except in its last block, and SwiGLU tower MLPs.
+    "qwen2_5_vl": _Family(
+        config_class=Qwen2_5_VLConfig,
+        defaults={
+            "vision_config": {
+                "model_type": "qwen2_5_vl",
+                "depth": 3,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_heads": 4,
+                "patch_size": 4,
+                "spatial_merge_size": 2,
+                "temporal_patch_size": 2,
+                "window_size": 16,
+                "fullatt_block_indexes": [2],
+            },
+            "text_config": {
+                "model_type": "qwen2_5_vl_text",
+                **_TEXT,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            },
+        },
+        derived=_qwen2_5_vl_derived,
         processor=_qwen2_vl_processor,
     ),
 }

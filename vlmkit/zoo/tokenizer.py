@@ -143,6 +143,17 @@ _FAMILY_TOKENIZERS = {
             "vision_eos_token": "<|vision_end|>",
         },
     ),
+    "qwen2_5_vl": (
+        _QWEN_ROLES,
+        False,
+        _QWEN2_VL_TEMPLATE,
+        {
+            "image_token": "<|image_pad|>",
+            "video_token": "<|video_pad|>",
+            "vision_bos_token": "<|vision_start|>",
+            "vision_eos_token": "<|vision_end|>",
+        },
+    ),
 }
 
 
