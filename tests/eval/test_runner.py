@@ -173,3 +173,14 @@ def test_sampling_is_reproducible_and_checked(data, tmp_path, capsys):
     assert evaluate("pope", data["pope"], tmp_path / "d", "--method", "fastvv:keep=0.5") == 2
     assert "Did you mean 'fastv'" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_contrastive_decoding_composes_with_pruning(data, tmp_path):
+    out = tmp_path / "run"
+    assert evaluate("pope", data["pope"], out, "--limit", "4", "--method", "fastv:layer=2,keep=0.5", "vcd:alpha=1") == 0
+    config = json.loads((out / "config.json").read_text())
+    assert [m["name"] for m in config["methods"]] == ["fastv", "vcd"]
+    assert config["methods"][1]["params"]["alpha"] == 1 and "noise_step" in config["methods"][1]["params"]
+    rows = rows_of(out)
+    assert all(row["visual_tokens"]["kept"]["fastv"] == TOKENS_PER_IMAGE // 2 for row in rows)
+    assert all(isinstance(row["response"], str) and row["timing"]["decode_steps"] >= 0 for row in rows)

@@ -39,6 +39,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ FORMAT = "vlmkit-eval-run"
 FORMAT_VERSION = 1
 DECODING_STRATEGIES = ("greedy", "sample")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+_BARRIER_HOURS = 6
 
 
 @dataclass(frozen=True)
@@ -193,7 +195,8 @@ def run(spec: RunSpec) -> dict[str, Any] | None:
 
     methods = [vlmkit.parse_spec(method) for method in spec.methods]  # validate before loading anything
     cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true") or not torch.cuda.is_available()
-    state = PartialState(cpu=cpu)
+    # a long barrier timeout: process 0 may wait at the final barrier while others finish their batches
+    state = PartialState(cpu=cpu, timeout=timedelta(hours=_BARRIER_HOURS))
     run_dir = Path(spec.out).expanduser().resolve()
     decoding = spec.decoding.resolved(spec.bench)
     benchmark, paths, options = benches.load(spec.bench, spec.data)
