@@ -23,6 +23,7 @@ RENDERED = {
         "<|im_start|>assistant\n"
     ),
 }
+RENDERED["qwen2_5_vl"] = RENDERED["qwen2_vl"]
 
 
 def test_vocabulary_is_frozen():
