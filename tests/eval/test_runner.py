@@ -184,3 +184,12 @@ def test_contrastive_decoding_composes_with_pruning(data, tmp_path):
     rows = rows_of(out)
     assert all(row["visual_tokens"]["kept"]["fastv"] == TOKENS_PER_IMAGE // 2 for row in rows)
     assert all(isinstance(row["response"], str) and row["timing"]["decode_steps"] >= 0 for row in rows)
+
+
+def test_video_goes_through_the_video_processor(data, tmp_path):
+    out = tmp_path / "run"
+    args = ["eval", "--model", "tiny:qwen2_vl", "--bench", "video", "--data", str(data["video"]), "--out", str(out)]
+    assert main([*args, "--num-frames", "4", "--max-new-tokens", "2", "--method", FASTV, "--no-progress"]) == 0
+    for row in rows_of(out):
+        # 4 frames, 2 per temporal patch, 8x8 merged tokens each (tiny qwen2_vl): video placeholders only
+        assert row["visual_tokens"] == {"input": 128, "kept": {"fastv": 32}}
