@@ -47,7 +47,7 @@ def parse_spec(spec: str | Method) -> Method:
     name, _, arguments = spec.strip().partition(":")
     cls = REGISTRY.get(name.strip())
     params: dict[str, Any] = {}
-    for item in filter(None, (part.strip() for part in arguments.split(","))):
+    for item in filter(None, (part.strip() for part in _split_top_level(arguments))):
         key, equals, raw = item.partition("=")
         if not equals:
             raise ConfigError(f"in spec {spec!r}: {item!r} is not key=value")
@@ -57,6 +57,25 @@ def parse_spec(spec: str | Method) -> Method:
             value = raw.strip()
         params[key.strip()] = value
     return cls(**params)
+
+
+def _split_top_level(arguments: str) -> list[str]:
+    """Split ``key=value`` items on the commas outside brackets and quotes (tuple values keep theirs)."""
+    items, depth, quote, start = [], 0, None, 0
+    for index, char in enumerate(arguments):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            items.append(arguments[start:index])
+            start = index + 1
+    items.append(arguments[start:])
+    return items
 
 
 class Patch:

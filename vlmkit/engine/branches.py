@@ -205,7 +205,7 @@ class DecodeSession:
         self.model, self.adapter, self.state, self.method = patch.model, patch.adapter, patch.state, method
         self.calls = method.branches(call)  # built before generate() starts: bad inputs fail first
         self.context = method.context(call)
-        tied = bool(getattr(self.adapter.text_config, "tie_word_embeddings", False))
+        tied = self.model.get_output_embeddings().weight is self.model.get_input_embeddings().weight
         self.layers = method.layers(len(self.adapter.decoder_layers), tied)
         self.batch = int(call.input_ids.shape[0])
         self.expand, self.beam = 1, False
@@ -391,19 +391,36 @@ class DecodeSession:
         self.compact = any(isinstance(layer, CompactLayer) for c in (cache, *branch_caches) for layer in c.layers)
         if not isinstance(cache, DynamicCache):
             raise ConfigError(f"decoding branches need a DynamicCache (the default of generate()), got {type(cache).__name__}")
+        shared: dict[tuple, Any] = {}  # layers that shared validity / shifts keep sharing them (one mask)
+
+        def join(tensors: list[torch.Tensor], length: int | None) -> torch.Tensor:
+            key = (length, *map(id, tensors))
+            if key not in shared:  # the parts stay referenced here, so their ids stay unique
+                shared[key] = (tensors, torch.cat([t if length is None else _pad_left(t, length, dim=-1) for t in tensors]))
+            return shared[key][1]
+
+        def as_compact(row_group: int, layer) -> CompactLayer:
+            if isinstance(layer, CompactLayer):
+                return layer
+            compact = CompactLayer.from_layer(layer, masks[row_group])
+            key = ("converted", row_group, compact.physical_length)
+            shared.setdefault(key, (compact.valid, compact.position_shift))
+            compact.valid, compact.position_shift = shared[key]
+            return compact
+
         for index in range(len(cache.layers)):
             parts = [cache.layers[index], *(c.layers[index] for c in branch_caches)]
             if any(type(part) not in (DynamicLayer, CompactLayer) for part in parts):
                 raise ConfigError("decoding branches support full-attention cache layers only")
             if self.compact:
-                parts = [p if isinstance(p, CompactLayer) else CompactLayer.from_layer(p, m) for p, m in zip(parts, masks)]
+                parts = [as_compact(row_group, part) for row_group, part in enumerate(parts)]
             length = max(p.keys.shape[-2] for p in parts)
             merged = parts[0]
             merged.keys = torch.cat([_pad_left(p.keys, length, dim=-2) for p in parts])
             merged.values = torch.cat([_pad_left(p.values, length, dim=-2) for p in parts])
             if self.compact:
-                merged.valid = torch.cat([_pad_left(p.valid, length, dim=-1) for p in parts])
-                merged.position_shift = torch.cat([p.position_shift for p in parts])
+                merged.valid = join([p.valid for p in parts], length)
+                merged.position_shift = join([p.position_shift for p in parts], None)
             cache.layers[index] = merged
         if not self.compact:
             length = max(m.shape[1] for m in masks)

@@ -7,8 +7,8 @@ pure-noise image), which exposes the language prior. Two strategies:
 - `mode="calibrate"` ("Post-Hoc Debias", classification and multiple choice): an affine calibration
   of the answer distribution, q(a) proportional to W p(a | v, x) with W = diag(p(a | absent, x))^-1,
   so that every answer scores the same when the image is absent. It applies to the first `steps`
-  generated tokens over the answer classes (each answer's first token, with case and leading-space
-  variants, e.g. "yes", " Yes"); the classes keep their total probability and every other token
+  generated tokens over the answer classes (each answer's first token in lower case and capitalised,
+  with and without a leading space: "yes", " yes", "Yes", " Yes"); the classes keep their total probability and every other token
   is unchanged.
 - `mode="sample"` ("Debias sampling" / visual debias decoding, open generation): the contrast
   softmax[(1 + alpha) logit(y | v, x) - alpha logit(y | absent, x)] on the plausible set
@@ -92,7 +92,7 @@ def answer_classes(tokenizer, answers: tuple[str, ...]) -> list[list[int]]:
     classes = []
     for answer in answers:
         word = answer.strip()
-        variants = {prefix + form for form in (word, word.lower(), word.capitalize(), word.upper()) for prefix in ("", " ")}
+        variants = {prefix + form for form in (word, word.lower(), word.capitalize()) for prefix in ("", " ")}
         ids = set()
         for variant in variants:
             tokens = tokenizer(variant, add_special_tokens=False)["input_ids"]
