@@ -15,7 +15,6 @@ _COMMAND_MODULES = (
     "vlmkit.data.cli",
     "vlmkit.eval.cli",
     "vlmkit.train.cli",
-    "vlmkit.commands.bench",
 )
 
 
