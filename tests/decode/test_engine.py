@@ -173,3 +173,14 @@ def test_bad_uses_are_clear_errors():
     plain = generate(tiny, text_only)
     with vlmkit.apply(tiny, "m3id:decay=0.5"):  # without an image the branch is the prompt itself: no change
         assert torch.equal(generate(tiny, text_only), plain)
+
+
+def test_tokenizer_comes_from_a_saved_checkpoint(tmp_path):
+    tiny, processor, data = batch("llava")
+    tiny.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded, _ = vlmkit.zoo.load(tmp_path)
+    with vlmkit.apply(tiny, "icd"):
+        expected = run(tiny, processor, data)
+    with vlmkit.apply(loaded, "icd"):  # no tokenizer= : the one saved next to the weights
+        assert torch.equal(generate(loaded, data, max_new_tokens=4), expected)

@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import inspect
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -71,6 +72,7 @@ class CallInputs:
         bos_token_id: the id a prompt may start with (kept first by `with_prefix`), or None.
         tokenizer: the tokenizer passed as `generate(tokenizer=...)`, or None.
         vision_config: the model's vision config (patch geometry of stacked-patch pixel layouts).
+        name_or_path: where the model was loaded from ("" for models built in memory).
     """
 
     kwargs: dict[str, Any]
@@ -79,6 +81,7 @@ class CallInputs:
     bos_token_id: int | None = None
     tokenizer: Any = None
     vision_config: Any = None
+    name_or_path: str = ""
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -141,13 +144,15 @@ class CallInputs:
         return self.with_rows(rows)
 
     def require_tokenizer(self, method: str, what: str):
-        """The call's tokenizer, or a ConfigError saying how to pass one."""
-        if self.tokenizer is None:
+        """The call's tokenizer: `generate(tokenizer=...)`, else the one saved with a local checkpoint
+        (`model.name_or_path`); a ConfigError saying how to pass one otherwise."""
+        tokenizer = self.tokenizer or _saved_tokenizer(self.name_or_path)
+        if tokenizer is None:
             raise ConfigError(
                 f"{method} needs the model's tokenizer to encode {what}: call "
                 "model.generate(..., tokenizer=processor.tokenizer)"
             )
-        return self.tokenizer
+        return tokenizer
 
 
 @dataclass
@@ -561,4 +566,15 @@ def _call_inputs(patch: "Patch", signature, forward_parameters, text_config, arg
         text_config.bos_token_id,
         extra.get("tokenizer"),
         getattr(patch.model.config, "vision_config", None),
+        str(getattr(patch.model, "name_or_path", "") or ""),
     )
+
+
+@functools.lru_cache(maxsize=8)
+def _saved_tokenizer(path: str):
+    """The tokenizer saved in a local checkpoint folder, or None."""
+    if not path or not Path(path, "tokenizer_config.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
