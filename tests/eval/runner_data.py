@@ -75,11 +75,15 @@ def write_mme(root: Path) -> Path:
     return root
 
 
-def write_mvbench(root: Path, videos: int = 3) -> Path:
-    """MVBench layout: ``json/object_existence.json`` and ``video/clevrer/video_validation/*.mp4``."""
+def write_mvbench(root: Path, videos: int = 3, task: str | None = None) -> Path:
+    """MVBench layout: ``json/object_existence.json`` and ``video/clevrer/video_validation/*.mp4``.
+
+    With ``task``, the questions go to ``json/<task>.json`` and ``video/custom/``, listed in a
+    ``data_list.json`` (the official notebook's form; the shapes world writes one).
+    """
     import imageio
 
-    folder = root / "video" / "clevrer" / "video_validation"
+    folder = root / "video" / ("custom" if task else "clevrer/video_validation")
     folder.mkdir(parents=True)
     items = []
     for k in range(videos):
@@ -94,5 +98,7 @@ def write_mvbench(root: Path, videos: int = 3) -> Path:
             }
         )
     (root / "json").mkdir()
-    (root / "json" / "object_existence.json").write_text(json.dumps(items))
+    (root / "json" / f"{task or 'object_existence'}.json").write_text(json.dumps(items))
+    if task:
+        (root / "data_list.json").write_text(json.dumps({task: [f"{task}.json", "custom/", "video", False]}))
     return root

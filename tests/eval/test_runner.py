@@ -193,3 +193,12 @@ def test_video_goes_through_the_video_processor(data, tmp_path):
     for row in rows_of(out):
         # 4 frames, 2 per temporal patch, 8x8 merged tokens each (tiny qwen2_vl): video placeholders only
         assert row["visual_tokens"] == {"input": 128, "kept": {"fastv": 32}}
+
+
+def test_video_task_set_from_a_data_list(tmp_path):
+    data = runner_data.write_mvbench(tmp_path / "video", videos=2, task="object_appear")
+    assert evaluate("video", data, tmp_path / "run", "--limit", "2") == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["data"]["sample_ids"] == ["object_appear/0", "object_appear/1"]
+    assert config["data"]["paths"]["data_list"] == str(data / "data_list.json")
+    assert [row["metadata"]["task_type"] for row in rows_of(tmp_path / "run")] == ["object_appear"] * 2

@@ -14,7 +14,8 @@
 * ``mme``: ``--data`` is the release folder; ``--split`` picks subtasks (default: those present).
   Scored with :func:`vlmkit.eval.mme.score`.
 * ``video``: ``--video-format`` (default: from the layout) is ``mvbench`` (``<data>/json/*.json`` +
-  ``<data>/video/``; ``--split`` picks tasks), ``videomme`` (``--data`` is the annotation file, or a
+  ``<data>/video/``, and ``<data>/data_list.json`` for a task set other than MVBench's 20, as the
+  shapes world writes; ``--split`` picks tasks), ``videomme`` (``--data`` is the annotation file, or a
   folder holding one ``*.json``/``*.parquet``; videos in ``--media`` or ``<data>/videos``; ``--split``
   picks durations) or ``egoschema`` (``<data>/questions.json``, optional
   ``<data>/subset_answers.json``, videos in ``--media`` or ``<data>/videos``). Scored with
@@ -145,6 +146,11 @@ def _load_video(
     choices.update(format=kind, num_frames=options.num_frames)
     if kind == "mvbench":
         tasks = splits or sorted(p.stem for p in (root / "json").glob("*.json"))
+        listed = root / "data_list.json"
+        if listed.is_file():
+            paths["data_list"] = str(listed)
+            data_list = json.loads(listed.read_text(encoding="utf-8"))
+            return datasets.load_mvbench(root, tasks=tasks, data_list=data_list, **frames)
         return datasets.load_mvbench(root, tasks=tasks, **frames)
     videos = media or _first_dir(root if root.is_dir() else root.parent, ("videos", "video", "data"))
     if videos is None:

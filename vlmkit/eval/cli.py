@@ -5,7 +5,7 @@ Examples:
     vlmkit eval --suite eval/pope_budgets.yaml --model shapes-llava --data data/shapes --out runs/pope-budgets
     accelerate launch --multi_gpu --num_processes 8 -m vlmkit eval ...    # one process per GPU
     torchrun --nproc_per_node 2 -m vlmkit eval ...                        # the same, on CPUs too
-    vlmkit score runs/pope-fastv --style opera
+    vlmkit score runs/fastv --style opera
     vlmkit report runs/pope-budgets/pope/* --out runs/pope-budgets/report
 """
 

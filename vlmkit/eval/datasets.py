@@ -408,6 +408,7 @@ def load_mvbench(
     num_frames: int = 16,
     video_dirs: Mapping[str, str | os.PathLike] | None = None,
     prompt: prompts.Prompt | str = prompts.MVBENCH,
+    data_list: Mapping[str, Sequence] | None = None,
 ) -> Benchmark:
     """Load MVBench: ``<root>/json/<task>.json`` and the videos under ``<root>/video/``.
 
@@ -417,11 +418,14 @@ def load_mvbench(
 
     Args:
         root: The MVBench folder.
-        tasks: Keys of :data:`MVBENCH_TASKS` to load; default all 20.
+        tasks: Keys of :data:`MVBENCH_TASKS` (or of ``data_list``) to load; default all.
         num_frames: Frames per video (the official evaluation uses 16).
         video_dirs: Per-task video folder overrides (absolute, or relative to ``<root>/video``), for
             copies laid out differently (e.g. lmms-eval's ``star/Charades_segment``).
         prompt: Prompt or template with ``{question}`` and ``{options}`` (lettered ``(A) text``).
+        data_list: Another task set in the official notebook's ``data_list`` form (as a
+            ``data_list.json`` holds it): ``{task_type: [json_file, video_folder, "video"|"frame",
+            bounded]}``; it replaces :data:`MVBENCH_TASKS`, and task keys are the JSON file stems.
 
     Returns:
         The benchmark; sample ids are ``<task>/<index>``.
@@ -430,10 +434,13 @@ def load_mvbench(
         DatasetError: Missing JSON files or videos, or an answer that is not a candidate.
     """
     base = Path(root)
-    names = list(MVBENCH_TASKS) if tasks is None else list(tasks)
-    unknown = [t for t in names if t not in MVBENCH_TASKS]
+    known = MVBENCH_TASKS
+    if data_list is not None:
+        known = {Path(str(v[0])).stem: (str(k), str(v[1]), str(v[2]), bool(v[3])) for k, v in data_list.items()}
+    names = list(known) if tasks is None else list(tasks)
+    unknown = [t for t in names if t not in known]
     if unknown:
-        raise DatasetError(f"MVBench tasks {unknown} do not exist; valid: {', '.join(MVBENCH_TASKS)}.")
+        raise DatasetError(f"MVBench tasks {unknown} do not exist; valid: {', '.join(known)}.")
     _check_files(
         names,
         lambda t: (base / "json" / f"{t}.json").is_file(),
@@ -444,7 +451,7 @@ def load_mvbench(
     template = _template(prompt)
     samples = []
     for task in names:
-        task_type, folder, kind, bounded = MVBENCH_TASKS[task]
+        task_type, folder, kind, bounded = known[task]
         video_root = base / "video" / Path((video_dirs or {}).get(task, folder))
         items = _read_json(base / "json" / f"{task}.json", "MVBench")
         for index, item in enumerate(items):
