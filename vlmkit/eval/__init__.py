@@ -38,4 +38,15 @@ Loaders (:mod:`vlmkit.eval.datasets`), each returning a :class:`~vlmkit.eval.dat
 the images or sampled frames and raises :class:`~vlmkit.errors.InputError` naming a corrupt file.
 Media references and frame sampling are in :mod:`vlmkit.eval.media`; default prompts, with their
 sources, in :mod:`vlmkit.eval.prompts`.
+
+Running (``vlmkit eval``, ``vlmkit score``, ``vlmkit report``; :mod:`vlmkit.eval.cli`):
+
+* :mod:`vlmkit.eval.runner`: ``run(RunSpec(model, bench, DataOptions(path, ...), out, methods=(...),
+  decoding=Decoding(...), batch_size=..., seed=..., limit=...))`` generates (batched, resumable,
+  sharded over accelerate processes) and scores; ``score_run(run_dir, style=None)``; the sample-row
+  schema and what the timings measure are in its docstring.
+* :mod:`vlmkit.eval.benches`: where each benchmark's files are found, the data hash, scoring of rows.
+* :mod:`vlmkit.eval.records`: the run directory's files (``config.json``, ``shards/``,
+  ``samples.jsonl``, ``scores.json``) and the resume check.
+* :mod:`vlmkit.eval.suite`: YAML suites (``eval/*.yaml``); :mod:`vlmkit.eval.report`: tables and plots.
 """
