@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from vlmkit.errors import ConfigError, missing_extra
+from vlmkit.errors import ConfigError, DatasetError, missing_extra
 from vlmkit.eval import benches, records
 
 _METRIC_TITLES = {"pope": "POPE {} (mean over splits)", "chair": "CHAIR {}", "mme": "MME {} score", "video": "video {}"}
@@ -31,7 +31,7 @@ def load_runs(run_dirs: Sequence[str | os.PathLike]) -> list[tuple[str, dict[str
 
     Raises:
         ConfigError: No run given.
-        DatasetError: A directory has no ``scores.json`` (the message says to run ``vlmkit score``).
+        DatasetError: A directory is no run, or has no ``scores.json`` yet (the message says how to get one).
     """
     if not run_dirs:
         raise ConfigError("vlmkit report needs at least one RUN_DIR (a folder written by `vlmkit eval`).")
@@ -39,7 +39,11 @@ def load_runs(run_dirs: Sequence[str | os.PathLike]) -> list[tuple[str, dict[str
     common = Path(os.path.commonpath(paths)) if len(paths) > 1 else paths[0].parent
     runs = []
     for path in paths:
-        scores = records.read_json(path / records.SCORES, "scores file (run `vlmkit score RUN_DIR` first)")
+        if (path / records.CONFIG).is_file() and not (path / records.SCORES).is_file():
+            raise DatasetError(
+                f"{path} has no scores.json yet; finish the run (rerun `vlmkit eval`) or `vlmkit score {path}`."
+            )
+        scores = records.read_json(path / records.SCORES, "scores file")
         runs.append((str(path.relative_to(common)) if path != common else path.name, scores))
     return runs
 
