@@ -9,6 +9,8 @@ import argparse
 import importlib
 import sys
 
+from vlmkit.errors import VlmkitError
+
 _COMMAND_MODULES = (
     "vlmkit.commands.methods",
     "vlmkit.commands.demo",
@@ -33,12 +35,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one sub-command; vlmkit's own errors print as one ``vlmkit <command>: error: ...`` line (status 2)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except VlmkitError as error:
+        print(f"vlmkit {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

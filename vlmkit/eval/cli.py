@@ -12,31 +12,12 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vlmkit.errors import ConfigError, VlmkitError
+from vlmkit.errors import ConfigError
 from vlmkit.eval import benches
-
-
-def _reports_errors(command: str) -> Callable:
-    """Print vlmkit's own errors as one ``vlmkit <command>: error: ...`` line and exit with status 2."""
-
-    def wrap(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-        @functools.wraps(handler)
-        def run(args: argparse.Namespace) -> int:
-            try:
-                return handler(args)
-            except VlmkitError as error:
-                print(f"vlmkit {command}: error: {error}", file=sys.stderr)
-                return 2
-
-        return run
-
-    return wrap
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -121,7 +102,6 @@ _DECODING_FLAGS = {
 }
 
 
-@_reports_errors("eval")
 def _eval(args: argparse.Namespace) -> int:
     from vlmkit.eval import runner
 
@@ -211,7 +191,6 @@ def _spec(args, bench, data, out, methods, settings: dict[str, Any], style, suit
     )
 
 
-@_reports_errors("score")
 def _score(args: argparse.Namespace) -> int:
     from vlmkit.eval import runner
 
@@ -219,7 +198,6 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
-@_reports_errors("report")
 def _report(args: argparse.Namespace) -> int:
     from vlmkit.eval import report
 
