@@ -184,3 +184,19 @@ def test_tokenizer_comes_from_a_saved_checkpoint(tmp_path):
         expected = run(tiny, processor, data)
     with vlmkit.apply(loaded, "icd"):  # no tokenizer= : the one saved next to the weights
         assert torch.equal(generate(loaded, data, max_new_tokens=4), expected)
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_anyres_families_and_video(family):
+    """AnyRes crops (pixel layout (N, crops, 3, H, W)) and, for OneVision, videos."""
+    from tests.conftest import noise_video
+
+    tiny, processor, data = batch(family)
+    with vlmkit.apply(tiny, "ritual:alpha_neg=1") as patch:
+        cached = run(tiny, processor, data, num_beams=2)
+        with patch.reuse_selections():
+            assert torch.equal(run(tiny, processor, data, num_beams=2, use_cache=False), cached)
+    if family == "llava_onevision":
+        video = inputs(processor, [noise_video(4, seed=1), noise_video(4, seed=2)], QUESTIONS[:2], modality="video")
+        with vlmkit.apply(tiny, "vcd"):
+            assert torch.equal(run(tiny, processor, video), run(tiny, processor, video, use_cache=False))

@@ -220,6 +220,7 @@ class DecodeSession:
         self.generated = 0
         self.rows = 0  # main rows (batch * expansion)
         self.prompt_length = 0
+        self.prompt_mask: torch.Tensor | None = None  # the main prefill's attention mask (None: no padding)
         self.branches: list[_Branch] = []
         self.mask: torch.Tensor | None = None  # (all rows, physical length) while the cache is uncompacted
         self.padded = False
@@ -277,6 +278,7 @@ class DecodeSession:
 
     # ----------------------------------------------------------------- forward hooks
     def before_forward(self, kwargs: dict[str, Any]) -> dict[str, Any] | None:
+        """Pre-hook: note the main prefill's shape; at cached decoding steps, append the branch rows."""
         if self.nested:
             return None
         if self.layers:
@@ -291,6 +293,7 @@ class DecodeSession:
         return kwargs
 
     def after_forward(self, kwargs: dict[str, Any], outputs: Any) -> Any:
+        """Post-hook: run or split off the branches, compute early-exit logits, leave the step for the processor."""
         if self.nested:
             return None
         step = Step(self.generated, context=self.context)
