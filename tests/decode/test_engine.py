@@ -133,7 +133,7 @@ def test_remove_restores_exactly():
     for method in DECODING:
         patch = vlmkit.apply(tiny, ACTIVE[method])
         assert {"generate", "_get_logits_processor", "_reorder_cache"} <= set(tiny.__dict__)
-        assert len(patch.hooks) == 5
+        assert len(patch.hooks) == 6
         run(tiny, processor, data, num_beams=2, max_new_tokens=2)
         patch.remove()
         patch.remove()  # idempotent

@@ -79,6 +79,17 @@ def test_vcd_step(family):
     assert_scores(scores, vcd_formula(main, negative, 0.7, 0.2))
 
 
+def test_vcd_decoding_step_from_the_batched_rows():
+    """Step 2 comes from the batched main + branch forward and the branch's LM head on the plausible tokens."""
+    tiny, processor, data = setup()
+    with vlmkit.apply(tiny, "vcd:alpha=0.5,beta=0.05"):
+        out = step_scores(tiny, processor, data, steps=2)
+    ids = torch.cat([data["input_ids"], out.sequences[:, -2:-1]], dim=1)
+    main = last_logits(tiny, input_ids=ids, pixel_values=data["pixel_values"])
+    negative = last_logits(tiny, input_ids=ids, pixel_values=noised(data["pixel_values"], 500))
+    assert_scores(out.scores[1], vcd_formula(main, negative, 0.5, 0.05))
+
+
 def test_vcd_step_under_beam_search_is_renormalised():
     tiny, processor, data = setup()
     main = last_logits(tiny, **data)

@@ -11,7 +11,7 @@ from tests.conftest import photos
 from tests.engine.models import inputs, model
 from vlmkit.engine.branches import CallInputs, Step
 from vlmkit.errors import ConfigError, UnknownMethodError
-from vlmkit.methods.decode.base import contrast, plausibility_cutoff
+from vlmkit.methods.decode.base import contrast, plausibility_cutoff, plausible_tokens
 from vlmkit.methods.decode.debias import calibrate
 from vlmkit.methods.decode.images import TRANSFORMS, _patchify, _unpatchify, diffusion_alpha_bar, map_images, random_transform
 from vlmkit.methods.decode.layers import candidate_layers, gather_rows, jensen_shannon, most_divergent
@@ -25,6 +25,9 @@ def test_contrast_and_plausibility_on_hand_made_logits():
     assert out[0, :2].tolist() == [3.0, -1.0] and math.isinf(out[0, 2]) and math.isinf(out[0, 3])
     assert torch.equal(contrast(scores, negative, alpha=0.0, beta=0.1), scores)  # off: no mask either
     assert contrast(scores, negative, 0.0, 0.1) is not scores  # never the input tensor itself
+    two_rows = torch.tensor([[5.0, 0.0, 4.5, 0.0], [0.0, 5.0, 0.0, 0.0]])
+    assert plausible_tokens(two_rows, 0.1).tolist() == [0, 1, 2]  # plausible in some row
+    assert plausible_tokens(two_rows, 0.1, active=False).numel() == 0
 
 
 def test_m3id_weight_grows_with_time():

@@ -162,6 +162,8 @@ class Step:
     Attributes:
         index: how many tokens each row generated before this step (0 at the first one).
         branch_logits: per branch, (rows, vocab) float32 next-token logits, in the main rows' order.
+            At cached decoding steps only the columns of the method's `branch_vocabulary(scores)`
+            are computed (the others are 0: the method masks them).
         layer_logits: per requested layer j, (rows * (1 + branches), vocab) float32 logits of
             `hidden_states[j]` at the last position (final norm and LM head applied): the main rows
             first, then each branch's.
@@ -172,6 +174,7 @@ class Step:
     branch_logits: list[torch.Tensor] = field(default_factory=list)
     layer_logits: dict[int, torch.Tensor] = field(default_factory=dict)
     context: Any = None
+    branch_hidden: list[torch.Tensor] = field(default_factory=list)  # per branch, (rows, hidden) before the LM head
 
 
 class BranchLogitsProcessor(LogitsProcessor):
@@ -187,7 +190,7 @@ class BranchLogitsProcessor(LogitsProcessor):
         self.session = session
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        step = self.session.take_step()
+        step = self.session.take_step(scores)
         combined = self.session.method.combine(scores, step)
         return torch.log_softmax(combined, dim=-1) if self.session.beam else combined
 
@@ -226,6 +229,8 @@ class DecodeSession:
         self.padded = False
         self.compact = False
         self.main_pad = 0  # left padding added to the main rows' cache
+        self.branch_hidden: list[torch.Tensor] = []  # the LM-head pre-hook's branch rows, until the post-hook
+        self.expanded = False  # inside a forward whose rows the pre-hook extended with the branch rows
         self.keep_hidden = self.keep_attentions = False
 
     # ----------------------------------------------------------------- generate() entry points
@@ -247,16 +252,39 @@ class DecodeSession:
         self.keep_attentions = bool(generation_config.output_attentions)
         return BranchLogitsProcessor(self)
 
-    def take_step(self) -> Step:
+    def take_step(self, scores: torch.Tensor) -> Step:
+        """This step's extras; at cached decoding steps the branch logits are computed here, from
+        the branch rows' last hidden states, on the columns the method reads given `scores` only."""
         step = self.pending
         if step is None:
             raise InputError(
                 f"the {self.method.name} logits processor ran without a forward of its patched model; "
                 "it only works inside that model's generate()"
             )
+        if step.branch_hidden:
+            vocabulary = self.method.branch_vocabulary(scores)
+            step.branch_logits = [self._lm_head(hidden, vocabulary) for hidden in step.branch_hidden]
         self.pending = None
         self.generated += 1
         return step
+
+    def _lm_head(self, hidden: torch.Tensor, vocabulary: torch.Tensor | None) -> torch.Tensor:
+        head = self.model.get_output_embeddings()
+        if vocabulary is None:
+            return head(hidden).float()
+        logits = torch.zeros(hidden.shape[0], head.weight.shape[0], dtype=torch.float32, device=hidden.device)
+        if vocabulary.numel():
+            bias = None if head.bias is None else head.bias[vocabulary]
+            logits[:, vocabulary] = torch.nn.functional.linear(hidden, head.weight[vocabulary], bias).float()
+        return logits
+
+    def split_lm_head_input(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """LM-head pre-hook at cached decoding steps: keep the branch rows' states for `take_step`
+        and let the head run on the main rows only."""
+        if not self.expanded or hidden.shape[0] != self.rows * (1 + len(self.branches)):
+            return None
+        self.branch_hidden = [hidden[self.rows * (k + 1) : self.rows * (k + 2), -1] for k in range(len(self.branches))]
+        return hidden[: self.rows]
 
     def reorder(self, beam_idx: torch.Tensor) -> torch.Tensor:
         """`beam_idx` over the main rows -> the same permutation over all rows."""
@@ -296,6 +324,7 @@ class DecodeSession:
         """Post-hook: run or split off the branches, compute early-exit logits, leave the step for the processor."""
         if self.nested:
             return None
+        self.expanded = False
         step = Step(self.generated, context=self.context)
         hidden = [outputs.hidden_states] if self.layers else []  # per row group: main, then each branch
         if self.phase == "prefill":
@@ -305,7 +334,7 @@ class DecodeSession:
             if self.phase == "cached" and self.branches:
                 self._run_nested(lambda: self._prefill_branches(outputs.past_key_values, step, hidden))
         elif self.phase == "cached" and self.branches:
-            step.branch_logits = self._split(outputs)
+            step.branch_hidden, self.branch_hidden = self.branch_hidden, []
         if self.phase == "recompute" and self.branches:
             self._run_nested(lambda: self._recompute_branches(kwargs["input_ids"], step, hidden))
         if self.layers:
@@ -457,12 +486,7 @@ class DecodeSession:
         for key, value in kwargs.items():
             if key not in ("input_ids", "position_ids", "attention_mask") and torch.is_tensor(value) and value.ndim and value.shape[0] == rows:
                 kwargs[key] = value.repeat(copies, *([1] * (value.ndim - 1)))
-
-    def _split(self, outputs: Any) -> list[torch.Tensor]:
-        logits, rows = outputs.logits, self.rows
-        branch = [logits[rows * (k + 1) : rows * (k + 2), -1].float() for k in range(len(self.branches))]
-        outputs.logits = logits[:rows]
-        return branch
+        self.expanded = True
 
     def _layer_logits(self, hidden: list[tuple[torch.Tensor, ...]]) -> dict[int, torch.Tensor]:
         head, norm = self.model.get_output_embeddings(), self.adapter.text_model.norm
@@ -527,6 +551,11 @@ def install(patch: "Patch", method: "DecodeMethod") -> None:
         cache.reorder_cache(beam_idx if session is None else session.reorder(beam_idx))
         return cache
 
+    def lm_head_hook(module, args):
+        session = holder["session"]
+        hidden = None if session is None else session.split_lm_head_input(args[0])
+        return None if hidden is None else (hidden, *args[1:])
+
     def pre_hook(module, args, kwargs):
         session = holder["session"]
         if session is None or args:  # generate() calls the model with keyword arguments only
@@ -546,6 +575,8 @@ def install(patch: "Patch", method: "DecodeMethod") -> None:
     patch._record(f"{name}:logits:rows", handle.remove)
     handle = model.register_forward_hook(post_hook, with_kwargs=True)
     patch._record(f"{name}:logits:split", handle.remove)
+    handle = model.get_output_embeddings().register_forward_pre_hook(lm_head_hook)
+    patch._record(f"{name}:logits:lm_head", handle.remove)
 
 
 def _call_inputs(patch: "Patch", signature, forward_parameters, text_config, args, kwargs) -> CallInputs:

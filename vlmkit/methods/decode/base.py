@@ -79,6 +79,11 @@ class DecodeMethod(Method):
         """Indices into `hidden_states` (0 = embeddings) whose last-position logits `combine` reads."""
         return ()
 
+    def branch_vocabulary(self, scores: torch.Tensor) -> torch.Tensor | None:
+        """Token ids whose branch logits `combine` reads at this step, given the main rows' scores
+        (None: all of them). The engine computes the branches' LM head on these columns only."""
+        return None
+
     def combine(self, scores: torch.Tensor, step: "Step") -> torch.Tensor:
         """The method's next-token scores from the main rows' `scores` and this step's extras.
 
@@ -95,6 +100,14 @@ def plausibility_cutoff(scores: torch.Tensor, beta: float) -> torch.Tensor:
     Shift-invariant, so logits and log-probabilities give the same mask.
     """
     return scores < math.log(beta) + scores.max(dim=-1, keepdim=True).values
+
+
+def plausible_tokens(scores: torch.Tensor, beta: float, active: bool = True) -> torch.Tensor:
+    """Ids of the tokens plausible in at least one row: what a plausibility-masked contrast reads
+    of its branches (none when the contrast is off, `active=False`)."""
+    if not active:
+        return torch.zeros(0, dtype=torch.long, device=scores.device)
+    return torch.nonzero(~plausibility_cutoff(scores, beta).all(dim=0)).flatten()
 
 
 def contrast(scores: torch.Tensor, negative: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:

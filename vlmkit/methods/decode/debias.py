@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vlmkit.errors import ConfigError
-from vlmkit.methods.decode.base import BranchConfig, DecodeMethod, check_range, contrast
+from vlmkit.methods.decode.base import BranchConfig, DecodeMethod, check_range, contrast, plausible_tokens
 from vlmkit.methods.decode.vcd import noised_branch
 from vlmkit.registry import register_method
 
@@ -77,6 +77,11 @@ class Debias(DecodeMethod):
         if self.config.mode != "calibrate":
             return None
         return answer_classes(call.require_tokenizer(self.name, "its answers"), self.config.answers)
+
+    def branch_vocabulary(self, scores: torch.Tensor) -> torch.Tensor | None:
+        if self.config.mode == "sample":
+            return plausible_tokens(scores, self.config.beta, active=self.config.alpha > 0)
+        return None  # calibration normalises the image-absent distribution over the whole vocabulary
 
     def combine(self, scores: torch.Tensor, step) -> torch.Tensor:
         config = self.config

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vlmkit.errors import ConfigError
-from vlmkit.methods.decode.base import BranchConfig, DecodeMethod, check_range, contrast
+from vlmkit.methods.decode.base import BranchConfig, DecodeMethod, check_range, contrast, plausible_tokens
 from vlmkit.registry import register_method
 
 DISTURBANCE = "You are a confused objects detector to provide a fuzzy overview or impression of the image."
@@ -59,6 +59,9 @@ class ICD(DecodeMethod):
 
     def branches(self, call):
         return [instruction_branch(call, self.config.instruction, self.name)]
+
+    def branch_vocabulary(self, scores: torch.Tensor) -> torch.Tensor:
+        return plausible_tokens(scores, self.config.beta, active=self.config.alpha > 0)
 
     def combine(self, scores: torch.Tensor, step) -> torch.Tensor:
         return contrast(scores, step.branch_logits[0], self.config.alpha, self.config.beta)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vlmkit.methods.decode.base import BranchConfig, DecodeMethod, check_range, plausibility_cutoff
+from vlmkit.methods.decode.base import BranchConfig, DecodeMethod, check_range, plausibility_cutoff, plausible_tokens
 from vlmkit.registry import register_method
 
 
@@ -52,6 +52,9 @@ class M3ID(DecodeMethod):
     def weight(self, index: int) -> float:
         """(1 - gamma_t) / gamma_t at step t = `index`."""
         return math.expm1(self.config.decay * index)  # 1 / exp(-lambda t) - 1
+
+    def branch_vocabulary(self, scores: torch.Tensor) -> torch.Tensor:
+        return plausible_tokens(scores, self.config.beta, active=self.config.decay > 0)
 
     def combine(self, scores: torch.Tensor, step) -> torch.Tensor:
         weight = self.weight(step.index)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vlmkit.errors import ConfigError
-from vlmkit.methods.decode.base import BranchConfig, DecodeMethod, check_range, plausibility_cutoff
+from vlmkit.methods.decode.base import BranchConfig, DecodeMethod, check_range, plausibility_cutoff, plausible_tokens
 from vlmkit.methods.decode.images import DIFFUSION_STEPS, PIXEL_KEYS, TRANSFORMS, map_images, random_transform
 from vlmkit.methods.decode.vcd import noised_branch
 from vlmkit.registry import register_method
@@ -92,6 +92,9 @@ class RITUAL(DecodeMethod):
         if config.alpha_neg > 0:
             branches.append(noised_branch(call, config.noise_step, config.seed, self.name))
         return branches
+
+    def branch_vocabulary(self, scores: torch.Tensor) -> torch.Tensor:
+        return plausible_tokens(scores, self.config.beta, active=self.config.alpha_pos > 0 or self.config.alpha_neg > 0)
 
     def combine(self, scores: torch.Tensor, step) -> torch.Tensor:
         config = self.config

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vlmkit.errors import ConfigError
-from vlmkit.methods.decode.base import BranchConfig, DecodeMethod, check_range, contrast
+from vlmkit.methods.decode.base import BranchConfig, DecodeMethod, check_range, contrast, plausible_tokens
 from vlmkit.methods.decode.images import DIFFUSION_STEPS, PIXEL_KEYS, add_diffusion_noise, map_images
 from vlmkit.registry import register_method
 
@@ -64,6 +64,9 @@ class VCD(DecodeMethod):
 
     def branches(self, call):
         return [noised_branch(call, self.config.noise_step, self.config.seed, self.name)]
+
+    def branch_vocabulary(self, scores: torch.Tensor) -> torch.Tensor:
+        return plausible_tokens(scores, self.config.beta, active=self.config.alpha > 0)
 
     def combine(self, scores: torch.Tensor, step) -> torch.Tensor:
         return contrast(scores, step.branch_logits[0], self.config.alpha, self.config.beta)
