@@ -68,6 +68,8 @@ def test_pope_negatives_follow_each_strategy():
                 assert not any(f" {o} " in row["text"] for o in image_objects)
     with pytest.raises(ConfigError, match="strategy"):
         pope_questions(objects, images, "hard", seed=0)
+    with pytest.raises(ConfigError, match="no negative exists"):
+        pope_questions(objects[:1], images[:1], "random", seed=0)
 
 
 def test_pope_adversarial_negatives_are_top_co_occurring(pope_dir):

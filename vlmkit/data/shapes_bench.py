@@ -115,6 +115,9 @@ def pope_questions(objects: list[list[str]], images: list[str], strategy: str, s
         for i in range(sample_num):
             positive = objs[i]
             excluded = set(objs) | asked
+            if excluded >= set(vocabulary):
+                raise ConfigError(f"image {image}: every object name is in the image or already "
+                                  "asked, so no negative exists; use more images.")
             if strategy == "random":
                 negative = rng.choice(vocabulary)
                 while negative in excluded:

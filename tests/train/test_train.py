@@ -1,0 +1,126 @@
+"""Training code: tokenizer and chat format, data stream, and a resumable tiny run."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vlmkit.data.shapes import EVAL_SEEDS, sample_scene
+from vlmkit.data.shapes_bench import pope_questions
+from vlmkit.data.shapes_text import QA_KINDS, caption
+from vlmkit.data.shapes_video import clip_question, mc_answer, mc_prompt, sample_clip
+from vlmkit.errors import ConfigError
+from vlmkit.train.data import IGNORE, ConversationEncoder, Mixture, ShapesStream
+from vlmkit.train.evaluate import mc_parse, mme_parse, pope_parse
+from vlmkit.train.models import LlavaSizes
+from vlmkit.train.recipes import LlavaRecipe, LlavaRecipeConfig
+from vlmkit.train.tokenizer import build_tokenizer
+from vlmkit.train.trainer import train
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+def test_chat_template_mimics_llava_15(tokenizer):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is there a star?"}]}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert prompt == "USER: <image>\nIs there a star? ASSISTANT:"
+    ids = tokenizer(prompt)["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id and tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(tokenizer("(B) heart. No.", add_special_tokens=False)["input_ids"]) == "(B) heart. No."
+
+
+def test_every_template_word_is_in_the_vocabulary(tokenizer):
+    rng = np.random.default_rng(0)
+    texts = []
+    for seed in range(EVAL_SEEDS.start, EVAL_SEEDS.start + 30):
+        scene = sample_scene(seed)
+        texts.append(caption(scene, rng=rng))
+        texts += [qa.question + " " + qa.answer for make in QA_KINDS.values()
+                  if (qa := make(scene, rng)) is not None]
+        item = clip_question(sample_clip(seed), rng)
+        texts.append(mc_prompt(item["question"], item["candidates"]) + mc_answer(item["candidates"], item["answer"]))
+    objects = [["umbrella", "arrow", "star"], ["ring", "moon", "key"]]
+    texts += [r["text"] for r in pope_questions(objects, ["x", "y"], "random", 0)]
+    for text in texts:
+        assert tokenizer.unk_token_id not in tokenizer(text)["input_ids"], text
+
+
+def test_encoder_matches_the_chat_template_and_masks_prompts(tokenizer):
+    image = tokenizer.convert_tokens_to_ids("<image>")
+    encoder = ConversationEncoder(tokenizer, [image] * 3)
+    scene = sample_scene(EVAL_SEEDS.start + 1)
+    qas = [QA_KINDS["existence"](scene, np.random.default_rng(i)) for i in range(3)]
+    ids, labels = encoder.encode(qas, focus="none")
+    messages = []
+    for k, qa in enumerate(qas):
+        content = ([{"type": "image"}] if k == 0 else []) + [{"type": "text", "text": qa.question}]
+        messages += [{"role": "user", "content": content},
+                     {"role": "assistant", "content": [{"type": "text", "text": qa.answer}]}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False).replace("<image>", "<image>" * 3)
+    assert ids == tokenizer(text)["input_ids"]
+    targets = [t for t, l in zip(ids, labels) if l != IGNORE]
+    expected = [t for qa in qas for t in tokenizer(qa.answer, add_special_tokens=False)["input_ids"]
+                + [tokenizer.eos_token_id]]
+    assert targets == expected
+    _, span = encoder.encode(qas, focus="span")
+    _, word = encoder.encode(qas, focus="word")
+    gist = {tokenizer.convert_tokens_to_ids(qa.focus_answer) for qa in qas}
+    extra_word = [l for l, base in zip(word, labels) if l != base]
+    extra_span = [l for l, base in zip(span, labels) if l != base]
+    assert len(extra_word) == 3 and set(extra_word) <= gist and len(extra_span) > len(extra_word)
+    with pytest.raises(ConfigError, match="focus"):
+        Mixture(focus="all")
+
+
+def test_stream_is_indexable_and_seeded(tokenizer):
+    encoder = ConversationEncoder(tokenizer, [tokenizer.convert_tokens_to_ids("<image>")] * 4)
+    from vlmkit.data.shapes import WorldConfig
+
+    stream = ShapesStream(10, 5, WorldConfig(), encoder, curriculum=(0.3, 4))
+    a, b = stream[3], stream[3]
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["image"], b["image"])
+    assert stream.difficulty(0) == pytest.approx(0.3) and stream.difficulty(4) == 1.0
+    with pytest.raises(ConfigError, match="must never overlap"):
+        ShapesStream(EVAL_SEEDS.start, 5, WorldConfig(), encoder)
+
+
+def test_parsers_follow_the_reference_rules():
+    assert pope_parse("No, there is not.") == "no" and pope_parse("Yes.") == "yes"
+    assert pope_parse("NO") == "yes"  # case-sensitive, as LLaVA's eval_pope.py
+    assert mme_parse("Yes.") == "yes" and mme_parse("The answer is yes") == "other"
+    assert mc_parse("(C) ring", ["a", "b", "ring", "d"]) == "ring"
+    assert mc_parse("ring", ["a", "b", "ring", "d"]) == "ring"
+
+
+TINY = LlavaSizes(image_size=32, patch_size=8, vision_width=32, vision_layers=1, vision_heads=2,
+                  text_width=32, text_layers=1, text_heads=2, text_mlp=64)
+
+
+def _tiny_recipe() -> LlavaRecipe:
+    return LlavaRecipe(LlavaRecipeConfig(
+        sizes=TINY, vision_steps=2, vision_batch=4, chat_steps=3, chat_batch=2, eval_every=0))
+
+
+def test_training_resumes_exactly(tmp_path):
+    straight = train(_tiny_recipe(), tmp_path / "a", checkpoint_every=100, progress=False)
+    assert train(_tiny_recipe(), tmp_path / "b", checkpoint_every=100, progress=False, stop_after=3) is None
+    assert (tmp_path / "b" / "checkpoints" / "step-3" / "optimizer.safetensors").is_file()
+    resumed = train(_tiny_recipe(), tmp_path / "b", checkpoint_every=100, progress=False)
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    rows = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in rows if "loss" in r} == {"vision", "chat"}
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(resumed)
+    processor = AutoProcessor.from_pretrained(resumed)
+    assert model.config.image_seq_length == TINY.num_patches
+    assert processor.tokenizer.chat_template

@@ -1,0 +1,204 @@
+"""Training recipes of the shipped shapes models: modules, stages, batches and losses.
+
+`LlavaRecipe` trains `shapes-llava` in two stages:
+
+1. **vision**: the ViT and the projector learn dense per-patch targets (category and colour of
+   the object under each patch, object centres, and the scene's categories on [CLS]). Category
+   and colour logits are dot products with the language model's (tied) word embeddings of the
+   category and colour words, so each visual token starts out "spelling" what it shows.
+2. **chat**: everything trains on captions and questions (loss on answer tokens, plus the
+   focus-word supervision of `ConversationEncoder`), on a curriculum from sparse, clean scenes to
+   the full world; the dense per-patch loss stays on (weight `dense_weight`) so the vision tower
+   keeps improving while the language model learns to ground words.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vlmkit.data.shapes import CATEGORIES, COLOURS, TRAIN_SEEDS, WorldConfig
+from vlmkit.train.data import ConversationEncoder, Mixture, ShapesStream, collate
+from vlmkit.train.evaluate import pope_eval
+from vlmkit.train.models import LlavaSizes, build_llava, build_llava_processor, pixel_values
+from vlmkit.train.tokenizer import build_tokenizer
+from vlmkit.train.trainer import Stage
+
+_STAGE_SEED_STRIDE = 100_000_000
+"""Stage k draws its scenes from training seeds `seed + k * stride` onward."""
+
+
+@dataclass(frozen=True)
+class LlavaRecipeConfig:
+    """Everything that defines a `shapes-llava` training run.
+
+    Attributes:
+        sizes: the architecture.
+        seed: initialisation seed and first training scene seed.
+        vision_steps: steps of the vision stage.
+        vision_batch: batch size of the vision stage.
+        vision_lr: learning rate of the vision stage.
+        chat_steps: steps of the chat stage.
+        chat_batch: batch size of the chat stage.
+        chat_lr: learning rate of the chat stage.
+        dense_weight: weight of the per-patch category/colour loss in the chat stage.
+        curriculum_start: scene difficulty at the start of the chat stage.
+        curriculum_fraction: share of the chat stage spent ramping difficulty to 1.
+        mixture: the question mixture.
+        eval_every: steps between POPE checks in the chat and joint stages (0: never).
+        eval_images: images per POPE check.
+    """
+
+    sizes: LlavaSizes = field(default_factory=LlavaSizes)
+    seed: int = 0
+    vision_steps: int = 800
+    vision_batch: int = 32
+    vision_lr: float = 3e-3
+    chat_steps: int = 1600
+    chat_batch: int = 16
+    chat_lr: float = 1e-3
+    dense_weight: float = 0.5
+    curriculum_start: float = 0.3
+    curriculum_fraction: float = 0.3
+    mixture: Mixture = field(default_factory=Mixture)
+    eval_every: int = 200
+    eval_images: int = 24
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable form."""
+        return asdict(self)
+
+
+class PatchHeads(torch.nn.Module):
+    """Auxiliary heads of the vision stage (not shipped): background/none class vectors, the
+    centre detector on projected tokens and the category-presence head on [CLS]."""
+
+    def __init__(self, text_width: int, vision_width: int):
+        super().__init__()
+        self.background = torch.nn.Parameter(torch.zeros(text_width))
+        self.no_colour = torch.nn.Parameter(torch.zeros(text_width))
+        self.centre = torch.nn.Linear(text_width, 1)
+        self.present = torch.nn.Linear(vision_width, len(CATEGORIES))
+
+
+class LlavaRecipe:
+    """The `shapes-llava` recipe (see the module docstring).
+
+    Args:
+        config: the run's configuration.
+    """
+
+    def __init__(self, config: LlavaRecipeConfig):
+        self.config = config
+        self.tokenizer = build_tokenizer("llava")
+        self.model = build_llava(config.sizes, self.tokenizer, seed=config.seed)
+        self.model.set_attn_implementation("eager")  # SDPA backward with masks is slow on CPU
+        self.processor = build_llava_processor(config.sizes, self.tokenizer)
+        self.heads = PatchHeads(config.sizes.text_width, config.sizes.vision_width)
+        self.modules = torch.nn.ModuleDict({"model": self.model, "heads": self.heads})
+        self.world = WorldConfig(image_size=config.sizes.image_size)
+        self.category_ids = torch.tensor(self.tokenizer.convert_tokens_to_ids(list(CATEGORIES)))
+        self.colour_ids = torch.tensor(self.tokenizer.convert_tokens_to_ids(list(COLOURS)))
+        image_id = self.model.config.image_token_id
+        self.encoder = ConversationEncoder(self.tokenizer, [image_id] * config.sizes.num_patches)
+        c = config
+        self.stages = [
+            Stage("vision", c.vision_steps, c.vision_batch, c.vision_lr,
+                  ("model.model.vision_tower", "model.model.multi_modal_projector", "heads",
+                   "model.model.language_model.embed_tokens")),
+            Stage("chat", c.chat_steps, c.chat_batch, c.chat_lr, ("model.",)),
+        ]
+        self.stages = [s for s in self.stages if s.steps > 0]
+        self._streams: dict[str, ShapesStream] = {}
+
+    def stream(self, stage: Stage) -> ShapesStream:
+        """The stage's data stream (built once)."""
+        if stage.name not in self._streams:
+            k = [s.name for s in self.stages].index(stage.name)
+            start = self.config.seed + k * _STAGE_SEED_STRIDE
+            length = stage.steps * stage.batch_size
+            if stage.name == "vision":
+                self._streams[stage.name] = ShapesStream(
+                    start, length, self.world, patch_size=self.config.sizes.patch_size,
+                    curriculum=(0.5, length // 3))
+            else:
+                ramp = int(length * self.config.curriculum_fraction)
+                self._streams[stage.name] = ShapesStream(
+                    start, length, self.world, self.encoder, self.config.mixture,
+                    patch_size=self.config.sizes.patch_size,
+                    curriculum=(self.config.curriculum_start, ramp))
+        return self._streams[stage.name]
+
+    def batch(self, stage: Stage, step: int) -> dict:
+        """Batch `step` of `stage`."""
+        stream = self.stream(stage)
+        first = step * stage.batch_size
+        return collate([stream[i] for i in range(first, first + stage.batch_size)],
+                       self.tokenizer.pad_token_id)
+
+    def loss(self, stage: Stage, batch: dict) -> tuple[torch.Tensor, dict]:
+        """The stage's loss and logged metrics."""
+        pixels = pixel_values(batch["images"])
+        if stage.name == "vision":
+            return self._vision_loss(pixels, batch)
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         pixel_values=pixels)
+        loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                               ignore_index=-100)
+        tokens = out.image_hidden_states.view(len(pixels), self.config.sizes.num_patches, -1)
+        dense, accuracy = self._dense_loss(tokens, batch)
+        metrics = {"lm_loss": round(loss.item(), 4), "object_patch_acc": accuracy}
+        return loss + self.config.dense_weight * dense, metrics
+
+    def _dense_loss(self, tokens: torch.Tensor, batch: dict) -> tuple[torch.Tensor, float]:
+        """Per-patch category + colour loss on projected visual tokens, and object-patch accuracy."""
+        words = self.model.model.language_model.embed_tokens.weight
+        category_w = torch.cat([words[self.category_ids], self.heads.background[None]])
+        colour_w = torch.cat([words[self.colour_ids], self.heads.no_colour[None]])
+        category = batch["category"].flatten(1).clone()
+        category[category < 0] = len(CATEGORIES)
+        colour = batch["colour"].flatten(1).clone()
+        colour[colour < 0] = len(COLOURS)
+        weight = torch.ones(len(CATEGORIES) + 1)
+        weight[-1] = 0.25
+        cat_logits = tokens @ category_w.T
+        loss_cat = F.cross_entropy(cat_logits.flatten(0, 1), category.flatten(), weight=weight)
+        loss_col = F.cross_entropy((tokens @ colour_w.T).flatten(0, 1), colour.flatten())
+        objects = category < len(CATEGORIES)
+        accuracy = (cat_logits.argmax(-1) == category)[objects].float().mean().item()
+        return loss_cat + 0.5 * loss_col, round(accuracy, 4)
+
+    def _vision_loss(self, pixels: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+        inner = self.model.model
+        hidden = inner.vision_tower(pixels, output_hidden_states=True).hidden_states[-1]
+        tokens = inner.multi_modal_projector(hidden[:, 1:])
+        dense, accuracy = self._dense_loss(tokens, batch)
+        loss_centre = F.binary_cross_entropy_with_logits(
+            self.heads.centre(tokens).squeeze(-1), batch["centre"].flatten(1), pos_weight=torch.tensor(5.0))
+        loss_present = F.binary_cross_entropy_with_logits(self.heads.present(hidden[:, 0]), batch["present"])
+        loss = dense + 0.5 * loss_centre + 0.5 * loss_present
+        return loss, {"object_patch_acc": accuracy}
+
+    def evaluate(self, stage: Stage, step: int) -> dict | None:
+        """A small POPE check every `eval_every` steps of the language stages."""
+        every = self.config.eval_every
+        if stage.name == "vision" or not every or (step % every and step != stage.steps):
+            return None
+        result = pope_eval(self.model, self.processor, self.config.eval_images,
+                           splits=("random", "adversarial"))
+        return {split: r["accuracy"] for split, r in result.items()} | {
+            "yes_ratio": result["random"]["yes_ratio"]}
+
+    def export(self, path: str | Path) -> None:
+        """Write the model, processor and the recipe in `save_pretrained` layout."""
+        path = Path(path)
+        self.model.set_attn_implementation("sdpa")
+        self.model.save_pretrained(path)
+        self.processor.save_pretrained(path)
+        (path / "training.json").write_text(json.dumps(
+            {"recipe": "shapes-llava", "config": self.config.to_dict(),
+             "train_seeds": [TRAIN_SEEDS.start, TRAIN_SEEDS.stop]}, indent=1))
+        self.model.set_attn_implementation("eager")
