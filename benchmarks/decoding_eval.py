@@ -2,9 +2,10 @@
 
 Runs `eval/decoding.yaml` (POPE's three splits, CHAIR with 64-token captions; baseline and every
 decoding method; greedy and sampling; one seed) with `vlmkit eval --suite`, then reads each run's
-`scores.json` and writes `docs/decoding_results.md`: accuracy / F1 / yes-ratio per POPE split,
-CHAIR_s / CHAIR_i / recall, decode tokens/s, and the change against the baseline of the same
-decoding strategy, so a method that does not help shows as such.
+`scores.json` and writes the tables into `docs/decoding_results.md` (between its `quality` markers;
+the rest of the page is kept): accuracy / F1 / yes-ratio per POPE split, CHAIR_s / CHAIR_i /
+recall, decode tokens/s, and the change against the baseline of the same decoding strategy, so a
+method that does not help shows as such.
 
 Usage:
     vlmkit data shapes --out data/shapes --bench pope,chair          # once
@@ -23,6 +24,7 @@ from typing import Any
 
 SUITE = Path(__file__).resolve().parents[1] / "eval" / "decoding.yaml"
 SPLITS = ("random", "popular", "adversarial")
+BEGIN, END = "<!-- quality:begin (benchmarks/decoding_eval.py) -->", "<!-- quality:end -->"
 STRATEGIES = {"greedy": "greedy decoding", "sample": "sampling, T = 1"}
 
 
@@ -48,9 +50,19 @@ def run_suite(args: argparse.Namespace) -> int:
 def collect(runs: Path) -> dict[str, dict[str, dict[str, Any]]]:
     """{task: {run name: scores.json}} for every finished run under `runs`."""
     found: dict[str, dict[str, dict[str, Any]]] = {}
-    for scores in sorted(runs.glob("*/*/scores.json")):
+    for scores in sorted(runs.glob("*/*/scores.json"), key=lambda path: (path.parent.parent.name, path.parent.name != "baseline", path.parent.name)):
         found.setdefault(scores.parent.parent.name, {})[scores.parent.name] = json.loads(scores.read_text())
     return found
+
+
+def write_page(path: Path, tables: str) -> None:
+    """Put `tables` between the quality markers of `path` (a new page holding only them if absent)."""
+    page = path.read_text() if path.is_file() else f"# Hallucination-mitigating decoding\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in page or END not in page:
+        raise SystemExit(f"decoding_eval: {path} lacks the markers {BEGIN} ... {END}")
+    head, _, rest = page.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    path.write_text(f"{head}{BEGIN}\n{tables}{END}{tail}")
 
 
 def _tokens_per_s(result: dict[str, Any]) -> str:
@@ -102,8 +114,6 @@ def report(found: dict[str, dict[str, dict[str, Any]]]) -> str:
     any_run = next(iter(next(iter(found.values())).values()))
     config = any_run["config"]
     lines = [
-        "# Hallucination-mitigating decoding: POPE and CHAIR",
-        "",
         f"Model `{config['model']['spec']}` (weights sha256 `{config['model']['weights_sha256'][:12]}`), "
         f"{config['model']['dtype']}, seed {config['seed']}, batch size {config['batch_size']}; "
         f"vlmkit {config['versions']['vlmkit']}, torch {config['versions']['torch']}, "
@@ -117,7 +127,7 @@ def report(found: dict[str, dict[str, dict[str, Any]]]) -> str:
         bench, _, strategy = task.partition("_")
         runs = found[task]
         sample = next(iter(runs.values()))
-        lines += ["", f"## {bench.upper()}, {STRATEGIES.get(strategy, strategy)} ({sample['summary']['samples']} samples)", ""]
+        lines += ["", f"### {bench.upper()}, {STRATEGIES.get(strategy, strategy)} ({sample['summary']['samples']} samples)", ""]
         lines += pope_table(runs) if bench == "pope" else chair_table(runs)
     return "\n".join(lines) + "\n"
 
@@ -141,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"decoding_eval: no finished runs under {args.runs}", file=sys.stderr)
         return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report(found))
+    write_page(args.out, report(found))
     print(f"wrote {args.out}")
     return 0
 

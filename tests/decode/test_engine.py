@@ -200,3 +200,21 @@ def test_anyres_families_and_video(family):
         video = inputs(processor, [noise_video(4, seed=1), noise_video(4, seed=2)], QUESTIONS[:2], modality="video")
         with vlmkit.apply(tiny, "vcd"):
             assert torch.equal(run(tiny, processor, video), run(tiny, processor, video, use_cache=False))
+
+
+def test_branch_scope_restores_the_main_call_state():
+    from vlmkit.engine.state import EngineState
+
+    state = EngineState({"image": 5})
+    main_encoded, main_selections = {"image": "main"}, {"fastv": ["kept"]}
+    state.encoded, state.selections, state.input_ids, state.sources = main_encoded, main_selections, "ids", {"image": None}
+    branch_encoded: dict = {}
+    with state.branch_scope(branch_encoded, prune=False):
+        assert state.bypass and not state.reuse and state.encoded is branch_encoded
+        assert state.take_visual_tokens(1, 3, torch.device("cpu")) is None  # opted out: every token kept
+        state.encoded["image"] = "branch"
+        state.selections = {}
+    with state.branch_scope(branch_encoded, prune=True):
+        assert state.reuse and not state.bypass and state.encoded["image"] == "branch"
+    assert state.encoded is main_encoded and state.selections is main_selections
+    assert (state.input_ids, state.sources, state.reuse, state.bypass) == ("ids", {"image": None}, False, False)

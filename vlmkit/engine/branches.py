@@ -6,11 +6,12 @@ instruction. This module runs those branches beside the main rows of any `genera
 (greedy, sampling, beam search, `num_return_sequences`, left-padded batches, stopping criteria,
 streamers) without changing the decoding loop:
 
-* `install()` overrides three attributes of the model *instance* and adds a forward pre/post hook
-  pair, all recorded in the patch's undo log: `generate` (to see the call's own inputs and start a
-  `DecodeSession`), `_get_logits_processor` (to put a fresh `BranchLogitsProcessor` *first* in the
-  list, so that repetition penalties, temperature and top-k/top-p act on the contrasted logits, as
-  in the reference implementations) and `_reorder_cache` (beam search).
+* `install()` overrides three attributes of the model *instance* and adds three hooks, all recorded
+  in the patch's undo log: `generate` (to see the call's own inputs and start a `DecodeSession`),
+  `_get_logits_processor` (to put a fresh `BranchLogitsProcessor` *first* in the list, so that
+  repetition penalties, temperature and top-k/top-p act on the contrasted logits, as in the
+  reference implementations), `_reorder_cache` (beam search), a forward pre/post hook pair on the
+  model and a pre-hook on its LM head. Outside `generate()` they do nothing.
 * Prefill: generate's own prefill runs the main rows. The post-hook then prefills each branch with
   its own cache, its inputs prepared exactly as generate prepares the main ones (encoder outputs,
   positions, expansion for beams / `num_return_sequences`). Prefill is compute-bound, so running it
@@ -18,9 +19,11 @@ streamers) without changing the decoding loop:
   main rows recorded (`EngineState.branch_scope`), or keeps every token (`branch_pruning="none"`).
 * The branch caches then become extra rows of the main cache (left-padded to a common length), and
   every decoding step runs main and branch rows in one batched forward: the pre-hook appends the
-  branch rows (the token the main row just chose, the branch's own positions and mask), the
-  post-hook splits the logits off again. Decoding is memory-bound, so the extra rows cost much less
-  than a second forward.
+  branch rows (the token the main row just chose, the branch's own positions and mask); the LM
+  head runs on the main rows only, and the processor computes the branch rows' logits on the
+  tokens the method reads (for contrast methods the plausible set, a few tokens). Decoding is
+  memory-bound, so the extra rows cost less than a second forward (how much less depends on the
+  matmul kernels: `benchmarks/decoding.py`).
 * Beam search reorders the cache with `beam_idx`; the `_reorder_cache` override applies the same
   permutation to every branch's rows (beams only move within their sample, whose branch rows
   share one prompt, so masks and positions need no reordering).
@@ -270,8 +273,8 @@ class DecodeSession:
 
     def _lm_head(self, hidden: torch.Tensor, vocabulary: torch.Tensor | None) -> torch.Tensor:
         head = self.model.get_output_embeddings()
-        if vocabulary is None:
-            return head(hidden).float()
+        if vocabulary is None or 4 * vocabulary.numel() > head.weight.shape[0]:  # gathering rows would cost more
+            return torch.nn.functional.linear(hidden, head.weight, head.bias).float()
         logits = torch.zeros(hidden.shape[0], head.weight.shape[0], dtype=torch.float32, device=hidden.device)
         if vocabulary.numel():
             bias = None if head.bias is None else head.bias[vocabulary]
