@@ -124,3 +124,25 @@ def test_training_resumes_exactly(tmp_path):
     processor = AutoProcessor.from_pretrained(resumed)
     assert model.config.image_seq_length == TINY.num_patches
     assert processor.tokenizer.chat_template
+
+
+def test_video_recipe_trains_exports_and_generates(tmp_path):
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    from vlmkit.train.evaluate import generate
+    from vlmkit.train.video import VideoRecipe, VideoRecipeConfig, VideoSizes
+
+    sizes = VideoSizes(vision_width=32, vision_layers=1, text_width=32, text_layers=1, text_heads=2, text_mlp=64)
+    recipe = VideoRecipe(VideoRecipeConfig(sizes=sizes, vision_steps=1, vision_batch=2, chat_steps=3,
+                                           chat_batch=2, eval_every=0))
+    image_batch = recipe.batch(recipe.stages[1], 2)  # every third chat batch holds images
+    assert image_batch["pixel_values"].shape[0] == 2 * (112 // 14) ** 2
+    video_batch = recipe.batch(recipe.stages[1], 0)
+    assert video_batch["video_grid_thw"].tolist() == [[4, 8, 8]] * 2
+    assert (video_batch["mm_token_type_ids"] == 2).sum(1).tolist() == [64, 64]
+    final = train(recipe, tmp_path, progress=False)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(final)
+    processor = AutoProcessor.from_pretrained(final)
+    frames = np.zeros((8, 112, 112, 3), np.uint8)
+    answers = generate(model, processor, [frames], ["Which object appears during the video?"], video=True)
+    assert len(answers) == 1 and isinstance(answers[0], str)

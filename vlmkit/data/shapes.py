@@ -401,8 +401,8 @@ def _box_of(obj: ShapeObject, image_size: int) -> tuple[int, int, int, int]:
 # Sampling
 # --------------------------------------------------------------------------------------------
 
-_SIZE_RANGES = {"small": (0.10, 0.14), "medium": (0.15, 0.21), "large": (0.22, 0.30)}
-_WEAK_SMALL = (0.075, 0.095)
+_SIZE_RANGES = {"small": (0.12, 0.16), "medium": (0.17, 0.23), "large": (0.24, 0.32)}
+_WEAK_SMALL = (0.085, 0.10)
 _FAINT_ALPHA = (0.28, 0.42)
 
 
@@ -527,7 +527,7 @@ def sample_scene(seed: int, config: WorldConfig | None = None, difficulty: float
             size_word = SIZE_WORDS[int(rng.choice(3, p=[0.3, 0.4, 0.3]))]
             frac = rng.uniform(*_SIZE_RANGES[size_word])
         diameter = float(frac * size)
-        rotation = float(rng.uniform(0, 360) if category == "arrow" else rng.uniform(-25, 25))
+        rotation = float(rng.uniform(0, 360) if category == "arrow" else rng.uniform(-15, 15))
         alpha = float(rng.uniform(*_FAINT_ALPHA)) if faint else 1.0
         for _ in range(30):
             margin = diameter / 2 + 1

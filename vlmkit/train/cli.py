@@ -31,6 +31,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     shapes.add_argument("--checkpoint-every", type=int, default=100)
     shapes.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     shapes.set_defaults(func=_run)
+    check = inner.add_parser("evaluate", help="measure a shapes model on held-out seeds (POPE, CHAIR, MME, video MC)")
+    check.add_argument("--model", required=True, help="a save_pretrained folder (e.g. a run's final/)")
+    check.add_argument("--bench", default="pope,chair,mme,video",
+                       help="comma-separated subset of pope,chair,mme,video")
+    check.add_argument("--n", type=int, default=200, help="images (clips) per bench; 30 per MME subtask")
+    check.add_argument("--seed", type=int, default=None, help="first held-out seed (default: the benchmarks' own)")
+    check.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    check.add_argument("--out", type=Path, default=None, help="also write the results here as JSON")
+    check.set_defaults(func=_evaluate)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
 
 
@@ -47,6 +56,37 @@ def _overrides(config, pairs: list[str]):
         else:
             raise ConfigError(f"--set {key}: only numbers and strings can be set from the command line.")
     return dataclasses.replace(config, **changes)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vlmkit.data.shapes import EVAL_SEEDS, WorldConfig
+    from vlmkit.train import evaluate
+
+    torch.set_num_threads(args.threads)
+    model = AutoModelForImageTextToText.from_pretrained(args.model).eval()
+    processor = AutoProcessor.from_pretrained(args.model)
+    size = getattr(model.config.vision_config, "image_size", None) or 112
+    seed = EVAL_SEEDS.start if args.seed is None else args.seed
+    world = WorldConfig(image_size=size)
+    results: dict = {"model": str(args.model), "seed": seed}
+    for bench in [b.strip() for b in args.bench.split(",") if b.strip()]:
+        if bench == "pope":
+            results[bench] = evaluate.pope_eval(model, processor, args.n, seed, world)
+        elif bench == "chair":
+            results[bench] = evaluate.chair_eval(model, processor, args.n, seed, world)
+        elif bench == "mme":
+            results[bench] = evaluate.mme_eval(model, processor, 30, seed, world)
+        elif bench == "video":
+            results[bench] = evaluate.video_eval(model, processor, args.n, seed,
+                                                 WorldConfig(image_size=size, max_objects=3))
+        else:
+            raise ConfigError(f"--bench {bench!r} is unknown; use any of pope,chair,mme,video.")
+        print(json.dumps({bench: results[bench]}), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1))
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ visual tokens that look like it (the vision stage aligns visual tokens with word
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from transformers import (
@@ -68,10 +68,6 @@ class LlavaSizes:
     def num_patches(self) -> int:
         """Visual tokens per image (the [CLS] token is dropped by the projector's input)."""
         return (self.image_size // self.patch_size) ** 2
-
-    def to_dict(self) -> dict:
-        """The sizes as a JSON-serialisable dict."""
-        return asdict(self)
 
 
 def tie_query_keys(attention_layers, heads: int, head_dim: int) -> None:

@@ -54,9 +54,9 @@ class LlavaRecipeConfig:
 
     sizes: LlavaSizes = field(default_factory=LlavaSizes)
     seed: int = 0
-    vision_steps: int = 800
+    vision_steps: int = 1500
     vision_batch: int = 32
-    vision_lr: float = 3e-3
+    vision_lr: float = 2e-3
     chat_steps: int = 1600
     chat_batch: int = 16
     chat_lr: float = 1e-3
