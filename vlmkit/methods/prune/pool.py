@@ -30,6 +30,7 @@ class Pool(TokenSelector):
     """Average-pool each image's token grid down to the budget."""
 
     Config = PoolConfig
+    paper = "https://arxiv.org/abs/2510.07143"  # the benchmark that found this baseline strong
 
     def select(self, context: SelectionContext) -> Selection:
         return Selection([self._pool(visual) for visual in context.visual])

@@ -34,6 +34,7 @@ class RandomPrune(TokenSelector):
     """Keep a seeded random subset of the visual tokens."""
 
     Config = RandomPruneConfig
+    paper = "https://arxiv.org/abs/2511.02650"  # the benchmark that found this baseline strong
 
     def compaction_layer(self, num_layers: int) -> int:
         return self.config.layer
