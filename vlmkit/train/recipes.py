@@ -10,6 +10,8 @@
    focus-word supervision of `ConversationEncoder`), on a curriculum from sparse, clean scenes to
    the full world; the dense per-patch loss stays on (weight `dense_weight`) so the vision tower
    keeps improving while the language model learns to ground words.
+3. **polish**: the chat stage's objective on the full-difficulty world only, with fresh scenes and
+   a second, lower-peak cosine schedule (a warm restart), for the late gains in grounding.
 """
 from __future__ import annotations
 
@@ -45,6 +47,8 @@ class LlavaRecipeConfig:
         chat_batch: batch size of the chat stage.
         chat_lr: learning rate of the chat stage.
         dense_weight: weight of the per-patch category/colour loss in the chat stage.
+        polish_steps: steps of the polish stage (0: none).
+        polish_lr: peak learning rate of the polish stage.
         curriculum_start: scene difficulty at the start of the chat stage.
         curriculum_fraction: share of the chat stage spent ramping difficulty to 1.
         mixture: the question mixture.
@@ -60,6 +64,8 @@ class LlavaRecipeConfig:
     chat_steps: int = 1600
     chat_batch: int = 16
     chat_lr: float = 1e-3
+    polish_steps: int = 1200
+    polish_lr: float = 5e-4
     dense_weight: float = 0.5
     curriculum_start: float = 0.3
     curriculum_fraction: float = 0.3
@@ -110,6 +116,7 @@ class LlavaRecipe:
                   ("model.model.vision_tower", "model.model.multi_modal_projector", "heads",
                    "model.model.language_model.embed_tokens")),
             Stage("chat", c.chat_steps, c.chat_batch, c.chat_lr, ("model.",)),
+            Stage("polish", c.polish_steps, c.chat_batch, c.polish_lr, ("model.",)),
         ]
         self.stages = [s for s in self.stages if s.steps > 0]
         self._streams: dict[str, ShapesStream] = {}
@@ -125,11 +132,11 @@ class LlavaRecipe:
                     start, length, self.world, patch_size=self.config.sizes.patch_size,
                     curriculum=(0.5, length // 3))
             else:
-                ramp = int(length * self.config.curriculum_fraction)
+                curriculum = (1.0, 0) if stage.name == "polish" else (
+                    self.config.curriculum_start, int(length * self.config.curriculum_fraction))
                 self._streams[stage.name] = ShapesStream(
                     start, length, self.world, self.encoder, self.config.mixture,
-                    patch_size=self.config.sizes.patch_size,
-                    curriculum=(self.config.curriculum_start, ramp))
+                    patch_size=self.config.sizes.patch_size, curriculum=curriculum)
         return self._streams[stage.name]
 
     def batch(self, stage: Stage, step: int) -> dict:

@@ -142,8 +142,8 @@ def train(recipe, out: str | Path, resume: bool = True, checkpoint_every: int = 
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         (out / "log.jsonl").unlink(missing_ok=True)
     total = sum(s.steps for s in recipe.stages)
-    done = sum(s.steps for s in recipe.stages[:start_stage]) + start_step
-    bar = tqdm(total=total, initial=done, desc="train", disable=not progress, dynamic_ncols=True)
+    done = sum(s.steps for s in recipe.stages[:start_stage])
+    bar = tqdm(total=total, initial=done + start_step, desc="train", disable=not progress, dynamic_ncols=True)
     with (out / "log.jsonl").open("a") as log:
         for index, stage in enumerate(recipe.stages):
             if index < start_stage:
