@@ -120,26 +120,17 @@ def _square(side: int) -> dict[str, int]:
     return {"height": side, "width": side}
 
 
-def _llava_processor(config: LlavaConfig, tokenizer) -> LlavaProcessor:
+def _llava_processor(config: LlavaConfig | LlavaNextConfig, tokenizer) -> LlavaProcessor | LlavaNextProcessor:
+    """LLaVA-1.5 processor, or LLaVA-NeXT's (AnyRes over the config's pinpoints) for a `LlavaNextConfig`."""
     side = config.vision_config.image_size
-    return LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": side}, crop_size=_square(side)),
-        tokenizer=tokenizer,
-        patch_size=config.vision_config.patch_size,
-        vision_feature_select_strategy=config.vision_feature_select_strategy,
-        num_additional_image_tokens=1,  # CLIP's [CLS]
-        chat_template=tokenizer.chat_template,
-    )
-
-
-def _llava_next_processor(config: LlavaNextConfig, tokenizer) -> LlavaNextProcessor:
-    side = config.vision_config.image_size
-    image_processor = LlavaNextImageProcessor(
-        size={"shortest_edge": side},
-        crop_size=_square(side),
-        image_grid_pinpoints=config.image_grid_pinpoints,
-    )
-    return LlavaNextProcessor(
+    resize = {"size": {"shortest_edge": side}, "crop_size": _square(side)}
+    if isinstance(config, LlavaNextConfig):
+        processor_class = LlavaNextProcessor
+        image_processor = LlavaNextImageProcessor(**resize, image_grid_pinpoints=config.image_grid_pinpoints)
+    else:
+        processor_class = LlavaProcessor
+        image_processor = CLIPImageProcessor(**resize)
+    return processor_class(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=config.vision_config.patch_size,
@@ -225,7 +216,7 @@ _FAMILIES: dict[str, _Family] = {
             "image_grid_pinpoints": _PINPOINTS,
         },
         derived=_llava_derived,
-        processor=_llava_next_processor,
+        processor=_llava_processor,
     ),
     # LLaVA-OneVision: SigLIP tower (no [CLS], last layer, "full"), Qwen2 decoder, AnyRes with
     # anyres_max_9; videos are frames of 64 tokens pooled 2x2 to 16, plus one newline per video.
@@ -327,6 +318,13 @@ def _check_keys(given: dict[str, Any], config_class: type, where: str) -> None:
             )
 
 
+def _set_fields(kwargs: dict[str, Any], values: dict[str, Any]) -> None:
+    """Write `{"key" or "sub_config.key": value}` into config kwargs in place."""
+    for path, value in values.items():
+        *parent, field = path.split(".")
+        (kwargs[parent[0]] if parent else kwargs)[field] = value
+
+
 def _merge(family: _Family, overrides: dict[str, Any], tokenizer) -> dict[str, Any]:
     """Family defaults updated by `overrides` (sub-config dicts merged key by key), then derived keys."""
     kwargs = copy.deepcopy(family.defaults)
@@ -349,9 +347,7 @@ def _merge(family: _Family, overrides: dict[str, Any], tokenizer) -> dict[str, A
         raise ConfigError(
             f"{fixed} are derived from the tiny tokenizer and the other config values; remove them from the overrides."
         )
-    for path, value in derived.items():
-        *parent, field = path.split(".")
-        (kwargs[parent[0]] if parent else kwargs)[field] = value
+    _set_fields(kwargs, derived)
     return kwargs
 
 

@@ -212,11 +212,9 @@ def twin_config(name: str) -> PreTrainedConfig:
     spec = _spec(name)
     kwargs = copy.deepcopy(spec.config)
     tokenizer = tiny_tokenizer(spec.family)
-    for path, value in _families._FAMILIES[spec.family].derived(kwargs, tokenizer).items():
-        *parent, field = path.split(".")
-        target = kwargs[parent[0]] if parent else kwargs
-        if field != "vocab_size":
-            target[field] = value
+    derived = _families._FAMILIES[spec.family].derived(kwargs, tokenizer).items()
+    # the real vocabulary size stays; token ids and the other derived values are the tokenizer's
+    _families._set_fields(kwargs, {path: value for path, value in derived if path.split(".")[-1] != "vocab_size"})
     return spec.config_class(**kwargs)
 
 
