@@ -122,6 +122,18 @@ _QWEN2_VL_TEMPLATE = _PARTS + (
 _LLAMA_ROLES = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 _QWEN_ROLES = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
 
+_QWEN2_VL_TOKENIZER = (
+    _QWEN_ROLES,
+    False,
+    _QWEN2_VL_TEMPLATE,
+    {
+        "image_token": "<|image_pad|>",
+        "video_token": "<|video_pad|>",
+        "vision_bos_token": "<|vision_start|>",
+        "vision_eos_token": "<|vision_end|>",
+    },
+)
+
 # family -> (special-token roles, prepend <s>?, chat template, extra named tokens)
 _FAMILY_TOKENIZERS = {
     "llava": (_LLAMA_ROLES, True, _LLAVA_TEMPLATE, {"image_token": "<image>"}),
@@ -132,28 +144,8 @@ _FAMILY_TOKENIZERS = {
         _ONEVISION_TEMPLATE,
         {"image_token": "<image>", "video_token": "<video>"},
     ),
-    "qwen2_vl": (
-        _QWEN_ROLES,
-        False,
-        _QWEN2_VL_TEMPLATE,
-        {
-            "image_token": "<|image_pad|>",
-            "video_token": "<|video_pad|>",
-            "vision_bos_token": "<|vision_start|>",
-            "vision_eos_token": "<|vision_end|>",
-        },
-    ),
-    "qwen2_5_vl": (
-        _QWEN_ROLES,
-        False,
-        _QWEN2_VL_TEMPLATE,
-        {
-            "image_token": "<|image_pad|>",
-            "video_token": "<|video_pad|>",
-            "vision_bos_token": "<|vision_start|>",
-            "vision_eos_token": "<|vision_end|>",
-        },
-    ),
+    "qwen2_vl": _QWEN2_VL_TOKENIZER,
+    "qwen2_5_vl": _QWEN2_VL_TOKENIZER,  # Qwen2.5-VL kept Qwen2-VL's tokens and template
 }
 
 
