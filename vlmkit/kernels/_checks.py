@@ -81,6 +81,14 @@ def heads(op: str, q: torch.Tensor, k: torch.Tensor, num_kv_groups: object) -> i
     return groups
 
 
+def query_key(op: str, q: object, k: object, scale: object, num_kv_groups: object) -> None:
+    """Check attention inputs: 4-d float q (B, H, *, D) and k (B, H_kv, N, D) in GQA geometry, a finite scale."""
+    tensor(op, "q", q, 4, kind="float")
+    tensor(op, "k", k, 4, kind="float")
+    heads(op, q, k, num_kv_groups)
+    finite_scale(op, scale)
+
+
 def mask(op: str, name: str, value: object, shapes: dict[str, tuple[int, ...]]) -> torch.Tensor:
     """Check a bool mask against the allowed shapes, given as {"(B, N)": (2, 7), ...}."""
     if not isinstance(value, torch.Tensor):

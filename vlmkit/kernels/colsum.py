@@ -110,10 +110,7 @@ def attention_colsum_reference(
 
 
 def _check(q, k, scale, causal, key_range, q_mask, kv_mask, num_kv_groups) -> tuple[int, int]:
-    _checks.tensor(_OP, "q", q, 4, kind="float")
-    _checks.tensor(_OP, "k", k, 4, kind="float")
-    _checks.heads(_OP, q, k, num_kv_groups)
-    _checks.finite_scale(_OP, scale)
+    _checks.query_key(_OP, q, k, scale, num_kv_groups)
     if not isinstance(causal, bool):
         raise TypeError(f"{_OP}: causal must be a bool, got {type(causal).__name__}.")
     batch, _, num_queries, _ = q.shape

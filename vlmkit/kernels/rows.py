@@ -99,10 +99,7 @@ def attention_rows_reference(
 
 
 def _check(q, k, scale, kv_mask, num_kv_groups, reduce) -> None:
-    _checks.tensor(_OP, "q", q, 4, kind="float")
-    _checks.tensor(_OP, "k", k, 4, kind="float")
-    _checks.heads(_OP, q, k, num_kv_groups)
-    _checks.finite_scale(_OP, scale)
+    _checks.query_key(_OP, q, k, scale, num_kv_groups)
     _checks.choice(_OP, "reduce", reduce, REDUCTIONS)
     batch, _, rows, _ = q.shape
     num_keys = k.shape[2]
