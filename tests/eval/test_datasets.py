@@ -376,36 +376,17 @@ def test_videomme_grouped_and_flat(tmp_path):
         "options": ["A. One.", "B. Two.", "C. Three.", "D. Four."],
         "answer": "C",
     }
+    video_fields = {
+        "video_id": "001",
+        "videoID": "fFjv93ACGo8",
+        "duration": "short",
+        "domain": "Knowledge",
+        "sub_category": "Humanity & History",
+    }
     grouped = tmp_path / "videomme.json"
-    grouped.write_text(
-        json.dumps(
-            [
-                {
-                    "video_id": "001",
-                    "videoID": "fFjv93ACGo8",
-                    "duration": "short",
-                    "domain": "Knowledge",
-                    "sub_category": "Humanity & History",
-                    "questions": [question],
-                }
-            ]
-        )
-    )
+    grouped.write_text(json.dumps([{**video_fields, "questions": [question]}]))
     flat = tmp_path / "flat.json"
-    flat.write_text(
-        json.dumps(
-            [
-                {
-                    **question,
-                    "video_id": "001",
-                    "videoID": "fFjv93ACGo8",
-                    "duration": "short",
-                    "domain": "Knowledge",
-                    "sub_category": "Humanity & History",
-                }
-            ]
-        )
-    )
+    flat.write_text(json.dumps([{**question, **video_fields}]))
     for path in (grouped, flat):
         (sample,) = list(datasets.load_videomme(path, videos, num_frames=3))
         assert sample.sample_id == "001-1" and sample.target == "C"
