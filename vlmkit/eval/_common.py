@@ -1,10 +1,13 @@
-"""Small helpers shared by the scorers: style checks and division that flags zero denominators."""
+"""Small helpers shared by the scorers and loaders: style checks, division that flags zero denominators, JSON files."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-from vlmkit.errors import ConfigError, did_you_mean
+from vlmkit.errors import ConfigError, DatasetError, did_you_mean
 
 
 def check_style(style: str, styles: Sequence[str], benchmark: str) -> str:
@@ -33,3 +36,14 @@ def divide(numerator: float, denominator: float, name: str, warnings: list[str])
         warnings.append(f"{name}: denominator is 0, reported as 0.0 (the reference script would divide by zero)")
         return 0.0
     return numerator / denominator
+
+
+def read_json(file: Path, benchmark: str, fix: str = "re-download it") -> Any:
+    """The parsed JSON ``file``; a DatasetError naming ``benchmark`` and ``fix`` when it is missing or unreadable."""
+    if not file.is_file():
+        raise DatasetError(f"{benchmark}: {file} does not exist; check the path.")
+    try:
+        with open(file, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError) as error:
+        raise DatasetError(f"{benchmark}: {file} is not readable JSON ({error}); {fix}.") from None

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from vlmkit.errors import ConfigError, DatasetError, InputError, did_you_mean, missing_extra
-from vlmkit.eval._common import divide
+from vlmkit.eval._common import divide, read_json
 
 COCO_ANNOTATION_FILES = (
     "instances_train2014.json",
@@ -227,14 +227,14 @@ class Chair:
         chair = cls({}, synonyms)
         objects: dict[int, list[str]] = {}
         for split in ("val", "train"):
-            instances = _read_json(folder / f"instances_{split}2014.json")
+            instances = read_json(folder / f"instances_{split}2014.json", "CHAIR")
             names = {category["id"]: category["name"] for category in instances["categories"]}
             for annotation in instances["annotations"]:
                 image_id = annotation["image_id"]
                 if wanted is None or image_id in wanted:
                     objects.setdefault(image_id, []).append(chair._inverse[names[annotation["category_id"]]])
         for split in ("val", "train"):
-            for annotation in _read_json(folder / f"captions_{split}2014.json")["annotations"]:
+            for annotation in read_json(folder / f"captions_{split}2014.json", "CHAIR")["annotations"]:
                 image_id = annotation["image_id"]
                 if wanted is None or image_id in wanted:
                     objects.setdefault(image_id, []).extend(chair.caption_to_words(annotation["caption"]).node_words)
@@ -261,7 +261,7 @@ class Chair:
         Raises:
             DatasetError: The file is missing or not in either format.
         """
-        data = _read_json(Path(path))
+        data = read_json(Path(path), "CHAIR", fix="rebuild it with Chair.from_coco(...).save_ground_truth(path)")
         objects = data.get("objects") if data.get("format") == GROUND_TRUTH_FORMAT else data
         if not isinstance(objects, dict) or not all(isinstance(v, list) for v in objects.values()):
             raise DatasetError(
@@ -434,16 +434,6 @@ def _read_synonyms(synonyms: str | os.PathLike | None) -> list[list[str]]:
     if not lines:
         raise ConfigError("CHAIR synonyms table is empty; give one line per class: 'class, synonym, synonym'.")
     return lines
-
-
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise DatasetError(f"{path} does not exist; check the path.")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, ValueError) as error:
-        raise DatasetError(f"{path} is not readable JSON ({error}); re-download or rebuild it.") from None
 
 
 def _image_key(image_id: Any) -> Any:

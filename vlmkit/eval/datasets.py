@@ -38,6 +38,7 @@ from vlmkit.errors import DatasetError, missing_extra
 from vlmkit.eval import mme as _mme
 from vlmkit.eval import pope as _pope
 from vlmkit.eval import prompts
+from vlmkit.eval._common import read_json
 from vlmkit.eval.chair import COCO_ANNOTATION_FILES, Chair
 from vlmkit.eval.media import FrameFolder, ImageBytes, ImageFile, VideoFile
 
@@ -453,7 +454,7 @@ def load_mvbench(
     for task in names:
         task_type, folder, kind, bounded = known[task]
         video_root = base / "video" / Path((video_dirs or {}).get(task, folder))
-        items = _read_json(base / "json" / f"{task}.json", "MVBench")
+        items = read_json(base / "json" / f"{task}.json", "MVBench")
         for index, item in enumerate(items):
             where = f"{base / 'json' / f'{task}.json'} item {index}"
             _require(
@@ -529,7 +530,7 @@ def load_videomme(
         rows = [dict(row) for row in _read_parquet_rows(source)]
     else:
         rows = []
-        for video in _read_json(source, "Video-MME"):
+        for video in read_json(source, "Video-MME"):
             if "questions" in video:
                 shared = {k: v for k, v in video.items() if k != "questions"}
                 rows.extend({**shared, **question} for question in video["questions"])
@@ -614,11 +615,11 @@ def load_egoschema(
         DatasetError: Missing files, fields or videos, or answers for unknown questions.
     """
     videos = Path(video_dir)
-    items = {str(item.get("q_uid")): item for item in _read_json(Path(questions), "EgoSchema")}
+    items = {str(item.get("q_uid")): item for item in read_json(Path(questions), "EgoSchema")}
     keys = list(items)
     truth: dict[str, int] = {}
     if answers is not None:
-        truth = _read_json(Path(answers), "EgoSchema")
+        truth = read_json(Path(answers), "EgoSchema")
         _check_files(
             list(truth),
             items.__contains__,
@@ -719,16 +720,6 @@ def _json_lines(file: Path) -> Iterator[tuple[int, dict]]:
                     raise DatasetError(
                         f"{file}:{number} is not a JSON object ({error}); POPE files hold one object per line."
                     ) from None
-
-
-def _read_json(file: Path, benchmark: str) -> Any:
-    if not file.is_file():
-        raise DatasetError(f"{benchmark}: {file} does not exist; check the path.")
-    try:
-        with open(file, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, ValueError) as error:
-        raise DatasetError(f"{benchmark}: {file} is not readable JSON ({error}); re-download it.") from None
 
 
 def _read_parquet_rows(file: Path) -> list[dict]:
