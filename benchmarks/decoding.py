@@ -32,14 +32,12 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 import vlmkit
-from vlmkit.zoo import twin_config
 
-VISUAL_TOKENS = 576
-TEXT_TOKENS = 64
-IMAGE_TOKEN = 4
+from benchmarks._twin_model import TEXT_TOKENS, build_inputs, build_model
+
 # (configuration, method specs, baseline specs, batch size)
 CONFIGS = [
     ("vcd (1 branch)", ("vcd",), (), 1),
@@ -51,26 +49,6 @@ CONFIGS = [
 ]
 PEAKED = [config for config in CONFIGS if config[0] in ("vcd (1 branch)", "vcd (1 branch), batch 4")]
 HEAD_SCALE = 10.0
-
-
-def build_model() -> LlavaForConditionalGeneration:
-    text = twin_config("llava-onevision-qwen2-0.5b").text_config
-    vision = CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=64, intermediate_size=128,
-                              num_hidden_layers=2, num_attention_heads=2)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, image_seq_length=VISUAL_TOKENS)
-    torch.manual_seed(0)
-    return LlavaForConditionalGeneration(config).eval()
-
-
-def build_inputs(batch: int) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    text = torch.randint(10, 700, (batch, TEXT_TOKENS), generator=generator)
-    ids = torch.cat([text[:, :8], torch.full((batch, VISUAL_TOKENS), IMAGE_TOKEN), text[:, 8:]], dim=1)
-    return {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "pixel_values": torch.randn(batch, 3, 336, 336, generator=generator),
-    }
 
 
 class _Stamps(StoppingCriteria):

@@ -34,35 +34,13 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import vlmkit
-from vlmkit.zoo import flops, twin_config
+from vlmkit.zoo import flops
 
-VISUAL_TOKENS = 576
-TEXT_TOKENS = 64
+from benchmarks._twin_model import TEXT_TOKENS, VISUAL_TOKENS, build_inputs, build_model
+
 BUDGETS = (0.5, 0.25, 0.11)
-IMAGE_TOKEN = 4
-
-
-def build_model() -> LlavaForConditionalGeneration:
-    text = twin_config("llava-onevision-qwen2-0.5b").text_config
-    vision = CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=64, intermediate_size=128,
-                              num_hidden_layers=2, num_attention_heads=2)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, image_seq_length=VISUAL_TOKENS)
-    torch.manual_seed(0)
-    return LlavaForConditionalGeneration(config).eval()
-
-
-def build_inputs() -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    text = torch.randint(10, 700, (TEXT_TOKENS,), generator=generator)
-    ids = torch.cat([text[:8], torch.full((VISUAL_TOKENS,), IMAGE_TOKEN), text[8:]])[None]
-    return {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "pixel_values": torch.randn(1, 3, 336, 336, generator=generator),
-    }
 
 
 def configurations() -> list[tuple[str, tuple[str, ...]]]:
