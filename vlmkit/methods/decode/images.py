@@ -15,11 +15,24 @@ from collections.abc import Callable
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from vlmkit.errors import ConfigError
 from vlmkit.methods.decode.base import content_generator
 
 #: pixel inputs and the grid that splits them into images, per modality
 PIXEL_KEYS = {"pixel_values": "image_grid_thw", "pixel_values_videos": "video_grid_thw"}
 DIFFUSION_STEPS = 1000
+
+
+def check_noise_step(method: str, noise_step: object) -> None:
+    """Raise a ConfigError unless `noise_step` is a diffusion step: an integer in [0, DIFFUSION_STEPS)."""
+    if not isinstance(noise_step, int) or not 0 <= noise_step < DIFFUSION_STEPS:
+        raise ConfigError(f"{method}: noise_step={noise_step!r} must be an integer in [0, {DIFFUSION_STEPS - 1}]")
+
+
+def require_pixels(call, action: str) -> None:
+    """Raise "<action>, but this generate() call has no pixel inputs" for a call without images or videos."""
+    if not any(call.kwargs.get(key) is not None for key in PIXEL_KEYS):
+        raise ConfigError(f"{action}, but this generate() call has no pixel inputs")
 
 
 def diffusion_alpha_bar(step: int) -> float:

@@ -27,6 +27,7 @@ import torch
 from vlmkit.errors import ConfigError
 from vlmkit.methods.decode.base import BranchConfig, DecodeMethod, check_range, plausibility_cutoff
 from vlmkit.methods.decode.icd import DISTURBANCE, instruction_branch
+from vlmkit.methods.decode.images import check_noise_step
 from vlmkit.methods.decode.layers import candidate_layers, check_layers, gather_rows, most_divergent
 from vlmkit.methods.decode.vcd import noised_branch
 from vlmkit.registry import register_method
@@ -53,8 +54,7 @@ class LOLConfig(BranchConfig):
         object.__setattr__(self, "layers", check_layers("lol", self.layers))
         if self.amateur not in AMATEURS:
             raise ConfigError(f"lol: amateur={self.amateur!r} is not one of {', '.join(map(repr, AMATEURS))}")
-        if not isinstance(self.noise_step, int) or not 0 <= self.noise_step < 1000:
-            raise ConfigError(f"lol: noise_step={self.noise_step!r} must be an integer in [0, 999]")
+        check_noise_step("lol", self.noise_step)
 
 
 @register_method("lol", family="decode", site="logits")

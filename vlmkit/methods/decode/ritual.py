@@ -30,7 +30,7 @@ import torch
 
 from vlmkit.errors import ConfigError
 from vlmkit.methods.decode.base import BranchConfig, DecodeMethod, check_range, plausibility_cutoff, plausible_tokens
-from vlmkit.methods.decode.images import DIFFUSION_STEPS, PIXEL_KEYS, TRANSFORMS, map_images, random_transform
+from vlmkit.methods.decode.images import TRANSFORMS, check_noise_step, map_images, random_transform, require_pixels
 from vlmkit.methods.decode.vcd import noised_branch
 from vlmkit.registry import register_method
 
@@ -61,8 +61,7 @@ class RITUALConfig(BranchConfig):
             raise ConfigError(
                 f"ritual: unknown transform(s) {unknown or transforms!r}; valid transforms: {', '.join(TRANSFORMS)}"
             )
-        if not isinstance(self.noise_step, int) or not 0 <= self.noise_step < DIFFUSION_STEPS:
-            raise ConfigError(f"ritual: noise_step={self.noise_step!r} must be an integer in [0, {DIFFUSION_STEPS - 1}]")
+        check_noise_step("ritual", self.noise_step)
         for name in ("pixel_mean", "pixel_std"):
             value = tuple(getattr(self, name))
             object.__setattr__(self, name, value)
@@ -79,8 +78,7 @@ class RITUAL(DecodeMethod):
 
     def branches(self, call):
         config = self.config
-        if not any(call.kwargs.get(key) is not None for key in PIXEL_KEYS):
-            raise ConfigError("ritual transforms the image, but this generate() call has no pixel inputs")
+        require_pixels(call, "ritual transforms the image")
         transform = functools.partial(
             random_transform,
             choices=config.transforms,

@@ -25,7 +25,7 @@ import torch
 
 from vlmkit.errors import ConfigError
 from vlmkit.methods.decode.base import BranchConfig, DecodeMethod, check_range, contrast, plausible_tokens
-from vlmkit.methods.decode.images import DIFFUSION_STEPS, PIXEL_KEYS, add_diffusion_noise, map_images
+from vlmkit.methods.decode.images import add_diffusion_noise, check_noise_step, map_images, require_pixels
 from vlmkit.registry import register_method
 
 
@@ -40,16 +40,14 @@ class VCDConfig(BranchConfig):
         super().__post_init__()
         check_range("vcd", "alpha", self.alpha, 0.0)
         check_range("vcd", "beta", self.beta, 0.0, 1.0, low_open=True)
-        if not isinstance(self.noise_step, int) or not 0 <= self.noise_step < DIFFUSION_STEPS:
-            raise ConfigError(f"vcd: noise_step={self.noise_step!r} must be an integer in [0, {DIFFUSION_STEPS - 1}]")
+        check_noise_step("vcd", self.noise_step)
         if not isinstance(self.seed, int):
             raise ConfigError(f"vcd: seed={self.seed!r} must be an integer")
 
 
 def noised_branch(call, noise_step: int, seed: int, method: str):
     """The call with every image/video replaced by its forward-diffusion-noised version."""
-    if not any(call.kwargs.get(key) is not None for key in PIXEL_KEYS):
-        raise ConfigError(f"{method} distorts the image, but this generate() call has no pixel inputs")
+    require_pixels(call, f"{method} distorts the image")
     return call.replace(
         **map_images(call.kwargs, seed, lambda block, grid, generator: add_diffusion_noise(block, noise_step, generator))
     )
