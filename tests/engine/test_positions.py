@@ -57,33 +57,36 @@ def test_qwen2_vl_positions_and_rope_deltas_survive_pruning(spec):
         assert kept_ids.shape[1] == len(kept[sample])
 
 
-def test_reindex_renumbers_the_kept_sequence_and_decodes_after_it():
+def pooled_positions(policy: str):
+    """Pool one LLaVA prompt to 25 % under `positions=policy` and generate 3 tokens.
+
+    Returns the prompt length, the image tokens' positions, the kept image tokens (indices into those),
+    the rotary positions of the pruned prompt and of each decoding step.
+    """
     tiny, processor = model("llava")
     batch = inputs(processor, photos()[:1], QUESTIONS[:1])
-    length = batch["input_ids"].shape[1]
-    with vlmkit.apply(tiny, "pool:keep=0.25,positions=reindex") as patch:
+    with vlmkit.apply(tiny, f"pool:keep=0.25,positions={policy}") as patch:
         seen = rotary_positions(tiny, lambda: generate(tiny, batch, max_new_tokens=3))
-        kept = len(patch.selections["pool"][0])
-    visual = int((batch["input_ids"] == tiny.config.image_token_id).sum())
-    new_length = length - visual + kept
-    prompt = [p for p in seen if p.shape[-1] > 1]
-    assert torch.equal(prompt[-1].flatten(), torch.arange(new_length))
+        kept = patch.selections["pool"][0]
+    visual = torch.nonzero(batch["input_ids"][0] == tiny.config.image_token_id).flatten()
+    prompt = [p for p in seen if p.shape[-1] > 1][-1].flatten()
     steps = [int(p.flatten()) for p in seen if p.shape[-1] == 1]
+    return batch["input_ids"].shape[1], visual, kept, prompt, steps
+
+
+def test_reindex_renumbers_the_kept_sequence_and_decodes_after_it():
+    length, visual, kept, prompt, steps = pooled_positions("reindex")
+    new_length = length - len(visual) + len(kept)
+    assert torch.equal(prompt, torch.arange(new_length))
     assert steps == [new_length, new_length + 1]
 
 
 def test_keep_leaves_original_positions():
-    tiny, processor = model("llava")
-    batch = inputs(processor, photos()[:1], QUESTIONS[:1])
-    length = batch["input_ids"].shape[1]
-    with vlmkit.apply(tiny, "pool:keep=0.25,positions=keep") as patch:
-        seen = rotary_positions(tiny, lambda: generate(tiny, batch, max_new_tokens=3))
-        kept = patch.selections["pool"][0]
-    visual = torch.nonzero(batch["input_ids"][0] == tiny.config.image_token_id).flatten()
+    length, visual, kept, prompt, steps = pooled_positions("keep")
     dropped = set(visual.tolist()) - set(visual[kept].tolist())
     expected = torch.tensor([p for p in range(length) if p not in dropped])
-    assert torch.equal([p for p in seen if p.shape[-1] > 1][-1].flatten(), expected)
-    assert [int(p.flatten()) for p in seen if p.shape[-1] == 1] == [length, length + 1]
+    assert torch.equal(prompt, expected)
+    assert steps == [length, length + 1]
 
 
 def test_reindex_is_refused_under_mrope():
