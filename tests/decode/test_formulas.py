@@ -17,7 +17,7 @@ import vlmkit
 from tests.conftest import photos
 from tests.engine.models import inputs, model
 from vlmkit.methods.decode.base import content_generator
-from vlmkit.methods.decode.icd import DISTURBANCE
+from vlmkit.methods.decode.prompts import DISTURBANCE
 
 QUESTION = "Is there a cat in the image?"
 

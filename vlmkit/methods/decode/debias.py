@@ -28,7 +28,7 @@ import torch
 
 from vlmkit.errors import ConfigError
 from vlmkit.methods.decode.base import BranchConfig, DecodeMethod, check_range, contrast, plausible_tokens
-from vlmkit.methods.decode.vcd import noised_branch
+from vlmkit.methods.decode.images import noised_branch
 from vlmkit.registry import register_method
 
 MODES = ("calibrate", "sample")

@@ -25,10 +25,8 @@ import torch
 
 from vlmkit.errors import ConfigError
 from vlmkit.methods.decode.base import BranchConfig, DecodeMethod, check_range, contrast, plausible_tokens
+from vlmkit.methods.decode.prompts import DISTURBANCE, instruction_branch
 from vlmkit.registry import register_method
-
-DISTURBANCE = "You are a confused objects detector to provide a fuzzy overview or impression of the image."
-
 
 @dataclass(frozen=True)
 class ICDConfig(BranchConfig):
@@ -42,12 +40,6 @@ class ICDConfig(BranchConfig):
         check_range("icd", "beta", self.beta, 0.0, 1.0, low_open=True)
         if not isinstance(self.instruction, str) or not self.instruction.strip():
             raise ConfigError(f"icd: instruction={self.instruction!r} must be a non-empty string")
-
-
-def instruction_branch(call, instruction: str, method: str):
-    """The call with `instruction` (and a space) inserted at the start of every prompt."""
-    tokenizer = call.require_tokenizer(method, "its instruction")
-    return call.with_prefix(tokenizer(instruction.strip() + " ", add_special_tokens=False)["input_ids"])
 
 
 @register_method("icd", family="decode", site="logits")

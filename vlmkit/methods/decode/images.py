@@ -77,6 +77,14 @@ def map_images(kwargs: dict, seed: int, function: Callable[[torch.Tensor, torch.
 
 
 # --------------------------------------------------------------------------- RITUAL transforms
+def noised_branch(call, noise_step: int, seed: int, method: str):
+    """The call with every image/video replaced by its forward-diffusion-noised version."""
+    require_pixels(call, f"{method} distorts the image")
+    return call.replace(
+        **map_images(call.kwargs, seed, lambda block, grid, generator: add_diffusion_noise(block, noise_step, generator))
+    )
+
+
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:
     return low + (high - low) * float(torch.rand((), generator=generator))
 

@@ -26,10 +26,9 @@ import torch
 
 from vlmkit.errors import ConfigError
 from vlmkit.methods.decode.base import BranchConfig, DecodeMethod, check_range, plausibility_cutoff
-from vlmkit.methods.decode.icd import DISTURBANCE, instruction_branch
-from vlmkit.methods.decode.images import check_noise_step
+from vlmkit.methods.decode.images import check_noise_step, noised_branch
 from vlmkit.methods.decode.layers import candidate_layers, check_layers, gather_rows, most_divergent
-from vlmkit.methods.decode.vcd import noised_branch
+from vlmkit.methods.decode.prompts import DISTURBANCE, instruction_branch
 from vlmkit.registry import register_method
 
 AMATEURS = ("instruction", "noise", "none")

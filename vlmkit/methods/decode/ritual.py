@@ -30,8 +30,9 @@ import torch
 
 from vlmkit.errors import ConfigError
 from vlmkit.methods.decode.base import BranchConfig, DecodeMethod, check_range, plausibility_cutoff, plausible_tokens
-from vlmkit.methods.decode.images import TRANSFORMS, check_noise_step, map_images, random_transform, require_pixels
-from vlmkit.methods.decode.vcd import noised_branch
+from vlmkit.methods.decode.images import (
+    TRANSFORMS, check_noise_step, map_images, noised_branch, random_transform, require_pixels,
+)
 from vlmkit.registry import register_method
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

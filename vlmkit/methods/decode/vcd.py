@@ -25,7 +25,7 @@ import torch
 
 from vlmkit.errors import ConfigError
 from vlmkit.methods.decode.base import BranchConfig, DecodeMethod, check_range, contrast, plausible_tokens
-from vlmkit.methods.decode.images import add_diffusion_noise, check_noise_step, map_images, require_pixels
+from vlmkit.methods.decode.images import check_noise_step, noised_branch
 from vlmkit.registry import register_method
 
 
@@ -43,14 +43,6 @@ class VCDConfig(BranchConfig):
         check_noise_step("vcd", self.noise_step)
         if not isinstance(self.seed, int):
             raise ConfigError(f"vcd: seed={self.seed!r} must be an integer")
-
-
-def noised_branch(call, noise_step: int, seed: int, method: str):
-    """The call with every image/video replaced by its forward-diffusion-noised version."""
-    require_pixels(call, f"{method} distorts the image")
-    return call.replace(
-        **map_images(call.kwargs, seed, lambda block, grid, generator: add_diffusion_noise(block, noise_step, generator))
-    )
 
 
 @register_method("vcd", family="decode", site="logits")
