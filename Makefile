@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export NLTK_DATA ?= $(abspath ../shared/nltk_data)
 
-.PHONY: venv demo test test-slow clean readme
+.PHONY: venv demo test test-slow test-gpu clean readme
 
 venv: $(STAMP)
 
@@ -28,6 +28,9 @@ test: venv
 
 test-slow: venv
 	$(BIN)/python -m pytest -q -m slow
+
+test-gpu: venv
+	$(BIN)/python -m pytest -q -m gpu
 
 clean:
 	rm -rf $(VENV)
