@@ -104,20 +104,23 @@ TINY = LlavaSizes(image_size=32, patch_size=8, vision_width=32, vision_layers=1,
 
 def _tiny_recipe() -> LlavaRecipe:
     return LlavaRecipe(LlavaRecipeConfig(
-        sizes=TINY, vision_steps=2, vision_batch=4, chat_steps=3, chat_batch=2, eval_every=0))
+        sizes=TINY, vision_steps=2, vision_batch=4, chat_steps=3, chat_batch=2, polish_steps=2,
+        eval_every=0))
 
 
 def test_training_resumes_exactly(tmp_path):
     straight = train(_tiny_recipe(), tmp_path / "a", checkpoint_every=100, progress=False)
     assert train(_tiny_recipe(), tmp_path / "b", checkpoint_every=100, progress=False, stop_after=3) is None
     assert (tmp_path / "b" / "checkpoints" / "step-3" / "optimizer.safetensors").is_file()
+    assert train(_tiny_recipe(), tmp_path / "b", checkpoint_every=100, progress=False, stop_after=6) is None
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-5", "step-6"]
     resumed = train(_tiny_recipe(), tmp_path / "b", checkpoint_every=100, progress=False)
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
     rows = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
-    assert {r["stage"] for r in rows if "loss" in r} == {"vision", "chat"}
+    assert {r["stage"] for r in rows if "loss" in r} == {"vision", "chat", "polish"}
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     model = LlavaForConditionalGeneration.from_pretrained(resumed)
@@ -136,10 +139,11 @@ def test_video_recipe_trains_exports_and_generates(tmp_path):
     recipe = VideoRecipe(VideoRecipeConfig(sizes=sizes, vision_steps=1, vision_batch=2, chat_steps=3,
                                            chat_batch=2, eval_every=0))
     image_batch = recipe.batch(recipe.stages[1], 2)  # every third chat batch holds images
-    assert image_batch["pixel_values"].shape[0] == 2 * (112 // 14) ** 2
+    assert image_batch["pixel_values"].shape[0] == 2 * (112 // sizes.patch_size) ** 2
     video_batch = recipe.batch(recipe.stages[1], 0)
-    assert video_batch["video_grid_thw"].tolist() == [[4, 8, 8]] * 2
-    assert (video_batch["mm_token_type_ids"] == 2).sum(1).tolist() == [64, 64]
+    side = 112 // sizes.patch_size  # patches per frame side; 2x2 of them merge into one token
+    assert video_batch["video_grid_thw"].tolist() == [[4, side, side]] * 2
+    assert (video_batch["mm_token_type_ids"] == 2).sum(1).tolist() == [4 * (side // 2) ** 2] * 2
     final = train(recipe, tmp_path, progress=False)
     model = Qwen2VLForConditionalGeneration.from_pretrained(final)
     processor = AutoProcessor.from_pretrained(final)

@@ -6,7 +6,6 @@ every other token knows its crop (0 = base view) and its row/column (tiles: in t
 """
 from __future__ import annotations
 
-import torch
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, image_size_to_num_patches
 
 from vlmkit.adapters.anyres import packed_metas

@@ -6,6 +6,7 @@ objects, colours and boxes are exact (`frame_objects`); frames differ also in pi
 are written as H.264 mp4 files (imageio-ffmpeg's bundled ffmpeg) that decord reads.
 
 Example:
+    >>> from vlmkit.data.shapes import EVAL_SEEDS
     >>> clip = sample_clip(EVAL_SEEDS.start)
     >>> frames = render_clip(clip)  # uint8 [T, H, W, 3]
     >>> frames.shape[0] == clip.num_frames
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from vlmkit.data.shapes import (
-    CATEGORIES, COLOURS, EVAL_SEEDS, ShapeObject, WorldConfig, _box_of, _overlaps, _pick_colour,
+    CATEGORIES, COLOURS, ShapeObject, WorldConfig, _box_of, _overlaps, _pick_colour,
     add_noise, composite, render_background, sample_scene,
 )
 from vlmkit.errors import ConfigError

@@ -19,7 +19,7 @@ that layer's keys, whatever the attention implementation (no eager attention, no
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from vlmkit.errors import ConfigError, UnknownMethodError, did_you_mean
 
 if TYPE_CHECKING:
+    import torch
+
     from vlmkit.engine.selection import Selection, SelectionContext
 
 POSITION_POLICIES = ("auto", "keep", "reindex")
@@ -143,7 +145,7 @@ class TokenSelector(Method):
         raise NotImplementedError
 
 
-def top_k_sorted(scores: "torch.Tensor", count: int) -> "torch.Tensor":
+def top_k_sorted(scores: torch.Tensor, count: int) -> torch.Tensor:
     """Indices of the `count` highest scores, in increasing index order (ties: lower index first)."""
     import torch
 

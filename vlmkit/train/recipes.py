@@ -15,16 +15,16 @@
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from vlmkit.data.shapes import CATEGORIES, COLOURS, TRAIN_SEEDS, WorldConfig
+from vlmkit.data.shapes import CATEGORIES, COLOURS, WorldConfig
 from vlmkit.train.data import ConversationEncoder, Mixture, ShapesStream, collate
 from vlmkit.train.evaluate import pope_eval
+from vlmkit.train.losses import dense_word_loss, export
 from vlmkit.train.models import LlavaSizes, build_llava, build_llava_processor, pixel_values
 from vlmkit.train.tokenizer import build_tokenizer
 from vlmkit.train.trainer import Stage
@@ -161,22 +161,9 @@ class LlavaRecipe:
         return loss + self.config.dense_weight * dense, metrics
 
     def _dense_loss(self, tokens: torch.Tensor, batch: dict) -> tuple[torch.Tensor, float]:
-        """Per-patch category + colour loss on projected visual tokens, and object-patch accuracy."""
-        words = self.model.model.language_model.embed_tokens.weight
-        category_w = torch.cat([words[self.category_ids], self.heads.background[None]])
-        colour_w = torch.cat([words[self.colour_ids], self.heads.no_colour[None]])
-        category = batch["category"].flatten(1).clone()
-        category[category < 0] = len(CATEGORIES)
-        colour = batch["colour"].flatten(1).clone()
-        colour[colour < 0] = len(COLOURS)
-        weight = torch.ones(len(CATEGORIES) + 1)
-        weight[-1] = 0.25
-        cat_logits = tokens @ category_w.T
-        loss_cat = F.cross_entropy(cat_logits.flatten(0, 1), category.flatten(), weight=weight)
-        loss_col = F.cross_entropy((tokens @ colour_w.T).flatten(0, 1), colour.flatten())
-        objects = category < len(CATEGORIES)
-        accuracy = (cat_logits.argmax(-1) == category)[objects].float().mean().item()
-        return loss_cat + 0.5 * loss_col, round(accuracy, 4)
+        return dense_word_loss(tokens, self.model.model.language_model.embed_tokens.weight,
+                               self.category_ids, self.colour_ids, self.heads.background,
+                               self.heads.no_colour, batch["category"], batch["colour"])
 
     def _vision_loss(self, pixels: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
         inner = self.model.model
@@ -201,11 +188,4 @@ class LlavaRecipe:
 
     def export(self, path: str | Path) -> None:
         """Write the model, processor and the recipe in `save_pretrained` layout."""
-        path = Path(path)
-        self.model.set_attn_implementation("sdpa")
-        self.model.save_pretrained(path)
-        self.processor.save_pretrained(path)
-        (path / "training.json").write_text(json.dumps(
-            {"recipe": "shapes-llava", "config": self.config.to_dict(),
-             "train_seeds": [TRAIN_SEEDS.start, TRAIN_SEEDS.stop]}, indent=1))
-        self.model.set_attn_implementation("eager")
+        export(self.model, self.processor, path, "shapes-llava", self.config.to_dict())

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from vlmkit.engine.selection import SampleSelection, Selection, SelectionContext
 from vlmkit.errors import ConfigError
 from vlmkit.methods.base import TokenBudgetConfig, TokenSelector, top_k_sorted
