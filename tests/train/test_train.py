@@ -105,7 +105,7 @@ TINY = LlavaSizes(image_size=32, patch_size=8, vision_width=32, vision_layers=1,
 def _tiny_recipe() -> LlavaRecipe:
     return LlavaRecipe(LlavaRecipeConfig(
         sizes=TINY, vision_steps=2, vision_batch=4, chat_steps=3, chat_batch=2, polish_steps=2,
-        eval_every=0))
+        position_steps=1, eval_every=0))
 
 
 def test_training_resumes_exactly(tmp_path):
@@ -120,7 +120,7 @@ def test_training_resumes_exactly(tmp_path):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     rows = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
-    assert {r["stage"] for r in rows if "loss" in r} == {"vision", "chat", "polish"}
+    assert {r["stage"] for r in rows if "loss" in r} == {"vision", "chat", "polish", "position"}
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     model = LlavaForConditionalGeneration.from_pretrained(resumed)

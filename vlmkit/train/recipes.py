@@ -12,6 +12,8 @@
    keeps improving while the language model learns to ground words.
 3. **polish**: the chat stage's objective on the full-difficulty world only, with fresh scenes and
    a second, lower-peak cosine schedule (a warm restart), for the late gains in grounding.
+4. **position**: a short stage whose question mixture leans on position questions, which the
+   earlier mixture (position 20% of questions) left at chance in yes/no form.
 """
 from __future__ import annotations
 
@@ -49,6 +51,9 @@ class LlavaRecipeConfig:
         dense_weight: weight of the per-patch category/colour loss in the chat stage.
         polish_steps: steps of the polish stage (0: none).
         polish_lr: peak learning rate of the polish stage.
+        position_steps: steps of the position stage (0: none).
+        position_lr: peak learning rate of the position stage.
+        position_mixture: the question mixture of the position stage.
         curriculum_start: scene difficulty at the start of the chat stage.
         curriculum_fraction: share of the chat stage spent ramping difficulty to 1.
         mixture: the question mixture.
@@ -66,6 +71,10 @@ class LlavaRecipeConfig:
     chat_lr: float = 1e-3
     polish_steps: int = 1200
     polish_lr: float = 5e-4
+    position_steps: int = 600
+    position_lr: float = 3e-4
+    position_mixture: Mixture = field(default_factory=lambda: Mixture(
+        caption=0.2, existence=0.3, count=0.1, color=0.1, position=0.6))
     dense_weight: float = 0.5
     curriculum_start: float = 0.3
     curriculum_fraction: float = 0.3
@@ -117,6 +126,7 @@ class LlavaRecipe:
                    "model.model.language_model.embed_tokens")),
             Stage("chat", c.chat_steps, c.chat_batch, c.chat_lr, ("model.",)),
             Stage("polish", c.polish_steps, c.chat_batch, c.polish_lr, ("model.",)),
+            Stage("position", c.position_steps, c.chat_batch, c.position_lr, ("model.",)),
         ]
         self.stages = [s for s in self.stages if s.steps > 0]
         self._streams: dict[str, ShapesStream] = {}
@@ -132,11 +142,12 @@ class LlavaRecipe:
                     start, length, self.world, patch_size=self.config.sizes.patch_size,
                     curriculum=(0.5, length // 3))
             else:
-                curriculum = (1.0, 0) if stage.name == "polish" else (
-                    self.config.curriculum_start, int(length * self.config.curriculum_fraction))
+                ramp = (self.config.curriculum_start, int(length * self.config.curriculum_fraction))
+                mixture = self.config.position_mixture if stage.name == "position" else self.config.mixture
                 self._streams[stage.name] = ShapesStream(
-                    start, length, self.world, self.encoder, self.config.mixture,
-                    patch_size=self.config.sizes.patch_size, curriculum=curriculum)
+                    start, length, self.world, self.encoder, mixture,
+                    patch_size=self.config.sizes.patch_size,
+                    curriculum=ramp if stage.name == "chat" else (1.0, 0))
         return self._streams[stage.name]
 
     def batch(self, stage: Stage, step: int) -> dict:
