@@ -97,7 +97,7 @@ def pope_table(runs: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def chair_table(runs: dict[str, dict[str, Any]]) -> list[str]:
-    lines = ["| method | CHAIR_s (lower is better) | CHAIR_i | recall | words | decode tok/s |", "|---|---|---|---|---|---|"]
+    lines = ["| method | CHAIR_s (lower is better) | CHAIR_i | recall | words per caption | decode tok/s |", "|---|---|---|---|---|---|"]
     base = runs.get("baseline")
     for name, result in runs.items():
         m = result["metrics"]
@@ -105,7 +105,7 @@ def chair_table(runs: dict[str, dict[str, Any]]) -> list[str]:
         lines.append(
             f"| {name} | {100 * m['CHAIRs']:.1f}{_delta(m['CHAIRs'], b and b['CHAIRs'])} "
             f"| {100 * m['CHAIRi']:.1f}{_delta(m['CHAIRi'], b and b['CHAIRi'])} "
-            f"| {100 * m['Recall']:.1f}{_delta(m['Recall'], b and b['Recall'])} | {m['Len']:.1f} | {_tokens_per_s(result)} |"
+            f"| {100 * m['Recall']:.1f}{_delta(m['Recall'], b and b['Recall'])} | {100 * m['Len']:.0f} | {_tokens_per_s(result)} |"
         )
     return lines
 
