@@ -1,0 +1,55 @@
+"""The shipped shapes checkpoints load with plain `from_pretrained` and answer held-out questions at
+the quality bars (a fast subset of the README's eval: other held-out seeds, fewer images)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from vlmkit import zoo
+from vlmkit.data.shapes import EVAL_SEEDS, WorldConfig
+from vlmkit.train.evaluate import chair_eval, mme_eval, pope_eval
+
+CHECKPOINTS = Path(zoo.__file__).parent / "checkpoints"
+MAX_BYTES = 25 * 1024 * 1024
+SUBSET_SEED = EVAL_SEEDS.start + 500_000  # held out, and apart from the README's eval images
+SHIPPED = ["shapes-llava"]
+
+
+@pytest.fixture(scope="module")
+def shapes_llava():
+    folder = CHECKPOINTS / "shapes-llava"
+    return LlavaForConditionalGeneration.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_checkpoint_layout_and_size(name):
+    folder = CHECKPOINTS / name
+    files = {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json", "training.json"} <= files
+    assert not any(f.endswith((".bin", ".pt", ".pth", ".pkl")) for f in files)
+    assert sum(p.stat().st_size for p in folder.iterdir()) <= MAX_BYTES
+    assert name in zoo.available()
+
+
+def test_zoo_load_equals_from_pretrained(shapes_llava):
+    model, _ = zoo.load("shapes-llava")
+    reference = shapes_llava[0].state_dict()
+    assert all(value.equal(reference[key]) for key, value in model.state_dict().items())
+    assert model.config.image_seq_length >= 144
+
+
+def test_shapes_llava_pope_subset(shapes_llava):
+    result = pope_eval(*shapes_llava, n_images=30, seed=SUBSET_SEED, config=WorldConfig(image_size=96))
+    assert result["random"]["accuracy"] >= 0.88, result
+    # a real, prior-driven hallucination gap: co-occurring negatives fool it more often
+    assert result["adversarial"]["accuracy"] <= result["random"]["accuracy"] - 0.03, result
+
+
+def test_shapes_llava_mme_and_chair_subset(shapes_llava):
+    mme = mme_eval(*shapes_llava, 10, SUBSET_SEED, WorldConfig(image_size=96))
+    for subtask in ("existence", "count", "color"):  # position is at chance: see README
+        assert mme[subtask]["accuracy"] >= 0.75, mme
+    chair = chair_eval(*shapes_llava, 40, SUBSET_SEED, WorldConfig(image_size=96))
+    assert 0.03 <= chair["chair_i"] <= 0.30, chair
