@@ -159,7 +159,7 @@ class VideoRecipeConfig:
     vision_steps: int = 1200
     vision_batch: int = 32
     vision_lr: float = 2e-3
-    chat_steps: int = 1800
+    chat_steps: int = 1200
     chat_batch: int = 16
     chat_lr: float = 1e-3
     image_every: int = 3
