@@ -27,25 +27,21 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass(frozen=True)
-class LlavaSizes:
-    """Sizes of `shapes-llava`.
+class BackboneSizes:
+    """The ViT and decoder sizes both shapes models share.
 
     Attributes:
-        image_size: input side in pixels.
-        patch_size: ViT patch side; `(image_size / patch_size)**2` visual tokens.
         vision_width: ViT hidden size.
         vision_layers: ViT layers.
         vision_heads: ViT attention heads.
-        text_width: Llama hidden size.
-        text_layers: Llama layers.
-        text_heads: Llama attention heads.
-        text_mlp: Llama MLP size.
-        init_std: std of the language model's initial weights.
-        tied_qk_heads: heads per layer whose key projection starts equal to the query projection.
+        text_width: decoder hidden size.
+        text_layers: decoder layers.
+        text_heads: decoder attention heads.
+        text_mlp: decoder MLP size.
+        init_std: std of the decoder's initial weights.
+        tied_qk_heads: decoder heads per layer whose key projection starts equal to the query's.
     """
 
-    image_size: int = 96
-    patch_size: int = 8
     vision_width: int = 128
     vision_layers: int = 4
     vision_heads: int = 4
@@ -57,12 +53,28 @@ class LlavaSizes:
     tied_qk_heads: int = 2
 
     def __post_init__(self) -> None:
-        if self.image_size % self.patch_size:
-            raise ConfigError(f"patch_size={self.patch_size} must divide image_size={self.image_size}.")
         if self.text_width % self.text_heads or self.vision_width % self.vision_heads:
             raise ConfigError("widths must be divisible by their number of heads.")
         if not 0 <= self.tied_qk_heads <= self.text_heads:
             raise ConfigError(f"tied_qk_heads={self.tied_qk_heads} must lie in [0, {self.text_heads}].")
+
+
+@dataclass(frozen=True)
+class LlavaSizes(BackboneSizes):
+    """Sizes of `shapes-llava` (a CLIP-style ViT and a Llama; see `BackboneSizes` for the rest).
+
+    Attributes:
+        image_size: input side in pixels.
+        patch_size: ViT patch side; `(image_size / patch_size)**2` visual tokens.
+    """
+
+    image_size: int = 96
+    patch_size: int = 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"patch_size={self.patch_size} must divide image_size={self.image_size}.")
 
     @property
     def num_patches(self) -> int:

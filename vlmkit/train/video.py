@@ -33,7 +33,7 @@ from vlmkit.errors import ConfigError
 from vlmkit.train.data import ConversationEncoder, Mixture, sample_qas
 from vlmkit.train.evaluate import video_eval
 from vlmkit.train.losses import dense_word_loss, export
-from vlmkit.train.models import CLIP_MEAN, CLIP_STD, tie_query_keys
+from vlmkit.train.models import CLIP_MEAN, CLIP_STD, BackboneSizes, tie_query_keys
 from vlmkit.train.tokenizer import build_tokenizer
 from vlmkit.train.trainer import Stage
 
@@ -41,38 +41,21 @@ _STAGE_SEED_STRIDE = 100_000_000
 
 
 @dataclass(frozen=True)
-class VideoSizes:
-    """Sizes of `shapes-video`.
+class VideoSizes(BackboneSizes):
+    """Sizes of `shapes-video` (a Qwen2-VL ViT and decoder; see `BackboneSizes` for the rest).
 
     Attributes:
         image_size: frame side in pixels (a multiple of `patch_size * 2`).
         num_frames: frames per clip (even: two frames make one temporal patch).
         patch_size: ViT patch side.
-        vision_width: ViT width.
-        vision_layers: ViT depth.
-        vision_heads: ViT heads.
-        text_width: decoder width.
-        text_layers: decoder layers.
-        text_heads: decoder heads.
-        text_mlp: decoder MLP size.
-        init_std: std of the decoder's initial weights.
-        tied_qk_heads: decoder heads per layer whose key projection starts equal to the query's.
     """
 
     image_size: int = 112
     num_frames: int = 8
     patch_size: int = 7
-    vision_width: int = 128
-    vision_layers: int = 4
-    vision_heads: int = 4
-    text_width: int = 128
-    text_layers: int = 4
-    text_heads: int = 4
-    text_mlp: int = 384
-    init_std: float = 0.1
-    tied_qk_heads: int = 2
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.image_size % (2 * self.patch_size) or self.num_frames % 2:
             raise ConfigError(
                 f"image_size={self.image_size} must be a multiple of {2 * self.patch_size} and "
