@@ -105,7 +105,7 @@ TINY = LlavaSizes(image_size=32, patch_size=8, vision_width=32, vision_layers=1,
 def _tiny_recipe() -> LlavaRecipe:
     return LlavaRecipe(LlavaRecipeConfig(
         sizes=TINY, vision_steps=2, vision_batch=4, chat_steps=3, chat_batch=2, polish_steps=2,
-        position_steps=1, eval_every=0))
+        position_steps=1, locate_steps=2, eval_every=0))
 
 
 def test_training_resumes_exactly(tmp_path):
@@ -120,7 +120,7 @@ def test_training_resumes_exactly(tmp_path):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     rows = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
-    assert {r["stage"] for r in rows if "loss" in r} == {"vision", "chat", "polish", "position"}
+    assert {r["stage"] for r in rows if "loss" in r} == {"vision", "chat", "polish", "position", "locate"}
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     model = LlavaForConditionalGeneration.from_pretrained(resumed)
@@ -129,24 +129,59 @@ def test_training_resumes_exactly(tmp_path):
     assert processor.tokenizer.chat_template
 
 
-def test_video_recipe_trains_exports_and_generates(tmp_path):
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+def test_video_recipe_grows_from_shapes_llava_trains_exports_and_generates(tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaOnevisionForConditionalGeneration
 
     from vlmkit.train.evaluate import generate
-    from vlmkit.train.video import VideoRecipe, VideoRecipeConfig, VideoSizes
+    from vlmkit.train.video import VideoRecipe, VideoRecipeConfig
+    from vlmkit.zoo.shipped import CHECKPOINTS
 
-    sizes = VideoSizes(vision_width=32, vision_layers=1, text_width=32, text_layers=1, text_heads=2, text_mlp=64)
-    recipe = VideoRecipe(VideoRecipeConfig(sizes=sizes, vision_steps=1, vision_batch=2, chat_steps=3,
-                                           chat_batch=2, eval_every=0))
-    image_batch = recipe.batch(recipe.stages[1], 2)  # every third chat batch holds images
-    assert image_batch["pixel_values"].shape[0] == 2 * (112 // sizes.patch_size) ** 2
-    video_batch = recipe.batch(recipe.stages[1], 0)
-    side = 112 // sizes.patch_size  # patches per frame side; 2x2 of them merge into one token
-    assert video_batch["video_grid_thw"].tolist() == [[4, side, side]] * 2
-    assert (video_batch["mm_token_type_ids"] == 2).sum(1).tolist() == [4 * (side // 2) ** 2] * 2
+    recipe = VideoRecipe(VideoRecipeConfig(steps=2, batch=2, image_every=2, eval_every=0))
+    llava = LlavaForConditionalGeneration.from_pretrained(CHECKPOINTS / "shapes-llava")
+    grown = recipe.model.state_dict()
+    for name, value in llava.state_dict().items():  # everything but the newline vector is shapes-llava's
+        assert torch.equal(grown[name], value), name
+    video_batch = recipe.batch(recipe.stages[0], 0)
+    assert video_batch["pixel_values_videos"].shape == (2, 8, 3, 96, 96)
+    assert (video_batch["input_ids"] == recipe.model.config.video_token_index).sum(1).tolist() == [8 * 36 + 1] * 2
+    assert video_batch["category"].shape == (2, 8, 12, 12)
+    image_batch = recipe.batch(recipe.stages[0], 1)  # every second batch holds images here
+    assert image_batch["pixel_values"].shape == (2, 2, 3, 96, 96)  # AnyRes: base view + one crop
+    vision = {k: v.clone() for k, v in recipe.model.model.vision_tower.state_dict().items()}
     final = train(recipe, tmp_path, progress=False)
-    model = Qwen2VLForConditionalGeneration.from_pretrained(final)
+    for name, value in recipe.model.model.vision_tower.state_dict().items():  # the ViT stays frozen
+        assert torch.equal(vision[name], value), name
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(final)
     processor = AutoProcessor.from_pretrained(final)
-    frames = np.zeros((8, 112, 112, 3), np.uint8)
+    frames = np.zeros((8, 96, 96, 3), np.uint8)
     answers = generate(model, processor, [frames], ["Which object appears during the video?"], video=True)
-    assert len(answers) == 1 and isinstance(answers[0], str)
+    answers += generate(model, processor, [frames[0]], ["Is there a star in the image?"])
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
+def test_side_targets_split_the_grid_in_thirds():
+    from vlmkit.train.losses import side_targets
+
+    horizontal, vertical = side_targets(6)  # 0 left / top, 1 right / bottom, 2 middle
+    assert horizontal.view(6, 6)[0].tolist() == [0, 0, 2, 2, 1, 1]
+    assert vertical.view(6, 6)[:, 0].tolist() == [0, 0, 2, 2, 1, 1]
+    assert (horizontal.view(6, 6) == horizontal.view(6, 6)[0]).all()  # columns, whatever the row
+
+
+def test_dense_side_loss_scores_tokens_that_name_their_third():
+    from vlmkit.train.losses import dense_side_loss, side_targets
+
+    words = torch.eye(8)  # left, right, top, bottom are the unit vectors 0..3
+    horizontal, vertical = side_targets(3)
+    tokens = torch.zeros(1, 9, 8)
+    for i, (h, v) in enumerate(zip(horizontal.tolist(), vertical.tolist())):
+        tokens[0, i, :4] = -10.0  # the middle third: neither side's word (logits below the middle's 0)
+        if h < 2:
+            tokens[0, i, h] = 10.0
+        if v < 2:
+            tokens[0, i, 2 + v] = 10.0
+    ids = (torch.tensor([0, 1]), torch.tensor([2, 3]))
+    loss, accuracy = dense_side_loss(tokens, words, *ids)
+    assert accuracy == 1.0 and loss.item() < 1e-3
+    flipped, accuracy = dense_side_loss(tokens.flip(1), words, *ids)  # the grid read backwards
+    assert accuracy == round(1 / 3, 4) and flipped.item() > 10  # only the middle row / column stays right

@@ -174,8 +174,9 @@ class ShapesStream(torch.utils.data.Dataset):
         return {"image": image, "input_ids": torch.tensor(ids), "labels": torch.tensor(labels), **dense}
 
 
-def collate(samples: list[dict], pad_id: int) -> dict:
-    """Stack images and targets; right-pad token sequences (labels with `IGNORE`)."""
+def collate(samples: list[dict], pad_id: int,
+            dense: tuple[str, ...] = ("category", "colour", "centre", "present")) -> dict:
+    """Stack images and the `dense` targets; right-pad token sequences (labels with `IGNORE`)."""
     out = {"images": torch.stack([s["image"] for s in samples])}
     if "input_ids" in samples[0]:
         length = max(len(s["input_ids"]) for s in samples)
@@ -186,6 +187,6 @@ def collate(samples: list[dict], pad_id: int) -> dict:
             n = len(s["input_ids"])
             ids[i, :n], labels[i, :n], mask[i, :n] = s["input_ids"], s["labels"], 1
         out.update(input_ids=ids, labels=labels, attention_mask=mask)
-    for key in ("category", "colour", "centre", "present"):
+    for key in dense:
         out[key] = torch.stack([s[key] for s in samples])
     return out
