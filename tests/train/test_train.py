@@ -105,7 +105,7 @@ TINY = LlavaSizes(image_size=32, patch_size=8, vision_width=32, vision_layers=1,
 def _tiny_recipe() -> LlavaRecipe:
     return LlavaRecipe(LlavaRecipeConfig(
         sizes=TINY, vision_steps=2, vision_batch=4, chat_steps=3, chat_batch=2, polish_steps=2,
-        position_steps=1, locate_steps=2, eval_every=0))
+        position_steps=1, eval_every=0))
 
 
 def test_training_resumes_exactly(tmp_path):
@@ -120,7 +120,7 @@ def test_training_resumes_exactly(tmp_path):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     rows = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
-    assert {r["stage"] for r in rows if "loss" in r} == {"vision", "chat", "polish", "position", "locate"}
+    assert {r["stage"] for r in rows if "loss" in r} == {"vision", "chat", "polish", "position"}
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     model = LlavaForConditionalGeneration.from_pretrained(resumed)
@@ -158,30 +158,3 @@ def test_video_recipe_grows_from_shapes_llava_trains_exports_and_generates(tmp_p
     answers += generate(model, processor, [frames[0]], ["Is there a star in the image?"])
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
 
-
-def test_side_targets_split_the_grid_in_thirds():
-    from vlmkit.train.losses import side_targets
-
-    horizontal, vertical = side_targets(6)  # 0 left / top, 1 right / bottom, 2 middle
-    assert horizontal.view(6, 6)[0].tolist() == [0, 0, 2, 2, 1, 1]
-    assert vertical.view(6, 6)[:, 0].tolist() == [0, 0, 2, 2, 1, 1]
-    assert (horizontal.view(6, 6) == horizontal.view(6, 6)[0]).all()  # columns, whatever the row
-
-
-def test_dense_side_loss_scores_tokens_that_name_their_third():
-    from vlmkit.train.losses import dense_side_loss, side_targets
-
-    words = torch.eye(8)  # left, right, top, bottom are the unit vectors 0..3
-    horizontal, vertical = side_targets(3)
-    tokens = torch.zeros(1, 9, 8)
-    for i, (h, v) in enumerate(zip(horizontal.tolist(), vertical.tolist())):
-        tokens[0, i, :4] = -10.0  # the middle third: neither side's word (logits below the middle's 0)
-        if h < 2:
-            tokens[0, i, h] = 10.0
-        if v < 2:
-            tokens[0, i, 2 + v] = 10.0
-    ids = (torch.tensor([0, 1]), torch.tensor([2, 3]))
-    loss, accuracy = dense_side_loss(tokens, words, *ids)
-    assert accuracy == 1.0 and loss.item() < 1e-3
-    flipped, accuracy = dense_side_loss(tokens.flip(1), words, *ids)  # the grid read backwards
-    assert accuracy == round(1 / 3, 4) and flipped.item() > 10  # only the middle row / column stays right

@@ -134,14 +134,11 @@ def chair_eval(model, processor, n_images: int = 100, seed: int = MONITOR_SEED,
 
 
 def mme_eval(model, processor, n_images: int = 30, seed: int = MONITOR_SEED,
-             config: WorldConfig | None = None, batch_size: int = 32,
-             subtasks: tuple[str, ...] = MME_SUBTASKS) -> dict:
-    """Accuracy, acc+ and score (acc*100 + acc+*100) per MME-style subtask (all of `subtasks`)."""
+             config: WorldConfig | None = None, batch_size: int = 32) -> dict:
+    """Accuracy, acc+ and score (acc*100 + acc+*100) per MME-style subtask."""
     config = config or WorldConfig()
     result = {}
     for k, subtask in enumerate(MME_SUBTASKS):
-        if subtask not in subtasks:
-            continue
         pairs = {}
 
         def keep(scene, subtask=subtask) -> bool:

@@ -1,8 +1,7 @@
-"""What the shapes recipes share: the dense per-token word losses and the `save_pretrained` export."""
+"""What both shapes recipes share: the dense per-token word loss and the `save_pretrained` export."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -45,48 +44,6 @@ def dense_word_loss(tokens: torch.Tensor, words: torch.Tensor, category_ids: tor
     loss = loss + 0.5 * F.cross_entropy((tokens @ colour_w.T).flatten(0, 1), colour.flatten())
     objects = category < len(CATEGORIES)
     return loss, round((logits.argmax(-1) == category)[objects].float().mean().item(), 4)
-
-
-def side_targets(grid: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-patch (horizontal, vertical) thirds of a `grid x grid` patch grid, row-major.
-
-    Horizontal: 0 left, 1 right, 2 middle; vertical: 0 top, 1 bottom, 2 middle (the order of
-    `dense_side_loss`'s word ids, the middle third last).
-    """
-    index = torch.arange(grid)
-    third = torch.full((grid,), 2)
-    third[index < grid / 3] = 0
-    third[index >= 2 * grid / 3] = 1
-    return third.repeat(grid), third.repeat_interleave(grid)
-
-
-def dense_side_loss(tokens: torch.Tensor, words: torch.Tensor, horizontal_ids: torch.Tensor,
-                    vertical_ids: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Per-token side cross-entropy: each visual token names the third of the image it lies in.
-
-    The logits of a token for "left" and "right" (and "top", "bottom") are its dot products with
-    those words' embeddings; the middle third's logit is 0. A question such as "Is the star on the
-    left side?" is then answered by attending to the star's tokens and reading the side off them,
-    instead of decoding the column from RoPE positions (index mod width), which a 4-layer
-    language model did not learn. Loss = CE_horizontal + CE_vertical.
-
-    Args:
-        tokens: (batch, grid * grid, width) projected visual tokens, row-major.
-        words: the language model's input embedding matrix.
-        horizontal_ids, vertical_ids: token ids of ("left", "right") and ("top", "bottom").
-
-    Returns:
-        `(loss, accuracy)`: accuracy over both axes and all tokens.
-    """
-    grid = math.isqrt(tokens.shape[1])
-    losses, correct = [], []
-    for ids, target in zip((horizontal_ids, vertical_ids), side_targets(grid)):
-        logits = tokens @ words[ids].T
-        logits = torch.cat([logits, torch.zeros_like(logits[..., :1])], -1)
-        target = target.expand(len(tokens), -1)
-        losses.append(F.cross_entropy(logits.flatten(0, 1), target.flatten()))
-        correct.append((logits.argmax(-1) == target).float().mean())
-    return sum(losses), round(torch.stack(correct).mean().item(), 4)
 
 
 def export(model, processor, path: str | Path, recipe: str, config: dict) -> None:

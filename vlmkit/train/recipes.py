@@ -14,10 +14,6 @@
    a second, lower-peak cosine schedule (a warm restart), for the late gains in grounding.
 4. **position**: a short stage whose question mixture leans on position questions, which the
    earlier mixture (position 20% of questions) left at chance in yes/no form.
-5. **locate**: the position stage's mixture plus a dense side loss (`dense_side_loss`): every
-   visual token also learns to name the third of the image it lies in ("left"/"right",
-   "top"/"bottom"), so the language model can read where an object is from its tokens. Stage 4
-   alone left yes/no position questions at chance.
 """
 from __future__ import annotations
 
@@ -29,8 +25,8 @@ import torch.nn.functional as F
 
 from vlmkit.data.shapes import CATEGORIES, COLOURS, WorldConfig
 from vlmkit.train.data import ConversationEncoder, Mixture, ShapesStream, collate
-from vlmkit.train.evaluate import mme_eval, pope_eval
-from vlmkit.train.losses import dense_side_loss, dense_word_loss, export
+from vlmkit.train.evaluate import pope_eval
+from vlmkit.train.losses import dense_word_loss, export
 from vlmkit.train.models import LlavaSizes, build_llava, build_llava_processor, pixel_values
 from vlmkit.train.tokenizer import build_tokenizer
 from vlmkit.train.trainer import Stage
@@ -57,10 +53,7 @@ class LlavaRecipeConfig:
         polish_lr: peak learning rate of the polish stage.
         position_steps: steps of the position stage (0: none).
         position_lr: peak learning rate of the position stage.
-        position_mixture: the question mixture of the position and locate stages.
-        locate_steps: steps of the locate stage (0: none).
-        locate_lr: peak learning rate of the locate stage.
-        side_weight: weight of the per-token side loss in the locate stage.
+        position_mixture: the question mixture of the position stage.
         curriculum_start: scene difficulty at the start of the chat stage.
         curriculum_fraction: share of the chat stage spent ramping difficulty to 1.
         mixture: the question mixture.
@@ -82,9 +75,6 @@ class LlavaRecipeConfig:
     position_lr: float = 3e-4
     position_mixture: Mixture = field(default_factory=lambda: Mixture(
         caption=0.2, existence=0.3, count=0.1, color=0.1, position=0.6))
-    locate_steps: int = 800
-    locate_lr: float = 3e-4
-    side_weight: float = 0.5
     dense_weight: float = 0.5
     curriculum_start: float = 0.3
     curriculum_fraction: float = 0.3
@@ -127,8 +117,6 @@ class LlavaRecipe:
         self.world = WorldConfig(image_size=config.sizes.image_size)
         self.category_ids = torch.tensor(self.tokenizer.convert_tokens_to_ids(list(CATEGORIES)))
         self.colour_ids = torch.tensor(self.tokenizer.convert_tokens_to_ids(list(COLOURS)))
-        self.side_ids = [torch.tensor(self.tokenizer.convert_tokens_to_ids(pair))
-                         for pair in (["left", "right"], ["top", "bottom"])]
         image_id = self.model.config.image_token_id
         self.encoder = ConversationEncoder(self.tokenizer, [image_id] * config.sizes.num_patches)
         c = config
@@ -139,7 +127,6 @@ class LlavaRecipe:
             Stage("chat", c.chat_steps, c.chat_batch, c.chat_lr, ("model.",)),
             Stage("polish", c.polish_steps, c.chat_batch, c.polish_lr, ("model.",)),
             Stage("position", c.position_steps, c.chat_batch, c.position_lr, ("model.",)),
-            Stage("locate", c.locate_steps, c.chat_batch, c.locate_lr, ("model.",)),
         ]
         self.stages = [s for s in self.stages if s.steps > 0]
         self._streams: dict[str, ShapesStream] = {}
@@ -156,8 +143,7 @@ class LlavaRecipe:
                     curriculum=(0.5, length // 3))
             else:
                 ramp = (self.config.curriculum_start, int(length * self.config.curriculum_fraction))
-                positional = stage.name in ("position", "locate")
-                mixture = self.config.position_mixture if positional else self.config.mixture
+                mixture = self.config.position_mixture if stage.name == "position" else self.config.mixture
                 self._streams[stage.name] = ShapesStream(
                     start, length, self.world, self.encoder, mixture,
                     patch_size=self.config.sizes.patch_size,
@@ -183,12 +169,7 @@ class LlavaRecipe:
         tokens = out.image_hidden_states.view(len(pixels), self.config.sizes.num_patches, -1)
         dense, accuracy = self._dense_loss(tokens, batch)
         metrics = {"lm_loss": round(loss.item(), 4), "object_patch_acc": accuracy}
-        loss = loss + self.config.dense_weight * dense
-        if stage.name == "locate":
-            side, metrics["side_acc"] = dense_side_loss(
-                tokens, self.model.model.language_model.embed_tokens.weight, *self.side_ids)
-            loss = loss + self.config.side_weight * side
-        return loss, metrics
+        return loss + self.config.dense_weight * dense, metrics
 
     def _dense_loss(self, tokens: torch.Tensor, batch: dict) -> tuple[torch.Tensor, float]:
         return dense_word_loss(tokens, self.model.model.language_model.embed_tokens.weight,
@@ -213,12 +194,8 @@ class LlavaRecipe:
             return None
         result = pope_eval(self.model, self.processor, self.config.eval_images,
                            splits=("random", "adversarial"))
-        metrics = {split: r["accuracy"] for split, r in result.items()} | {
+        return {split: r["accuracy"] for split, r in result.items()} | {
             "yes_ratio": result["random"]["yes_ratio"]}
-        if stage.name in ("position", "locate"):
-            mme = mme_eval(self.model, self.processor, self.config.eval_images, subtasks=("position",))
-            metrics["mme_position"] = mme["position"]["score"]
-        return metrics
 
     def export(self, path: str | Path) -> None:
         """Write the model, processor and the recipe in `save_pretrained` layout."""

@@ -113,6 +113,7 @@ class VideoRecipeConfig:
     mixture: Mixture = field(default_factory=Mixture)
     eval_every: int = 100
     eval_clips: int = 48
+    answer: str = "option"
 
     def to_dict(self) -> dict:
         """JSON-serialisable form."""
@@ -167,7 +168,8 @@ class VideoRecipe:
         seed = self._seed(stage, index)
         clip = sample_clip(seed, self.clip_world, self.config.num_frames)
         item = clip_question(clip, np.random.default_rng([seed, 4]))
-        qa = QA(mc_prompt(item["question"], item["candidates"]), mc_answer(item["candidates"], item["answer"]),
+        answer = mc_answer(item["candidates"], item["answer"]) if self.config.answer == "option" else item["answer"]
+        qa = QA(mc_prompt(item["question"], item["candidates"]), answer,
                 item["task"], item["answer"], _clip_focus(item), item["answer"])
         ids, labels = self.video_encoder.encode([qa], self.config.mixture.focus)
         frames = [patch_labels(dataclasses.replace(clip.scene, objects=frame_objects(clip, t)), self.patch_size)
