@@ -136,7 +136,7 @@ def test_video_recipe_grows_from_shapes_llava_trains_exports_and_generates(tmp_p
     from vlmkit.train.video import VideoRecipe, VideoRecipeConfig
     from vlmkit.zoo.shipped import CHECKPOINTS
 
-    recipe = VideoRecipe(VideoRecipeConfig(steps=2, batch=2, image_every=2, eval_every=0))
+    recipe = VideoRecipe(VideoRecipeConfig(steps=2, option_steps=2, batch=2, image_every=2, eval_every=0))
     llava = LlavaForConditionalGeneration.from_pretrained(CHECKPOINTS / "shapes-llava")
     grown = recipe.model.state_dict()
     for name, value in llava.state_dict().items():  # everything but the newline vector is shapes-llava's
@@ -145,6 +145,13 @@ def test_video_recipe_grows_from_shapes_llava_trains_exports_and_generates(tmp_p
     assert video_batch["pixel_values_videos"].shape == (2, 8, 3, 96, 96)
     assert (video_batch["input_ids"] == recipe.model.config.video_token_index).sum(1).tolist() == [8 * 36 + 1] * 2
     assert video_batch["category"].shape == (2, 8, 12, 12)
+    options_batch = recipe.batch(recipe.stages[1], 0)
+
+    def answers(batch):  # the answer turn: the last two labelled tokens before "</s>"
+        return [recipe.tokenizer.decode(row[row != -100][-3:-1]) for row in batch["labels"]]
+
+    assert all(a.split()[0] not in ("(A)", "(B)", "(C)", "(D)") for a in answers(video_batch))  # "blue"
+    assert all(a.split()[0] in ("(A)", "(B)", "(C)", "(D)") for a in answers(options_batch))  # "(B) blue"
     image_batch = recipe.batch(recipe.stages[0], 1)  # every second batch holds images here
     assert image_batch["pixel_values"].shape == (2, 2, 3, 96, 96)  # AnyRes: base view + one crop
     vision = {k: v.clone() for k, v in recipe.model.model.vision_tower.state_dict().items()}

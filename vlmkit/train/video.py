@@ -12,11 +12,17 @@ Two Qwen2-VL recipes trained from scratch (7- and 14-pixel patches, 2-frame temp
 `docs/shapes.md`) stayed at chance on every video task: one answer token per clip was too weak a
 signal to learn grounding and temporal comparison at once within the CPU budget.
 
-One stage, **video**: the ViT stays frozen (it is `shapes-llava`'s); the projector, the language
-model and OneVision's newline vector train on MVBench-style multiple-choice questions about clips,
-with every `image_every`-th batch of image questions (the `shapes-llava` mixture) so that image
-grounding is kept. The dense per-patch category and colour loss of `shapes-llava` stays on the
-projector's output for every frame (the exact ground truth of that frame) and every image.
+The ViT stays frozen (it is `shapes-llava`'s); the projector, the language model and OneVision's
+newline vector train on MVBench-style multiple-choice questions about clips, with every
+`image_every`-th batch of image questions (the `shapes-llava` mixture) so that image grounding is
+kept. The dense per-patch category and colour loss of `shapes-llava` stays on the projector's
+output for every frame (the exact ground truth of that frame) and every image. Two stages:
+
+1. **video**: the answer is the option's text ("blue"): what the clip shows, learned without the
+   detour through the option letter. Trained with lettered answers from the start, the same model
+   still picked letters at chance after 350 steps.
+2. **options**: the answer is MVBench's "(B) blue", so the letter the benchmark's parser reads
+   comes first; what is left to learn is copying the letter of the option the model would name.
 """
 from __future__ import annotations
 
@@ -92,9 +98,11 @@ class VideoRecipeConfig:
         init: the `shapes-llava` checkpoint it grows from (a shipped name or a folder).
         seed: seed of the newline vector and first training scene seed.
         num_frames: frames per clip.
-        steps: steps of the video stage.
+        steps: steps of the video stage (answers are option texts).
         batch: batch size.
-        lr: peak learning rate.
+        lr: peak learning rate of the video stage.
+        option_steps: steps of the options stage (answers are "(letter) text").
+        option_lr: peak learning rate of the options stage.
         image_every: every `image_every`-th batch holds image questions instead of clips.
         dense_weight: weight of the dense per-patch category/colour loss.
         mixture: question mixture of the image batches.
@@ -108,12 +116,13 @@ class VideoRecipeConfig:
     steps: int = 600
     batch: int = 16
     lr: float = 5e-4
+    option_steps: int = 300
+    option_lr: float = 3e-4
     image_every: int = 4
     dense_weight: float = 0.5
     mixture: Mixture = field(default_factory=Mixture)
     eval_every: int = 100
     eval_clips: int = 48
-    answer: str = "option"
 
     def to_dict(self) -> dict:
         """JSON-serialisable form."""
@@ -145,14 +154,17 @@ class VideoRecipe:
             self.tokenizer, [ids("<video>")] * (config.num_frames * pooled ** 2 + 1))
         self.category_ids = torch.tensor(ids(list(CATEGORIES)))
         self.colour_ids = torch.tensor(ids(list(COLOURS)))
-        self.stages = [Stage("video", config.steps, config.batch, config.lr,
-                             ("model.model.multi_modal_projector", "model.model.language_model",
-                              "model.model.image_newline", "heads"))]
+        trainable = ("model.model.multi_modal_projector", "model.model.language_model",
+                     "model.model.image_newline", "heads")
+        self.stages = [s for s in (Stage("video", config.steps, config.batch, config.lr, trainable),
+                                   Stage("options", config.option_steps, config.batch, config.option_lr, trainable))
+                       if s.steps > 0]
 
     # ---------------------------------------------------------------- data
 
     def _seed(self, stage: Stage, index: int) -> int:
-        return check_seeds("train", self.config.seed, stage.steps * stage.batch_size)[index]
+        k = [s.name for s in self.stages].index(stage.name)
+        return check_seeds("train", self.config.seed + k * _STAGE_SEED_STRIDE, stage.steps * stage.batch_size)[index]
 
     def _image_sample(self, stage: Stage, index: int) -> dict:
         seed = self._seed(stage, index)
@@ -168,7 +180,7 @@ class VideoRecipe:
         seed = self._seed(stage, index)
         clip = sample_clip(seed, self.clip_world, self.config.num_frames)
         item = clip_question(clip, np.random.default_rng([seed, 4]))
-        answer = mc_answer(item["candidates"], item["answer"]) if self.config.answer == "option" else item["answer"]
+        answer = mc_answer(item["candidates"], item["answer"]) if stage.name == "options" else item["answer"]
         qa = QA(mc_prompt(item["question"], item["candidates"]), answer,
                 item["task"], item["answer"], _clip_focus(item), item["answer"])
         ids, labels = self.video_encoder.encode([qa], self.config.mixture.focus)
