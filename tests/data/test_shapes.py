@@ -159,7 +159,7 @@ def test_clips_have_exact_per_frame_ground_truth(tmp_path):
         item = clip_question(clip, np.random.default_rng(seed))
         assert len(item["candidates"]) == 4 == len(set(item["candidates"]))
         assert item["answer"] in item["candidates"]
-        assert mc_answer(item["candidates"], item["answer"]) in {f"({x}) {item['answer']}" for x in "ABCD"}
+        assert mc_answer(item["candidates"], item["answer"]) in {f"Best option:( {x}) {item['answer']}" for x in "ABCD"}
         assert "Only give the best option." in mc_prompt(item["question"], item["candidates"])
     assert seen == {"appear", "disappear", "move", "color"}
     clip = sample_clip(SEEDS[0])

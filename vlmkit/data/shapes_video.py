@@ -25,6 +25,7 @@ from vlmkit.data.shapes import (
     add_noise, composite, render_background, sample_scene,
 )
 from vlmkit.errors import ConfigError
+from vlmkit.eval.prompts import MVBENCH
 
 EVENTS = ("appear", "disappear", "move", "color")
 DIRECTIONS = ("left", "right", "up", "down")
@@ -208,14 +209,23 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: int = 4) -> None:
 
 
 def mc_prompt(question: str, candidates: list[str]) -> str:
-    """MVBench's prompt: question, lettered options, "Only give the best option."."""
+    """MVBench's prompt as the eval suite writes it (`vlmkit.eval.prompts.MVBENCH`): the system text,
+    the question, the options lettered "(A) text", "Only give the best option."."""
     options = "\n".join(f"({'ABCD'[i]}) {c}" for i, c in enumerate(candidates))
-    return f"Question: {question}\nOption:\n{options}\n{MC_SUFFIX}"
+    return MVBENCH.template.format(question=question, options=options)
+
+
+MC_ANSWER_PREFIX = MVBENCH.answer_prefix
+"""What MVBench pre-fills in the assistant's turn: "Best option:("."""
 
 
 def mc_answer(candidates: list[str], answer: str) -> str:
-    """The trained answer text: "(B) heart"."""
-    return f"({'ABCD'[candidates.index(answer)]}) {answer}"
+    """The trained reply, the pre-filled prefix included: "Best option:( B) heart".
+
+    The space keeps the shapes tokenizer from reading "(B)" as one option token: after the
+    pre-filled "(" the model must write the letter and ")" as their own tokens.
+    """
+    return f"{MC_ANSWER_PREFIX} {'ABCD'[candidates.index(answer)]}) {answer}"
 
 
 def clip_question(clip: Clip, rng: np.random.Generator) -> dict:

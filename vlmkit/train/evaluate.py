@@ -17,7 +17,8 @@ import torch
 from vlmkit.data.shapes import EVAL_SEEDS, SYNONYMS, WorldConfig, render
 from vlmkit.data.shapes_bench import MME_SUBTASKS, POPE_SPLITS, _mme_pair, _qualifying, pope_questions
 from vlmkit.data.shapes_text import CHAIR_PROMPT, MME_SUFFIX, plural
-from vlmkit.data.shapes_video import clip_question, mc_prompt, render_clip, sample_clip
+from vlmkit.data.shapes_video import MC_ANSWER_PREFIX, clip_question, mc_prompt, render_clip, sample_clip
+from vlmkit.eval.video import parse_choice
 
 MONITOR_SEED = EVAL_SEEDS.start + 900_000_000
 """First held-out seed of training-time checks (far from the benchmarks' default seeds)."""
@@ -42,8 +43,9 @@ def mme_parse(text: str) -> str:
 
 @torch.no_grad()
 def generate(model, processor, images: list, questions: list[str], max_new_tokens: int = 4,
-             batch_size: int = 32, video: bool = False) -> list[str]:
-    """Greedy answers to one question per image (or per video: frames `[T, H, W, 3]`)."""
+             batch_size: int = 32, video: bool = False, answer_prefix: str = "") -> list[str]:
+    """Greedy answers to one question per image (or per video: frames `[T, H, W, 3]`), each reply
+    after `answer_prefix` pre-filled in the assistant's turn."""
     model.eval()
     answers: list[str] = []
     kind = "video" if video else "image"
@@ -52,7 +54,7 @@ def generate(model, processor, images: list, questions: list[str], max_new_token
         chunk_v = images[start:start + batch_size]
         texts = [processor.apply_chat_template(
             [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": q}]}],
-            add_generation_prompt=True) for q in chunk_q]
+            add_generation_prompt=True) + answer_prefix for q in chunk_q]
         media = {"videos": list(chunk_v)} if video else {"images": list(chunk_v)}
         inputs = processor(text=texts, padding=True, return_tensors="pt", **media)
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
@@ -161,12 +163,13 @@ def mme_eval(model, processor, n_images: int = 30, seed: int = MONITOR_SEED,
     return result
 
 
-def mc_parse(text: str, candidates: list[str]) -> str | None:
-    """The chosen candidate: the first letter option "(X)"/"X)"/"X." or else a candidate's text."""
-    match = re.search(r"\(?([ABCD])\)", text) or re.match(r"\s*([ABCD])\b", text)
-    if match:
-        return candidates["ABCD".index(match.group(1))]
-    hits = [c for c in candidates if c in text]
+def mc_parse(reply: str, candidates: list[str]) -> str | None:
+    """The chosen candidate of a reply to MVBench's pre-filled "Best option:(": the letter as MVBench's
+    parser reads it (`vlmkit.eval.video`), else the first candidate whose text the reply names."""
+    letter = parse_choice(reply, candidates, "mvbench")
+    if letter is not None:
+        return candidates["ABCD".index(letter)]
+    hits = [c for c in candidates if c in reply]
     return hits[0] if hits else None
 
 
@@ -181,7 +184,7 @@ def video_eval(model, processor, n_clips: int = 100, seed: int = MONITOR_SEED,
         videos.append(render_clip(clip))
     answers = generate(model, processor, videos,
                        [mc_prompt(i["question"], i["candidates"]) for i in items],
-                       max_new_tokens=6, batch_size=batch_size, video=True)
+                       max_new_tokens=6, batch_size=batch_size, video=True, answer_prefix=MC_ANSWER_PREFIX)
     per_task = defaultdict(list)
     for item, answer in zip(items, answers):
         per_task[item["task"]].append(mc_parse(answer, item["candidates"]) == item["answer"])

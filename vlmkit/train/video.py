@@ -21,8 +21,12 @@ output for every frame (the exact ground truth of that frame) and every image. T
 1. **video**: the answer is the option's text ("blue"): what the clip shows, learned without the
    detour through the option letter. Trained with lettered answers from the start, the same model
    still picked letters at chance after 350 steps.
-2. **options**: the answer is MVBench's "(B) blue", so the letter the benchmark's parser reads
-   comes first; what is left to learn is copying the letter of the option the model would name.
+2. **options**: the reply is MVBench's: "Best option:(" (which the MVBench protocol pre-fills),
+   then "B) blue", the letter its parser reads first; what is left to learn is copying the letter
+   of the option the model would name.
+
+The prompt is MVBench's as the eval suite writes it (`vlmkit.eval.prompts.MVBENCH`); its system
+text is mostly outside the shapes vocabulary and reads as `<unk>`.
 """
 from __future__ import annotations
 
@@ -101,7 +105,7 @@ class VideoRecipeConfig:
         steps: steps of the video stage (answers are option texts).
         batch: batch size.
         lr: peak learning rate of the video stage.
-        option_steps: steps of the options stage (answers are "(letter) text").
+        option_steps: steps of the options stage (answers are "Best option:( B) text").
         option_lr: peak learning rate of the options stage.
         image_every: every `image_every`-th batch holds image questions instead of clips.
         dense_weight: weight of the dense per-patch category/colour loss.
