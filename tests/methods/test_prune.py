@@ -150,3 +150,31 @@ def test_visionzip_matches_eager_cls_attention_and_key_similarity():
         kept = chosen[image].tolist()
         assert merge_targets[image][joiners].tolist() == [kept.index(t) for t in best.tolist()]
         assert merge_targets[image][kept].tolist() == list(range(len(kept)))
+
+
+def test_visionzip_on_onevision_video_with_a_clip_tower_scores_by_pooled_cls_attention():
+    """A OneVision model with a CLIP tower (strategy "default", as shapes-video): the [CLS] row is
+    the score, [CLS] itself is no token of the LLM, and frames are scored after the 2x2 pooling."""
+    import numpy as np
+
+    from vlmkit.train.video import build_onevision
+
+    tiny, processor = build_onevision("shapes-llava")
+    tiny.set_attn_implementation("eager")
+    frames = np.stack([np.asarray(p.resize((96, 96))) for p in photos()[:4]])
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}],
+        add_generation_prompt=True)
+    batch = processor(text=[text], videos=[frames], return_tensors="pt")
+    tower = tiny.model.vision_tower
+    layer = len(tower.encoder.layers) - 1  # vision_feature_layer -1: the layer the LLM reads
+    with torch.no_grad():
+        out = tower(batch["pixel_values_videos"][0], output_attentions=True)
+    cls_row = out.attentions[layer][:, :, 0, 1:].mean(dim=1).view(4, 1, 12, 12)  # frames, [CLS] -> patches
+    pooled = F.interpolate(cls_row, size=(6, 6), mode="bilinear").flatten()  # OneVision's video pooling
+    dominant = 20
+    with vlmkit.apply(tiny, f"visionzip:dominant={dominant},contextual=0") as patch, torch.no_grad():
+        tiny(**batch)
+        chosen = patch.selections["visionzip"][0]
+    top = torch.argsort(pooled, descending=True, stable=True)[:dominant]
+    assert chosen.tolist() == sorted(top.tolist())

@@ -2,7 +2,8 @@
 
 Images are packed as in LLaVA-NeXT (with OneVision's cap on the number of tile tokens); videos are
 encoded frame by frame, pooled 2x2 (bilinear) and end with one newline token. SigLIP has no [CLS],
-so attention-based methods score a patch by the mean attention it receives.
+so attention-based methods score a patch by the mean attention it receives; with a CLIP tower
+(strategy "default", as in `shapes-video`) they use the [CLS] row, as for LLaVA-1.5.
 """
 from __future__ import annotations
 
@@ -12,14 +13,21 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 )
 
 from vlmkit.adapters.anyres import packed_metas, pooled_video_metas
-from vlmkit.adapters.base import Adapter, concat_probes, received_attention_probe
+from vlmkit.adapters.base import Adapter, cls_row_probe, concat_probes, received_attention_probe
 
 
 class LlavaOnevisionAdapter(Adapter):
     family = "llava_onevision"
     model_classes = ("LlavaOnevisionForConditionalGeneration",)
 
+    def _has_cls(self, call=None) -> bool:
+        """Whether the tower has a [CLS] the projector drops (a CLIP tower, strategy "default")."""
+        call = call or {}
+        return (call.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy) == "default"
+
     def vision_probe(self, attention, hidden, kwargs):
+        if self._has_cls(kwargs):
+            return cls_row_probe(attention, hidden)
         return received_attention_probe(attention, hidden)
 
     def visual_metas(self, modality, call, output, probes):
@@ -27,6 +35,8 @@ class LlavaOnevisionAdapter(Adapter):
         tile = config.vision_config.image_size
         side = tile // config.vision_config.patch_size
         probe = concat_probes(probes)
+        if probe is not None and self._has_cls(call):  # the tower has [CLS] at index 0; the LLM does not
+            probe = {name: value[:, 1:] for name, value in probe.items()}
         if modality == "video":
             frames = [call["pixel_values_videos"].shape[1]] * call["pixel_values_videos"].shape[0]
             return pooled_video_metas(self.base_model.apply_pooling, frames, side, probe, newline=True)
