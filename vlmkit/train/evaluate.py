@@ -175,7 +175,9 @@ def mc_parse(reply: str, candidates: list[str]) -> str | None:
 
 def video_eval(model, processor, n_clips: int = 100, seed: int = MONITOR_SEED,
                config: WorldConfig | None = None, num_frames: int = 8, batch_size: int = 16) -> dict:
-    """Multiple-choice accuracy over held-out clips, overall and per task (chance 0.25)."""
+    """Multiple-choice accuracy over held-out clips, overall and per task (chance 0.25), with MVBench's
+    protocol: "Best option:(" pre-filled, the letter read by MVBench's parser. `content_accuracy`
+    also takes a reply that names the right option's text without its letter (`mc_parse`)."""
     config = config or WorldConfig(max_objects=3)
     items, videos = [], []
     for s in range(seed, seed + n_clips):
@@ -185,10 +187,12 @@ def video_eval(model, processor, n_clips: int = 100, seed: int = MONITOR_SEED,
     answers = generate(model, processor, videos,
                        [mc_prompt(i["question"], i["candidates"]) for i in items],
                        max_new_tokens=6, batch_size=batch_size, video=True, answer_prefix=MC_ANSWER_PREFIX)
-    per_task = defaultdict(list)
+    per_task, content = defaultdict(list), []
     for item, answer in zip(items, answers):
-        per_task[item["task"]].append(mc_parse(answer, item["candidates"]) == item["answer"])
+        letter = parse_choice(answer, item["candidates"], "mvbench")
+        per_task[item["task"]].append(letter == "ABCD"[item["candidates"].index(item["answer"])])
+        content.append(mc_parse(answer, item["candidates"]) == item["answer"])
     every = [c for v in per_task.values() for c in v]
-    return {"accuracy": round(sum(every) / len(every), 4),
+    return {"accuracy": round(sum(every) / len(every), 4), "content_accuracy": round(sum(content) / len(content), 4),
             **{task: round(sum(v) / len(v), 4) for task, v in sorted(per_task.items())}}
 

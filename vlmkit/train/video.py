@@ -117,9 +117,9 @@ class VideoRecipeConfig:
     init: str = "shapes-llava"
     seed: int = 500_000_000
     num_frames: int = 8
-    steps: int = 600
+    steps: int = 1200
     batch: int = 16
-    lr: float = 5e-4
+    lr: float = 1e-3
     option_steps: int = 300
     option_lr: float = 3e-4
     image_every: int = 4
