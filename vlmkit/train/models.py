@@ -1,9 +1,9 @@
 """Architectures of the shapes models, built from configs (no download), and their processors.
 
 `shapes-llava` is a `LlavaForConditionalGeneration`: a CLIP ViT (96 px, patch 8: 144 patch tokens
-plus [CLS]) and a Llama decoder with tied word embeddings. `shapes-video` is a
-`Qwen2VLForConditionalGeneration` (see `docs/shapes.md` for why). Both use the word-level
-tokenizer of `vlmkit.train.tokenizer`.
+plus [CLS]) and a Llama decoder with tied word embeddings. It uses the word-level
+tokenizer of `vlmkit.train.tokenizer`. (`shapes-video`, a LLaVA-OneVision grown from it, is built in
+`vlmkit.train.video`.)
 
 Initialisation follows what made grounding learnable on a CPU budget (measured, see
 `docs/shapes.md`): language-model weights at std 0.1 rather than 0.02, and in each attention layer
@@ -28,7 +28,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass(frozen=True)
 class BackboneSizes:
-    """The ViT and decoder sizes both shapes models share.
+    """The ViT and decoder sizes of a shapes model.
 
     Attributes:
         vision_width: ViT hidden size.

@@ -108,7 +108,7 @@ class LlavaRecipe:
 
     def __init__(self, config: LlavaRecipeConfig):
         self.config = config
-        self.tokenizer = build_tokenizer("llava")
+        self.tokenizer = build_tokenizer()
         self.model = build_llava(config.sizes, self.tokenizer, seed=config.seed)
         self.model.set_attn_implementation("eager")  # SDPA backward with masks is slow on CPU
         self.processor = build_llava_processor(config.sizes, self.tokenizer)

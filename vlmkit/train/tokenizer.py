@@ -7,8 +7,8 @@ and punctuation, so tokenizing a conversation turn by turn gives the same ids as
 whole; unknown words become `<unk>`.
 
 The chat template renders `USER: <image>\\n{question} ASSISTANT: {answer}</s>` like LLaVA-1.5
-(`<video>` for a video; Qwen2-VL's `<|vision_start|><|image_pad|><|vision_end|>` markers when
-`vision_markers="qwen2_vl"`).
+(`<video>` for a video). Qwen2-VL's special tokens stay in the vocabulary (the first shapes-video
+recipes used them), so the ids of the shipped model do not move.
 """
 from __future__ import annotations
 
@@ -56,24 +56,9 @@ _LLAVA_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
 )
 
-VISION_MARKERS = {
-    "llava": ("<image>", "<video>"),
-    "qwen2_vl": ("<|vision_start|><|image_pad|><|vision_end|>",
-                 "<|vision_start|><|video_pad|><|vision_end|>"),
-}
-
-
-def chat_template(vision_markers: str = "llava") -> str:
-    """The jinja chat template for one family's image/video placeholders.
-
-    Args:
-        vision_markers: "llava" (`<image>`, `<video>`) or "qwen2_vl".
-
-    Returns:
-        The template string.
-    """
-    image, video = VISION_MARKERS[vision_markers]
-    return _LLAVA_TEMPLATE.replace("IMAGE", repr(image)).replace("VIDEO", repr(video))
+def chat_template() -> str:
+    """The jinja chat template (LLaVA-1.5 style, `<image>` / `<video>` placeholders)."""
+    return _LLAVA_TEMPLATE.replace("IMAGE", repr("<image>")).replace("VIDEO", repr("<video>"))
 
 
 def vocabulary() -> list[str]:
@@ -86,11 +71,8 @@ def vocabulary() -> list[str]:
     return [*SPECIAL_TOKENS, *OPTION_TOKENS, *sorted(words - set(SPECIAL_TOKENS))]
 
 
-def build_tokenizer(vision_markers: str = "llava") -> PreTrainedTokenizerFast:
+def build_tokenizer() -> PreTrainedTokenizerFast:
     """The shapes tokenizer: word level, `<s>` prepended, `</s>` ends assistant turns.
-
-    Args:
-        vision_markers: which family's placeholders the chat template writes.
 
     Returns:
         A `PreTrainedTokenizerFast` with `chat_template` set; `save_pretrained` stores it.
@@ -107,11 +89,8 @@ def build_tokenizer(vision_markers: str = "llava") -> PreTrainedTokenizerFast:
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
     )
     extra = {"image_token": "<image>", "video_token": "<video>"}
-    if vision_markers == "qwen2_vl":
-        extra = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                 "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        pad_token="<pad>", padding_side="left", chat_template=chat_template(vision_markers),
+        pad_token="<pad>", padding_side="left", chat_template=chat_template(),
         model_input_names=["input_ids", "attention_mask"], extra_special_tokens=extra,
     )
