@@ -90,6 +90,17 @@ class Adapter:
         # hidden_states[k] is the output of layer k - 1; hidden_states[-1] of the last layer.
         return layer - 1 if layer >= 0 else len(self.vision_layers) + layer
 
+    def select_strategy(self, call: dict | None = None) -> str:
+        """The call's `vision_feature_select_strategy`, else the config's ("default" drops [CLS])."""
+        return (call or {}).get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
+
+    def patch_probe(self, probes: list[dict[str, torch.Tensor]] | None, call: dict) -> dict[str, torch.Tensor] | None:
+        """The probes of all tower passes joined, without the [CLS] row where the projector drops it."""
+        probe = concat_probes(probes)
+        if probe is not None and self.select_strategy(call) == "default":  # [CLS] at index 0; the LLM has none
+            probe = {name: value[:, 1:] for name, value in probe.items()}
+        return probe
+
     def vision_probe(self, attention: nn.Module, hidden: torch.Tensor, kwargs: dict) -> dict[str, torch.Tensor]:
         """Scores from one vision attention call, from its input only (no attention weights needed).
 

@@ -22,7 +22,7 @@ class LlavaAdapter(Adapter):
         return cls_row_probe(attention, hidden)
 
     def visual_metas(self, modality, call, output, probes):
-        strategy = call.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
+        strategy = self.select_strategy(call)
         features = output.pooler_output
         probe = concat_probes(probes)
         metas = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, image_size_to_num_patches
 
 from vlmkit.adapters.anyres import packed_metas
-from vlmkit.adapters.base import Adapter, cls_row_probe, concat_probes
+from vlmkit.adapters.base import Adapter, cls_row_probe
 
 
 class LlavaNextAdapter(Adapter):
@@ -28,12 +28,8 @@ class LlavaNextAdapter(Adapter):
         return crops, columns, tile // config.vision_config.patch_size
 
     def visual_metas(self, modality, call, output, probes):
-        strategy = call.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy
         crops, columns, side = self.crop_layout(call["image_sizes"])
-        probe = concat_probes(probes)
-        if probe is not None and strategy == "default":  # the tower has [CLS] at index 0; the LLM does not
-            probe = {name: value[:, 1:] for name, value in probe.items()}
         return packed_metas(
-            self.base_model.pack_image_features, call["image_sizes"], crops, side, columns, probe,
-            vision_feature_select_strategy=strategy,
+            self.base_model.pack_image_features, call["image_sizes"], crops, side, columns,
+            self.patch_probe(probes, call), vision_feature_select_strategy=self.select_strategy(call),
         )

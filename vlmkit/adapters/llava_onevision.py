@@ -13,20 +13,15 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 )
 
 from vlmkit.adapters.anyres import packed_metas, pooled_video_metas
-from vlmkit.adapters.base import Adapter, cls_row_probe, concat_probes, received_attention_probe
+from vlmkit.adapters.base import Adapter, cls_row_probe, received_attention_probe
 
 
 class LlavaOnevisionAdapter(Adapter):
     family = "llava_onevision"
     model_classes = ("LlavaOnevisionForConditionalGeneration",)
 
-    def _has_cls(self, call=None) -> bool:
-        """Whether the tower has a [CLS] the projector drops (a CLIP tower, strategy "default")."""
-        call = call or {}
-        return (call.get("vision_feature_select_strategy") or self.model.config.vision_feature_select_strategy) == "default"
-
     def vision_probe(self, attention, hidden, kwargs):
-        if self._has_cls(kwargs):
+        if self.select_strategy() == "default":  # a CLIP tower: its [CLS] row scores the patches
             return cls_row_probe(attention, hidden)
         return received_attention_probe(attention, hidden)
 
@@ -34,9 +29,7 @@ class LlavaOnevisionAdapter(Adapter):
         config = self.model.config
         tile = config.vision_config.image_size
         side = tile // config.vision_config.patch_size
-        probe = concat_probes(probes)
-        if probe is not None and self._has_cls(call):  # the tower has [CLS] at index 0; the LLM does not
-            probe = {name: value[:, 1:] for name, value in probe.items()}
+        probe = self.patch_probe(probes, call)
         if modality == "video":
             frames = [call["pixel_values_videos"].shape[1]] * call["pixel_values_videos"].shape[0]
             return pooled_video_metas(self.base_model.apply_pooling, frames, side, probe, newline=True)
