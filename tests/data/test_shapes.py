@@ -1,6 +1,7 @@
 """The shapes world: determinism, exact ground truth, co-occurrence prior, seed ranges, clips."""
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -97,6 +98,20 @@ def test_patch_labels_follow_objects():
     assert labels["centre"].sum() == len({(int(o.cy // 8), int(o.cx // 8)) for o in scene.objects})
     with pytest.raises(ConfigError, match="does not divide"):
         patch_labels(scene, 7)
+
+
+def test_patch_side_labels_name_the_third_of_the_object_centre():
+    scene = sample_scene(SEEDS[3])
+    obj = dataclasses.replace(scene.objects[0], cx=20.0, cy=80.0, weak=False)  # left, bottom third
+    labels = patch_labels(dataclasses.replace(scene, objects=[obj]), 8)
+    on_object = labels["category"] >= 0
+    assert on_object.any()
+    assert (labels["horizontal"][on_object] == 0).all() and (labels["vertical"][on_object] == 1).all()
+    background = ~on_object
+    assert (labels["horizontal"][:, 11][background[:, 11]] == 1).all()  # right-most column: right
+    assert (labels["horizontal"][:, 5][background[:, 5]] == 2).all()  # centre columns: middle
+    assert (labels["vertical"][0][background[0]] == 0).all()  # top row: top
+    assert (labels["horizontal"][0, :4] == 0).all() and (labels["horizontal"][0, 4:8] == 2).all()
 
 
 def test_seed_ranges_never_overlap():

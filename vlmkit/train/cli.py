@@ -29,6 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     shapes.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe field, e.g. --set chat_steps=2000 (repeatable)")
     shapes.add_argument("--checkpoint-every", type=int, default=100)
+    shapes.add_argument("--device", default="cpu", help="where to train: cpu (default) or cuda")
+    shapes.add_argument("--workers", type=int, default=0,
+                        help="processes that build batches ahead of the training step (default 0)")
     shapes.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     shapes.set_defaults(func=_run)
     check = inner.add_parser("evaluate", help="measure a shapes model on held-out seeds (POPE, CHAIR, MME, video MC)")
@@ -107,6 +110,7 @@ def _run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "recipe.json").write_text(json.dumps(config.to_dict(), indent=1))
     final = train(recipe_cls(config), args.out, resume=not args.restart,
-                  checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
+                  checkpoint_every=args.checkpoint_every, progress=not args.no_progress,
+                  device=args.device, workers=args.workers)
     print(f"final model: {final}")
     return 0

@@ -56,7 +56,7 @@ def generate(model, processor, images: list, questions: list[str], max_new_token
             [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": q}]}],
             add_generation_prompt=True) + answer_prefix for q in chunk_q]
         media = {"videos": list(chunk_v)} if video else {"images": list(chunk_v)}
-        inputs = processor(text=texts, padding=True, return_tensors="pt", **media)
+        inputs = processor(text=texts, padding=True, return_tensors="pt", **media).to(model.device)
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         answers += processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     return [a.strip() for a in answers]
@@ -136,11 +136,14 @@ def chair_eval(model, processor, n_images: int = 100, seed: int = MONITOR_SEED,
 
 
 def mme_eval(model, processor, n_images: int = 30, seed: int = MONITOR_SEED,
-             config: WorldConfig | None = None, batch_size: int = 32) -> dict:
+             config: WorldConfig | None = None, batch_size: int = 32,
+             subtasks: tuple[str, ...] = MME_SUBTASKS) -> dict:
     """Accuracy, acc+ and score (acc*100 + acc+*100) per MME-style subtask."""
     config = config or WorldConfig()
     result = {}
     for k, subtask in enumerate(MME_SUBTASKS):
+        if subtask not in subtasks:
+            continue
         pairs = {}
 
         def keep(scene, subtask=subtask) -> bool:

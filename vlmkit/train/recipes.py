@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from vlmkit.data.shapes import CATEGORIES, COLOURS, WorldConfig
 from vlmkit.train.data import ConversationEncoder, Mixture, ShapesStream, collate
-from vlmkit.train.evaluate import pope_eval
-from vlmkit.train.losses import dense_word_loss, export
+from vlmkit.train.evaluate import mme_eval, pope_eval
+from vlmkit.train.losses import dense_side_loss, dense_word_loss, export
 from vlmkit.train.models import LlavaSizes, build_llava, build_llava_processor, pixel_values
 from vlmkit.train.tokenizer import build_tokenizer
 from vlmkit.train.trainer import Stage
@@ -49,6 +49,7 @@ class LlavaRecipeConfig:
         chat_batch: batch size of the chat stage.
         chat_lr: learning rate of the chat stage.
         dense_weight: weight of the per-patch category/colour loss in the chat stage.
+        side_weight: weight of the per-patch side loss (`dense_side_loss`), in every stage.
         polish_steps: steps of the polish stage (0: none).
         polish_lr: peak learning rate of the polish stage.
         position_steps: steps of the position stage (0: none).
@@ -76,6 +77,7 @@ class LlavaRecipeConfig:
     position_mixture: Mixture = field(default_factory=lambda: Mixture(
         caption=0.2, existence=0.3, count=0.1, color=0.1, position=0.6))
     dense_weight: float = 0.5
+    side_weight: float = 0.5
     curriculum_start: float = 0.3
     curriculum_fraction: float = 0.3
     mixture: Mixture = field(default_factory=Mixture)
@@ -117,6 +119,8 @@ class LlavaRecipe:
         self.world = WorldConfig(image_size=config.sizes.image_size)
         self.category_ids = torch.tensor(self.tokenizer.convert_tokens_to_ids(list(CATEGORIES)))
         self.colour_ids = torch.tensor(self.tokenizer.convert_tokens_to_ids(list(COLOURS)))
+        self.side_ids = torch.tensor([self.tokenizer.convert_tokens_to_ids(pair)
+                                      for pair in (["left", "right"], ["top", "bottom"])])
         image_id = self.model.config.image_token_id
         self.encoder = ConversationEncoder(self.tokenizer, [image_id] * config.sizes.num_patches)
         c = config
@@ -159,7 +163,7 @@ class LlavaRecipe:
 
     def loss(self, stage: Stage, batch: dict) -> tuple[torch.Tensor, dict]:
         """The stage's loss and logged metrics."""
-        pixels = pixel_values(batch["images"])
+        pixels = pixel_values(batch["images"]).to(batch["images"].device)
         if stage.name == "vision":
             return self._vision_loss(pixels, batch)
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -167,35 +171,38 @@ class LlavaRecipe:
         loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
                                ignore_index=-100)
         tokens = out.image_hidden_states.view(len(pixels), self.config.sizes.num_patches, -1)
-        dense, accuracy = self._dense_loss(tokens, batch)
-        metrics = {"lm_loss": round(loss.item(), 4), "object_patch_acc": accuracy}
-        return loss + self.config.dense_weight * dense, metrics
+        dense, metrics = self._dense_loss(tokens, batch)
+        return loss + self.config.dense_weight * dense, {"lm_loss": round(loss.item(), 4), **metrics}
 
-    def _dense_loss(self, tokens: torch.Tensor, batch: dict) -> tuple[torch.Tensor, float]:
-        return dense_word_loss(tokens, self.model.model.language_model.embed_tokens.weight,
-                               self.category_ids, self.colour_ids, self.heads.background,
-                               self.heads.no_colour, batch["category"], batch["colour"])
+    def _dense_loss(self, tokens: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+        """Category and colour (`dense_word_loss`) plus `side_weight` times `dense_side_loss`."""
+        words = self.model.model.language_model.embed_tokens.weight
+        dense, accuracy = dense_word_loss(tokens, words, self.category_ids, self.colour_ids, self.heads.background,
+                                          self.heads.no_colour, batch["category"], batch["colour"])
+        side, side_accuracy = dense_side_loss(tokens, words, self.side_ids, batch["horizontal"], batch["vertical"])
+        return dense + self.config.side_weight * side, {"object_patch_acc": accuracy, "side_acc": side_accuracy}
 
     def _vision_loss(self, pixels: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
         inner = self.model.model
         hidden = inner.vision_tower(pixels, output_hidden_states=True).hidden_states[-1]
         tokens = inner.multi_modal_projector(hidden[:, 1:])
-        dense, accuracy = self._dense_loss(tokens, batch)
+        dense, metrics = self._dense_loss(tokens, batch)
         loss_centre = F.binary_cross_entropy_with_logits(
-            self.heads.centre(tokens).squeeze(-1), batch["centre"].flatten(1), pos_weight=torch.tensor(5.0))
+            self.heads.centre(tokens).squeeze(-1), batch["centre"].flatten(1),
+            pos_weight=torch.tensor(5.0, device=tokens.device))
         loss_present = F.binary_cross_entropy_with_logits(self.heads.present(hidden[:, 0]), batch["present"])
-        loss = dense + 0.5 * loss_centre + 0.5 * loss_present
-        return loss, {"object_patch_acc": accuracy}
+        return dense + 0.5 * loss_centre + 0.5 * loss_present, metrics
 
     def evaluate(self, stage: Stage, step: int) -> dict | None:
-        """A small POPE check every `eval_every` steps of the language stages."""
+        """A small POPE and MME position check every `eval_every` steps of the language stages."""
         every = self.config.eval_every
         if stage.name == "vision" or not every or (step % every and step != stage.steps):
             return None
         result = pope_eval(self.model, self.processor, self.config.eval_images,
                            splits=("random", "adversarial"))
+        mme = mme_eval(self.model, self.processor, self.config.eval_images, subtasks=("position",))
         return {split: r["accuracy"] for split, r in result.items()} | {
-            "yes_ratio": result["random"]["yes_ratio"]}
+            "yes_ratio": result["random"]["yes_ratio"], "mme_position": mme["position"]["score"]}
 
     def export(self, path: str | Path) -> None:
         """Write the model, processor and the recipe in `save_pretrained` layout."""

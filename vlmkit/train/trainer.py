@@ -100,6 +100,32 @@ def load_checkpoint(path: Path, modules: torch.nn.ModuleDict, optimizer: torch.o
     return state
 
 
+class _StageBatches(torch.utils.data.Dataset):
+    """The batches of one stage, indexed by step (for a `DataLoader` that builds them in workers)."""
+
+    def __init__(self, recipe, stage: Stage):
+        self.recipe, self.stage = recipe, stage
+
+    def __len__(self) -> int:
+        return self.stage.steps
+
+    def __getitem__(self, step: int) -> dict:
+        return self.recipe.batch(self.stage, step)
+
+
+def _batches(recipe, stage: Stage, first: int, workers: int, device: torch.device):
+    """Batches `first ..` of `stage` on `device`, built in `workers` processes (0: in this one)."""
+    if workers:
+        batches = torch.utils.data.DataLoader(
+            _StageBatches(recipe, stage), batch_size=None, sampler=range(first, stage.steps),
+            num_workers=workers, prefetch_factor=4, multiprocessing_context="fork",
+            pin_memory=device.type == "cuda")
+    else:
+        batches = (recipe.batch(stage, step) for step in range(first, stage.steps))
+    for batch in batches:
+        yield {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def latest_checkpoint(out: Path) -> Path | None:
     """The newest complete checkpoint folder under `out/checkpoints`, if any."""
     folders = sorted((out / "checkpoints").glob("step-*[0-9]"), key=lambda p: int(p.name[5:]))
@@ -108,7 +134,7 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 def train(recipe, out: str | Path, resume: bool = True, checkpoint_every: int = 200,
           log_every: int = 10, keep_checkpoints: int = 2, progress: bool = True,
-          stop_after: int | None = None) -> Path | None:
+          stop_after: int | None = None, device: str = "cpu", workers: int = 0) -> Path | None:
     """Run every stage of `recipe`, resuming from the newest checkpoint in `out` when asked.
 
     Args:
@@ -123,13 +149,16 @@ def train(recipe, out: str | Path, resume: bool = True, checkpoint_every: int = 
         progress: show a tqdm bar.
         stop_after: stop (with a checkpoint) once this many steps of all stages are done; a
             later call with `resume=True` continues.
+        device: where to train ("cpu", "cuda"); batches are the same on every device.
+        workers: processes that build batches ahead of the training step (0: none).
 
     Returns:
         The `final/` folder written by `recipe.export`, or None when stopped early.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    modules = recipe.modules
+    device = torch.device(device)
+    modules = recipe.modules.to(device)
     names = [s.name for s in recipe.stages]
     if len(set(names)) != len(names):
         raise ConfigError(f"stage names must be unique, got {names}.")
@@ -155,10 +184,9 @@ def train(recipe, out: str | Path, resume: bool = True, checkpoint_every: int = 
                 checkpoint = None
             modules.train()
             clock, samples = time.time(), 0
-            while step < stage.steps:
+            for batch in _batches(recipe, stage, step, workers, device):
                 for group in optimizer.param_groups:
                     group["lr"] = stage.lr_at(step)
-                batch = recipe.batch(stage, step)
                 loss, metrics = recipe.loss(stage, batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

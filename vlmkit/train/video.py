@@ -48,12 +48,14 @@ from vlmkit.data.shapes_text import QA
 from vlmkit.data.shapes_video import clip_question, frame_objects, mc_answer, mc_prompt, render_clip, sample_clip
 from vlmkit.train.data import ConversationEncoder, Mixture, collate, sample_qas
 from vlmkit.train.evaluate import video_eval
-from vlmkit.train.losses import dense_word_loss, export
+from vlmkit.train.losses import dense_side_loss, dense_word_loss, export
 from vlmkit.train.models import CLIP_MEAN, CLIP_STD
 from vlmkit.train.trainer import Stage
 from vlmkit.zoo.shipped import _resolve
 
 _STAGE_SEED_STRIDE = 100_000_000
+_DENSE = ("category", "colour", "horizontal", "vertical")
+"""The per-patch targets of every frame and image (`patch_labels`)."""
 
 
 def build_onevision(init: str | Path, seed: int = 0):
@@ -109,6 +111,7 @@ class VideoRecipeConfig:
         option_lr: peak learning rate of the options stage.
         image_every: every `image_every`-th batch holds image questions instead of clips.
         dense_weight: weight of the dense per-patch category/colour loss.
+        side_weight: weight of the dense per-patch side loss (`dense_side_loss`).
         mixture: question mixture of the image batches.
         eval_every: steps between video checks (0: never).
         eval_clips: clips per check.
@@ -124,6 +127,7 @@ class VideoRecipeConfig:
     option_lr: float = 3e-4
     image_every: int = 4
     dense_weight: float = 0.5
+    side_weight: float = 0.5
     mixture: Mixture = field(default_factory=Mixture)
     eval_every: int = 100
     eval_clips: int = 48
@@ -158,6 +162,7 @@ class VideoRecipe:
             self.tokenizer, [ids("<video>")] * (config.num_frames * pooled ** 2 + 1))
         self.category_ids = torch.tensor(ids(list(CATEGORIES)))
         self.colour_ids = torch.tensor(ids(list(COLOURS)))
+        self.side_ids = torch.tensor([ids(["left", "right"]), ids(["top", "bottom"])])
         trainable = ("model.model.multi_modal_projector", "model.model.language_model",
                      "model.model.image_newline", "heads")
         self.stages = [s for s in (Stage("video", config.steps, config.batch, config.lr, trainable),
@@ -177,8 +182,7 @@ class VideoRecipe:
         ids, labels = self.image_encoder.encode(qas, self.config.mixture.focus)
         dense = patch_labels(scene, self.patch_size)
         return {"image": torch.from_numpy(render_array(scene)), "input_ids": torch.tensor(ids),
-                "labels": torch.tensor(labels), "category": torch.from_numpy(dense["category"]),
-                "colour": torch.from_numpy(dense["colour"])}
+                "labels": torch.tensor(labels), **{k: torch.from_numpy(dense[k]) for k in _DENSE}}
 
     def _clip_sample(self, stage: Stage, index: int) -> dict:
         seed = self._seed(stage, index)
@@ -191,9 +195,7 @@ class VideoRecipe:
         frames = [patch_labels(dataclasses.replace(clip.scene, objects=frame_objects(clip, t)), self.patch_size)
                   for t in range(clip.num_frames)]
         return {"image": torch.from_numpy(render_clip(clip)), "input_ids": torch.tensor(ids),
-                "labels": torch.tensor(labels),
-                "category": torch.from_numpy(np.stack([f["category"] for f in frames])),
-                "colour": torch.from_numpy(np.stack([f["colour"] for f in frames]))}
+                "labels": torch.tensor(labels), **{k: torch.from_numpy(np.stack([f[k] for f in frames])) for k in _DENSE}}
 
     def batch(self, stage: Stage, step: int) -> dict:
         """Batch `step`: image questions every `image_every`-th step, clip questions otherwise."""
@@ -201,7 +203,7 @@ class VideoRecipe:
         images = step % self.config.image_every == self.config.image_every - 1
         make = self._image_sample if images else self._clip_sample
         out = collate([make(stage, i) for i in range(first, first + stage.batch_size)],
-                      self.tokenizer.pad_token_id, dense=("category", "colour"))
+                      self.tokenizer.pad_token_id, dense=_DENSE)
         media = list(out.pop("images").numpy())
         if images:
             pixels = self.processor.image_processor(images=media, return_tensors="pt")
@@ -225,21 +227,24 @@ class VideoRecipe:
             handle.remove()
 
     def loss(self, stage: Stage, batch: dict) -> tuple[torch.Tensor, dict]:
-        """Answer-token cross-entropy plus `dense_weight` times the per-patch word loss."""
-        inputs = {k: v for k, v in batch.items() if k not in ("labels", "category", "colour")}
+        """Answer-token cross-entropy plus `dense_weight` times the per-patch word loss plus
+        `side_weight` times the per-patch side loss."""
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", *_DENSE)}
         with self._projected() as captured:
             out = self.model(**inputs)
         loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
         tokens = captured[0]
         if "pixel_values" in batch:  # AnyRes: the base view first, then the crop
             tokens = tokens.view(len(batch["labels"]), -1, *tokens.shape[1:])[:, 0]
+        words = self.model.model.language_model.embed_tokens.weight
         dense, accuracy = dense_word_loss(
-            tokens, self.model.model.language_model.embed_tokens.weight, self.category_ids, self.colour_ids,
-            self.heads["background"], self.heads["no_colour"], batch["category"].flatten(0, -3),
-            batch["colour"].flatten(0, -3))
-        metrics = {"lm_loss": round(loss.item(), 4), "object_patch_acc": accuracy,
+            tokens, words, self.category_ids, self.colour_ids, self.heads["background"], self.heads["no_colour"],
+            batch["category"].flatten(0, -3), batch["colour"].flatten(0, -3))
+        side, side_accuracy = dense_side_loss(tokens, words, self.side_ids, batch["horizontal"].flatten(0, -3),
+                                              batch["vertical"].flatten(0, -3))
+        metrics = {"lm_loss": round(loss.item(), 4), "object_patch_acc": accuracy, "side_acc": side_accuracy,
                    "batch": "image" if "pixel_values" in batch else "video"}
-        return loss + self.config.dense_weight * dense, metrics
+        return loss + self.config.dense_weight * dense + self.config.side_weight * side, metrics
 
     def evaluate(self, stage: Stage, step: int) -> dict | None:
         """Video multiple-choice accuracy on held-out clips every `eval_every` steps."""
