@@ -54,7 +54,11 @@ def _overrides(config, pairs: list[str]):
         if not sep or key not in fields:
             raise ConfigError(f"--set {pair!r}: use KEY=VALUE with KEY one of {sorted(fields)}.")
         current = getattr(config, key)
-        if isinstance(current, (int, float, str)) and not isinstance(current, bool):
+        if isinstance(current, bool):
+            if value.lower() not in ("true", "false"):
+                raise ConfigError(f"--set {key}={value}: use true or false.")
+            changes[key] = value.lower() == "true"
+        elif isinstance(current, (int, float, str)):
             changes[key] = type(current)(value)
         else:
             raise ConfigError(f"--set {key}: only numbers and strings can be set from the command line.")

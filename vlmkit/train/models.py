@@ -151,6 +151,6 @@ def build_llava_processor(sizes: LlavaSizes, tokenizer: PreTrainedTokenizerFast)
 def pixel_values(images: torch.Tensor) -> torch.Tensor:
     """uint8 `[B, H, W, 3]` images -> CLIP-normalised float `[B, 3, H, W]` (what the processor gives)."""
     x = images.permute(0, 3, 1, 2).float() / 255.0
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=images.device).view(1, 3, 1, 1)
     return (x - mean) / std

@@ -163,7 +163,7 @@ class LlavaRecipe:
 
     def loss(self, stage: Stage, batch: dict) -> tuple[torch.Tensor, dict]:
         """The stage's loss and logged metrics."""
-        pixels = pixel_values(batch["images"]).to(batch["images"].device)
+        pixels = pixel_values(batch["images"])
         if stage.name == "vision":
             return self._vision_loss(pixels, batch)
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

@@ -112,6 +112,9 @@ class VideoRecipeConfig:
         image_every: every `image_every`-th batch holds image questions instead of clips.
         dense_weight: weight of the dense per-patch category/colour loss.
         side_weight: weight of the dense per-patch side loss (`dense_side_loss`).
+        check_options: also train each option's text token to answer "Yes" or "No" (is this
+            option right?), so that the reply's letter only has to point at the option that said
+            "Yes" (`option_check_labels`).
         mixture: question mixture of the image batches.
         eval_every: steps between video checks (0: never).
         eval_clips: clips per check.
@@ -128,6 +131,7 @@ class VideoRecipeConfig:
     image_every: int = 4
     dense_weight: float = 0.5
     side_weight: float = 0.5
+    check_options: bool = True
     mixture: Mixture = field(default_factory=Mixture)
     eval_every: int = 100
     eval_clips: int = 48
@@ -163,6 +167,8 @@ class VideoRecipe:
         self.category_ids = torch.tensor(ids(list(CATEGORIES)))
         self.colour_ids = torch.tensor(ids(list(COLOURS)))
         self.side_ids = torch.tensor([ids(["left", "right"]), ids(["top", "bottom"])])
+        self.option_ids = ids([f"({letter})" for letter in "ABCD"])
+        self.yes_no_ids = ids(["Yes", "No"])
         trainable = ("model.model.multi_modal_projector", "model.model.language_model",
                      "model.model.image_newline", "heads")
         self.stages = [s for s in (Stage("video", config.steps, config.batch, config.lr, trainable),
@@ -192,6 +198,9 @@ class VideoRecipe:
         qa = QA(mc_prompt(item["question"], item["candidates"]), answer,
                 item["task"], item["answer"], _clip_focus(item), item["answer"])
         ids, labels = self.video_encoder.encode([qa], self.config.mixture.focus)
+        if self.config.check_options:
+            labels = option_check_labels(ids, labels, self.option_ids, item["candidates"].index(item["answer"]),
+                                         *self.yes_no_ids)
         frames = [patch_labels(dataclasses.replace(clip.scene, objects=frame_objects(clip, t)), self.patch_size)
                   for t in range(clip.num_frames)]
         return {"image": torch.from_numpy(render_clip(clip)), "input_ids": torch.tensor(ids),
@@ -257,6 +266,22 @@ class VideoRecipe:
     def export(self, path: str | Path) -> None:
         """Write the model, processor and the recipe in `save_pretrained` layout."""
         export(self.model, self.processor, path, "shapes-video", self.config.to_dict())
+
+
+def option_check_labels(ids: list[int], labels: list[int], option_ids: list[int], answer: int,
+                        yes_id: int, no_id: int) -> list[int]:
+    """Labels with every option's text token trained to say whether its option is the answer.
+
+    The token after each option marker ("(A)", ...) is the option's text; its next-token target
+    (the label one further on) becomes "Yes" for the answer's option and "No" for the others. The
+    prompt's tokens are never generated, so these targets cost the reply nothing; they give the
+    model one check per option (does "blue" fit this clip?) and a place to point at for the letter.
+    """
+    labels = list(labels)
+    for k, marker in enumerate(option_ids):
+        position = ids.index(marker) + 2
+        labels[position] = yes_id if k == answer else no_id
+    return labels
 
 
 def _clip_focus(item: dict) -> str:
