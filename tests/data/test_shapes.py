@@ -186,3 +186,24 @@ def test_clips_have_exact_per_frame_ground_truth(tmp_path):
     decoded = reader.get_batch(list(range(len(reader)))).asnumpy()
     assert decoded.shape == frames.shape
     assert np.abs(decoded.astype(int) - frames).mean() < 12
+
+
+def test_the_focus_word_of_a_question_comes_after_every_word_its_answer_depends_on():
+    from vlmkit.data.shapes import COLOURS
+    from vlmkit.data.shapes_text import NUMBER_WORDS, colour_qa, count_qa, existence_qa, position_qa
+
+    keys = set(CATEGORIES) | set(COLOURS) | set(NUMBER_WORDS) | {"left", "right", "top", "bottom"}
+    keys |= {w + "s" for w in CATEGORIES}
+    checked = set()
+    for seed in SEEDS:
+        scene = sample_scene(seed)
+        rng = np.random.default_rng(seed)
+        for qa in (existence_qa(scene, rng, True), existence_qa(scene, rng, False), count_qa(scene, rng),
+                   colour_qa(scene, rng), position_qa(scene, rng)):
+            if qa is None or not qa.focus:
+                continue
+            words = re.findall(r"[a-z]+", qa.question.split("?")[0].lower())  # without the suffix
+            after = words[max(i for i, w in enumerate(words) if w == qa.focus.lower()) + 1:]
+            assert not keys & set(after), (qa.question, qa.focus)  # the gist is known at the focus word
+            checked.add((qa.kind, qa.label in ("yes", "no")))
+    assert ("position", True) in checked and ("color", True) in checked

@@ -112,6 +112,7 @@ class VideoRecipeConfig:
         image_every: every `image_every`-th batch holds image questions instead of clips.
         dense_weight: weight of the dense per-patch category/colour loss.
         side_weight: weight of the dense per-patch side loss (`dense_side_loss`).
+        image_choices: image samples end with a multiple-choice turn (`image_choice`).
         check_options: also train each option's text token to answer "Yes" or "No" (is this
             option right?), so that the reply's letter only has to point at the option that said
             "Yes" (`option_check_labels`).
@@ -131,6 +132,7 @@ class VideoRecipeConfig:
     image_every: int = 4
     dense_weight: float = 0.5
     side_weight: float = 0.5
+    image_choices: bool = True
     check_options: bool = True
     mixture: Mixture = field(default_factory=Mixture)
     eval_every: int = 100
@@ -184,8 +186,10 @@ class VideoRecipe:
     def _image_sample(self, stage: Stage, index: int) -> dict:
         seed = self._seed(stage, index)
         scene = sample_scene(seed, self.world)
-        qas = sample_qas(scene, np.random.default_rng([seed, 7]), self.config.mixture)
-        ids, labels = self.image_encoder.encode(qas, self.config.mixture.focus)
+        rng = np.random.default_rng([seed, 7])
+        qas = sample_qas(scene, rng, self.config.mixture)
+        item = image_choice(scene, rng) if self.config.image_choices else None
+        ids, labels = self._encode(self.image_encoder, stage, qas, item)
         dense = patch_labels(scene, self.patch_size)
         return {"image": torch.from_numpy(render_array(scene)), "input_ids": torch.tensor(ids),
                 "labels": torch.tensor(labels), **{k: torch.from_numpy(dense[k]) for k in _DENSE}}
@@ -194,17 +198,24 @@ class VideoRecipe:
         seed = self._seed(stage, index)
         clip = sample_clip(seed, self.clip_world, self.config.num_frames)
         item = clip_question(clip, np.random.default_rng([seed, 4]))
-        answer = mc_answer(item["candidates"], item["answer"]) if stage.name == "options" else item["answer"]
-        qa = QA(mc_prompt(item["question"], item["candidates"]), answer,
-                item["task"], item["answer"], _clip_focus(item), item["answer"])
-        ids, labels = self.video_encoder.encode([qa], self.config.mixture.focus)
-        if self.config.check_options:
-            labels = option_check_labels(ids, labels, self.option_ids, item["candidates"].index(item["answer"]),
-                                         *self.yes_no_ids)
+        ids, labels = self._encode(self.video_encoder, stage, [], item)
         frames = [patch_labels(dataclasses.replace(clip.scene, objects=frame_objects(clip, t)), self.patch_size)
                   for t in range(clip.num_frames)]
         return {"image": torch.from_numpy(render_clip(clip)), "input_ids": torch.tensor(ids),
                 "labels": torch.tensor(labels), **{k: torch.from_numpy(np.stack([f[k] for f in frames])) for k in _DENSE}}
+
+    def _encode(self, encoder: ConversationEncoder, stage: Stage, qas: list[QA], item: dict | None):
+        """Ids and labels of `qas` then, if given, the multiple-choice `item` in MVBench's prompt,
+        answered with the option's text (video stage) or MVBench's lettered reply (options stage)."""
+        if item is not None:
+            answer = mc_answer(item["candidates"], item["answer"]) if stage.name == "options" else item["answer"]
+            qas = [*qas, QA(mc_prompt(item["question"], item["candidates"]), answer, item["task"], item["answer"],
+                            _choice_focus(item), item["answer"])]
+        ids, labels = encoder.encode(qas, self.config.mixture.focus)
+        if item is not None and self.config.check_options:
+            labels = option_check_labels(ids, labels, self.option_ids, item["candidates"].index(item["answer"]),
+                                         *self.yes_no_ids)
+        return ids, labels
 
     def batch(self, stage: Stage, step: int) -> dict:
         """Batch `step`: image questions every `image_every`-th step, clip questions otherwise."""
@@ -284,7 +295,25 @@ def option_check_labels(ids: list[int], labels: list[int], option_ids: list[int]
     return labels
 
 
-def _clip_focus(item: dict) -> str:
-    """The question word whose span carries the answer's gist: the subject, or the verb."""
+def _choice_focus(item: dict) -> str:
+    """The question word whose span carries the answer's gist: the subject, else the last word."""
     words = item["question"].rstrip("?").split()
-    return next((w for w in words if w in CATEGORIES), words[2])
+    return next((w for w in words if w in CATEGORIES), words[-1])
+
+
+def image_choice(scene, rng: np.random.Generator) -> dict:
+    """A multiple-choice question about an image, in `clip_question`'s form: which object is in
+    the image (one present, three absent), or the colour of an object that is the only one of its
+    kind. Answers the model reads well from images, for learning to reply with the option's letter."""
+    unique = [o for o in scene.objects if scene.count(o.category) == 1]
+    if unique and rng.random() < 0.5:
+        obj = unique[int(rng.integers(len(unique)))]
+        question, answer = f"What color is the {obj.category}?", obj.colour
+        others = [c for c in COLOURS if c != obj.colour]
+    else:
+        present = scene.categories()
+        question, answer = "Which object is in the image?", present[int(rng.integers(len(present)))]
+        others = [c for c in CATEGORIES if c not in present]
+    candidates = [answer, *[others[i] for i in rng.permutation(len(others))[:3]]]
+    return {"task": "image_choice", "question": question,
+            "candidates": [candidates[i] for i in rng.permutation(4)], "answer": answer}
