@@ -110,7 +110,7 @@ TINY = LlavaSizes(image_size=32, patch_size=8, vision_width=32, vision_layers=1,
 def _tiny_recipe() -> LlavaRecipe:
     return LlavaRecipe(LlavaRecipeConfig(
         sizes=TINY, vision_steps=2, vision_batch=4, chat_steps=3, chat_batch=2, polish_steps=2,
-        position_steps=1, eval_every=0))
+        position_steps=1, attention_layer=0, eval_every=0))
 
 
 def test_training_resumes_exactly(tmp_path):

@@ -76,6 +76,37 @@ def dense_side_loss(tokens: torch.Tensor, words: torch.Tensor, side_ids: torch.T
     return losses[0] + losses[1], round(torch.stack(correct).mean().item(), 4)
 
 
+def focus_attention_loss(attention: torch.Tensor, focus_pos: torch.Tensor, focus_cat: torch.Tensor,
+                         category: torch.Tensor, first_image_token: int) -> tuple[torch.Tensor, float]:
+    """Attention supervision: a question's focus word attends to the tokens of the object it asks about.
+
+    For every turn whose question names a category present in the image, the supervised head's
+    attention row at the focus word (e.g. "left" in "Is the star on the left side ...?") should
+    put its mass on the visual tokens of that category: loss = -log(sum of the row over those
+    tokens), averaged over turns. Without it the language model read the image as a bag of
+    features: enough for existence and colour, not for where a given object is.
+
+    Args:
+        attention: (batch, query, key) attention probabilities of one head.
+        focus_pos: (batch, turns) focus-word positions, -1 for none.
+        focus_cat: (batch, turns) the question's category index, -1 for none.
+        category: (batch, grid, grid) per-patch category (`patch_labels`), -1 on background.
+        first_image_token: position of the first visual token (the grid follows row-major).
+
+    Returns:
+        `(loss, mass)`: the mean attention mass on the object (0 when no turn qualifies).
+    """
+    patches = category.flatten(1)
+    rows_b, rows_k = ((focus_pos >= 0) & (focus_cat >= 0)).nonzero(as_tuple=True)
+    target = patches[rows_b] == focus_cat[rows_b, rows_k][:, None]
+    keep = target.any(1)
+    if not keep.any():
+        return attention.sum() * 0.0, 0.0
+    rows = attention[rows_b, focus_pos[rows_b, rows_k], first_image_token:first_image_token + patches.shape[1]]
+    mass = (rows * target).sum(1)[keep]
+    return -mass.clamp_min(1e-6).log().mean(), round(mass.mean().item(), 4)
+
+
 def export(model, processor, path: str | Path, recipe: str, config: dict) -> None:
     """Write `model` and `processor` in `save_pretrained` layout (SDPA attention) plus
     `training.json` (recipe name, configuration, training seed range)."""

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from vlmkit.data.shapes import CATEGORIES, COLOURS, WorldConfig
 from vlmkit.train.data import ConversationEncoder, Mixture, ShapesStream, collate
 from vlmkit.train.evaluate import mme_eval, pope_eval
-from vlmkit.train.losses import dense_side_loss, dense_word_loss, export
+from vlmkit.train.losses import dense_side_loss, dense_word_loss, export, focus_attention_loss
 from vlmkit.train.models import LlavaSizes, build_llava, build_llava_processor, pixel_values
 from vlmkit.train.tokenizer import build_tokenizer
 from vlmkit.train.trainer import Stage
@@ -50,6 +50,9 @@ class LlavaRecipeConfig:
         chat_lr: learning rate of the chat stage.
         dense_weight: weight of the per-patch category/colour loss in the chat stage.
         side_weight: weight of the per-patch side loss (`dense_side_loss`), in every stage.
+        attention_weight: weight of the focus-attention loss (`focus_attention_loss`) in the
+            language stages (0: off).
+        attention_layer: the language-model layer whose first head it supervises.
         polish_steps: steps of the polish stage (0: none).
         polish_lr: peak learning rate of the polish stage.
         position_steps: steps of the position stage (0: none).
@@ -78,6 +81,8 @@ class LlavaRecipeConfig:
         caption=0.2, existence=0.3, count=0.1, color=0.1, position=0.6))
     dense_weight: float = 0.5
     side_weight: float = 0.5
+    attention_weight: float = 1.0
+    attention_layer: int = 1
     curriculum_start: float = 0.3
     curriculum_fraction: float = 0.3
     mixture: Mixture = field(default_factory=Mixture)
@@ -166,13 +171,22 @@ class LlavaRecipe:
         pixels = pixel_values(batch["images"])
         if stage.name == "vision":
             return self._vision_loss(pixels, batch)
+        attend = self.config.attention_weight > 0
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         pixel_values=pixels)
+                         pixel_values=pixels, output_attentions=attend)
         loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
                                ignore_index=-100)
         tokens = out.image_hidden_states.view(len(pixels), self.config.sizes.num_patches, -1)
         dense, metrics = self._dense_loss(tokens, batch)
-        return loss + self.config.dense_weight * dense, {"lm_loss": round(loss.item(), 4), **metrics}
+        metrics = {"lm_loss": round(loss.item(), 4), **metrics}
+        loss = loss + self.config.dense_weight * dense
+        if attend:
+            first = int((batch["input_ids"][0] == self.model.config.image_token_id).nonzero()[0])
+            attention, metrics["focus_attention"] = focus_attention_loss(
+                out.attentions[self.config.attention_layer][:, 0], batch["focus_pos"], batch["focus_cat"],
+                batch["category"], first)
+            loss = loss + self.config.attention_weight * attention
+        return loss, metrics
 
     def _dense_loss(self, tokens: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
         """Category and colour (`dense_word_loss`) plus `side_weight` times `dense_side_loss`."""
