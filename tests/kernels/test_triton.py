@@ -69,3 +69,33 @@ def test_cuda_default_dispatch_uses_triton_and_matches(monkeypatch):
             merge_tokens(x, target, num_targets=64)[0], merge_tokens_reference(x, target, num_targets=64)[0]
         ) <= TOLERANCE[dtype]
         assert torch.equal(greedy_maxmin(x, 64), greedy_maxmin_reference(x, 64))
+
+
+def test_jit_code_reads_only_globals_the_compiler_accepts():
+    """Triton's interpreter runs any Python, its compiler does not: a @triton.jit function may only
+    read globals that are constexpr values, jit functions or modules (a plain module-level bool broke
+    every kernel on the first real GPU while all interpreter tests passed)."""
+    import ast
+    import importlib
+    import inspect
+    import textwrap
+
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+
+    checked = 0
+    for name in ("_triton_common", "_triton_attention", "_triton_merge", "_triton_maxmin"):
+        module = importlib.import_module(f"vlmkit.kernels.{name}")
+        for value in vars(module).values():
+            while isinstance(value, triton.runtime.Autotuner):
+                value = value.fn
+            if not isinstance(value, triton.runtime.JITFunction) or value.__module__ != module.__name__:
+                continue
+            tree = ast.parse(textwrap.dedent(inspect.getsource(value.fn)))
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id in vars(module):
+                    used = vars(module)[node.id]
+                    ok = isinstance(used, (tl.constexpr, triton.runtime.JITFunction, type(tl))) or used is tl
+                    assert ok, f"{name}.{value.fn.__name__} reads global {node.id!r} ({type(used).__name__})"
+            checked += 1
+    assert checked >= 4

@@ -9,7 +9,7 @@ import triton.language as tl
 
 from vlmkit.kernels._dispatch import interpreting
 
-INTERPRETED = interpreting()
+INTERPRETED = tl.constexpr(interpreting())  # jit code reads only constexpr globals
 
 
 def configs(*candidates: triton.Config) -> list[triton.Config]:

@@ -12,15 +12,14 @@ Two kinds of samples:
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from vlmkit.data.shapes import CATEGORIES, WorldConfig, check_seeds, patch_labels, render_array, sample_scene
-from vlmkit.data.shapes_text import QA, QA_KINDS, plural
+from vlmkit.data.shapes import WorldConfig, check_seeds, patch_labels, render_array, sample_scene
+from vlmkit.data.shapes_text import QA, QA_KINDS
 from vlmkit.errors import ConfigError
 
 IGNORE = -100
@@ -101,7 +100,7 @@ class ConversationEncoder:
             self._cache[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self._cache[text]
 
-    def encode(self, qas: list[QA], focus: str = "none", with_focus: bool = False):
+    def encode(self, qas: list[QA], focus: str = "none") -> tuple[list[int], list[int]]:
         """`(input_ids, labels)` of a conversation; the first turn carries the image.
 
         Args:
@@ -112,30 +111,23 @@ class ConversationEncoder:
                 Next-token predictions inside the prompt are never used when generating, so
                 this only adds a direct training signal for looking the word up in the image.
 
-            with_focus: also return each turn's focus-word position in `input_ids` (-1 without one).
-
         Returns:
-            Token ids and labels (`IGNORE` where nothing is predicted), and the focus positions
-            when asked.
+            Token ids and labels (`IGNORE` where nothing is predicted).
         """
         ids = [self.tokenizer.bos_token_id] + self._ids("USER:") + self.image_tokens
         labels = [IGNORE] * len(ids)
-        positions = []
         for k, qa in enumerate(qas):
             prompt = self._ids(("" if k == 0 else "USER: ") + qa.question + " ASSISTANT:")
             target = self._ids(qa.answer) + [self.tokenizer.eos_token_id]
             prompt_labels = [IGNORE] * len(prompt)
-            where = -1
-            if qa.focus:
+            if focus != "none" and qa.focus:
                 word = self._ids(qa.focus)[0]
                 where = max(i for i, t in enumerate(prompt) if t == word)
-            if focus != "none" and where >= 0:
                 stop = where + 2 if focus == "word" else len(prompt)
                 prompt_labels[where + 1:stop] = [self._ids(qa.focus_answer)[0]] * (stop - where - 1)
-            positions.append(len(ids) + where if where >= 0 else -1)
             ids += prompt + target
             labels += prompt_labels + target
-        return (ids, labels, positions) if with_focus else (ids, labels)
+        return ids, labels
 
 
 class ShapesStream(torch.utils.data.Dataset):
@@ -178,31 +170,12 @@ class ShapesStream(torch.utils.data.Dataset):
             return {"image": image, **dense}
         rng = np.random.default_rng([seed, 7])
         qas = sample_qas(scene, rng, self.mixture)
-        ids, labels, positions = self.encoder.encode(qas, focus=self.mixture.focus, with_focus=True)
-        subjects = [question_subject(qa.question) for qa in qas]
-        focus_pos = torch.full((MAX_FOCUS,), -1)
-        focus_cat = torch.full((MAX_FOCUS,), -1)
-        for k, (where, subject) in enumerate(list(zip(positions, subjects))[:MAX_FOCUS]):
-            if where >= 0 and subject is not None:
-                focus_pos[k], focus_cat[k] = where, CATEGORIES.index(subject)
-        return {"image": image, "input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
-                "focus_pos": focus_pos, "focus_cat": focus_cat, **dense}
-
-
-MAX_FOCUS = 8
-"""Focus positions kept per conversation (`ShapesStream`); conversations have at most 6 turns."""
-
-_SUBJECT_WORDS = {w: c for c in CATEGORIES for w in (c, plural(c))}
-
-
-def question_subject(question: str) -> str | None:
-    """The category a question is about (the first category word in it, plural or not), if any."""
-    return next((_SUBJECT_WORDS[w] for w in re.findall(r"[a-z]+", question) if w in _SUBJECT_WORDS), None)
+        ids, labels = self.encoder.encode(qas, focus=self.mixture.focus)
+        return {"image": image, "input_ids": torch.tensor(ids), "labels": torch.tensor(labels), **dense}
 
 
 def collate(samples: list[dict], pad_id: int,
-            dense: tuple[str, ...] = ("category", "colour", "centre", "present", "horizontal", "vertical",
-                                      "focus_pos", "focus_cat")) -> dict:
+            dense: tuple[str, ...] = ("category", "colour", "centre", "present")) -> dict:
     """Stack images and the `dense` targets; right-pad token sequences (labels with `IGNORE`)."""
     out = {"images": torch.stack([s["image"] for s in samples])}
     if "input_ids" in samples[0]:
@@ -215,6 +188,5 @@ def collate(samples: list[dict], pad_id: int,
             ids[i, :n], labels[i, :n], mask[i, :n] = s["input_ids"], s["labels"], 1
         out.update(input_ids=ids, labels=labels, attention_mask=mask)
     for key in dense:
-        if key in samples[0]:
-            out[key] = torch.stack([s[key] for s in samples])
+        out[key] = torch.stack([s[key] for s in samples])
     return out

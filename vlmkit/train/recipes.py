@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from vlmkit.data.shapes import CATEGORIES, COLOURS, WorldConfig
 from vlmkit.train.data import ConversationEncoder, Mixture, ShapesStream, collate
 from vlmkit.train.evaluate import mme_eval, pope_eval
-from vlmkit.train.losses import dense_side_loss, dense_word_loss, export, focus_attention_loss
+from vlmkit.train.losses import dense_word_loss, export
 from vlmkit.train.models import LlavaSizes, build_llava, build_llava_processor, pixel_values
 from vlmkit.train.tokenizer import build_tokenizer
 from vlmkit.train.trainer import Stage
@@ -49,10 +49,6 @@ class LlavaRecipeConfig:
         chat_batch: batch size of the chat stage.
         chat_lr: learning rate of the chat stage.
         dense_weight: weight of the per-patch category/colour loss in the chat stage.
-        side_weight: weight of the per-patch side loss (`dense_side_loss`), in every stage.
-        attention_weight: weight of the focus-attention loss (`focus_attention_loss`) in the
-            language stages (0: off).
-        attention_layer: the language-model layer whose first head it supervises.
         polish_steps: steps of the polish stage (0: none).
         polish_lr: peak learning rate of the polish stage.
         position_steps: steps of the position stage (0: none).
@@ -80,9 +76,6 @@ class LlavaRecipeConfig:
     position_mixture: Mixture = field(default_factory=lambda: Mixture(
         caption=0.2, existence=0.3, count=0.1, color=0.1, position=0.6))
     dense_weight: float = 0.5
-    side_weight: float = 0.5
-    attention_weight: float = 1.0
-    attention_layer: int = 1
     curriculum_start: float = 0.3
     curriculum_fraction: float = 0.3
     mixture: Mixture = field(default_factory=Mixture)
@@ -124,8 +117,6 @@ class LlavaRecipe:
         self.world = WorldConfig(image_size=config.sizes.image_size)
         self.category_ids = torch.tensor(self.tokenizer.convert_tokens_to_ids(list(CATEGORIES)))
         self.colour_ids = torch.tensor(self.tokenizer.convert_tokens_to_ids(list(COLOURS)))
-        self.side_ids = torch.tensor([self.tokenizer.convert_tokens_to_ids(pair)
-                                      for pair in (["left", "right"], ["top", "bottom"])])
         image_id = self.model.config.image_token_id
         self.encoder = ConversationEncoder(self.tokenizer, [image_id] * config.sizes.num_patches)
         c = config
@@ -171,41 +162,30 @@ class LlavaRecipe:
         pixels = pixel_values(batch["images"])
         if stage.name == "vision":
             return self._vision_loss(pixels, batch)
-        attend = self.config.attention_weight > 0
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         pixel_values=pixels, output_attentions=attend)
+                         pixel_values=pixels)
         loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
                                ignore_index=-100)
         tokens = out.image_hidden_states.view(len(pixels), self.config.sizes.num_patches, -1)
-        dense, metrics = self._dense_loss(tokens, batch)
-        metrics = {"lm_loss": round(loss.item(), 4), **metrics}
-        loss = loss + self.config.dense_weight * dense
-        if attend:
-            first = int((batch["input_ids"][0] == self.model.config.image_token_id).nonzero()[0])
-            attention, metrics["focus_attention"] = focus_attention_loss(
-                out.attentions[self.config.attention_layer][:, 0], batch["focus_pos"], batch["focus_cat"],
-                batch["category"], first)
-            loss = loss + self.config.attention_weight * attention
-        return loss, metrics
+        dense, accuracy = self._dense_loss(tokens, batch)
+        metrics = {"lm_loss": round(loss.item(), 4), "object_patch_acc": accuracy}
+        return loss + self.config.dense_weight * dense, metrics
 
-    def _dense_loss(self, tokens: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
-        """Category and colour (`dense_word_loss`) plus `side_weight` times `dense_side_loss`."""
-        words = self.model.model.language_model.embed_tokens.weight
-        dense, accuracy = dense_word_loss(tokens, words, self.category_ids, self.colour_ids, self.heads.background,
-                                          self.heads.no_colour, batch["category"], batch["colour"])
-        side, side_accuracy = dense_side_loss(tokens, words, self.side_ids, batch["horizontal"], batch["vertical"])
-        return dense + self.config.side_weight * side, {"object_patch_acc": accuracy, "side_acc": side_accuracy}
+    def _dense_loss(self, tokens: torch.Tensor, batch: dict) -> tuple[torch.Tensor, float]:
+        return dense_word_loss(tokens, self.model.model.language_model.embed_tokens.weight,
+                               self.category_ids, self.colour_ids, self.heads.background,
+                               self.heads.no_colour, batch["category"], batch["colour"])
 
     def _vision_loss(self, pixels: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
         inner = self.model.model
         hidden = inner.vision_tower(pixels, output_hidden_states=True).hidden_states[-1]
         tokens = inner.multi_modal_projector(hidden[:, 1:])
-        dense, metrics = self._dense_loss(tokens, batch)
+        dense, accuracy = self._dense_loss(tokens, batch)
         loss_centre = F.binary_cross_entropy_with_logits(
             self.heads.centre(tokens).squeeze(-1), batch["centre"].flatten(1),
             pos_weight=torch.tensor(5.0, device=tokens.device))
         loss_present = F.binary_cross_entropy_with_logits(self.heads.present(hidden[:, 0]), batch["present"])
-        return dense + 0.5 * loss_centre + 0.5 * loss_present, metrics
+        return dense + 0.5 * loss_centre + 0.5 * loss_present, {"object_patch_acc": accuracy}
 
     def evaluate(self, stage: Stage, step: int) -> dict | None:
         """A small POPE and MME position check every `eval_every` steps of the language stages."""

@@ -48,14 +48,12 @@ from vlmkit.data.shapes_text import QA
 from vlmkit.data.shapes_video import clip_question, frame_objects, mc_answer, mc_prompt, render_clip, sample_clip
 from vlmkit.train.data import ConversationEncoder, Mixture, collate, sample_qas
 from vlmkit.train.evaluate import video_eval
-from vlmkit.train.losses import dense_side_loss, dense_word_loss, export
+from vlmkit.train.losses import dense_word_loss, export
 from vlmkit.train.models import CLIP_MEAN, CLIP_STD
 from vlmkit.train.trainer import Stage
 from vlmkit.zoo.shipped import _resolve
 
 _STAGE_SEED_STRIDE = 100_000_000
-_DENSE = ("category", "colour", "horizontal", "vertical")
-"""The per-patch targets of every frame and image (`patch_labels`)."""
 
 
 def build_onevision(init: str | Path, seed: int = 0):
@@ -111,11 +109,6 @@ class VideoRecipeConfig:
         option_lr: peak learning rate of the options stage.
         image_every: every `image_every`-th batch holds image questions instead of clips.
         dense_weight: weight of the dense per-patch category/colour loss.
-        side_weight: weight of the dense per-patch side loss (`dense_side_loss`).
-        image_choices: image samples end with a multiple-choice turn (`image_choice`).
-        check_options: also train each option's text token to answer "Yes" or "No" (is this
-            option right?), so that the reply's letter only has to point at the option that said
-            "Yes" (`option_check_labels`).
         mixture: question mixture of the image batches.
         eval_every: steps between video checks (0: never).
         eval_clips: clips per check.
@@ -131,9 +124,6 @@ class VideoRecipeConfig:
     option_lr: float = 3e-4
     image_every: int = 4
     dense_weight: float = 0.5
-    side_weight: float = 0.5
-    image_choices: bool = True
-    check_options: bool = True
     mixture: Mixture = field(default_factory=Mixture)
     eval_every: int = 100
     eval_clips: int = 48
@@ -168,9 +158,6 @@ class VideoRecipe:
             self.tokenizer, [ids("<video>")] * (config.num_frames * pooled ** 2 + 1))
         self.category_ids = torch.tensor(ids(list(CATEGORIES)))
         self.colour_ids = torch.tensor(ids(list(COLOURS)))
-        self.side_ids = torch.tensor([ids(["left", "right"]), ids(["top", "bottom"])])
-        self.option_ids = ids([f"({letter})" for letter in "ABCD"])
-        self.yes_no_ids = ids(["Yes", "No"])
         trainable = ("model.model.multi_modal_projector", "model.model.language_model",
                      "model.model.image_newline", "heads")
         self.stages = [s for s in (Stage("video", config.steps, config.batch, config.lr, trainable),
@@ -186,36 +173,27 @@ class VideoRecipe:
     def _image_sample(self, stage: Stage, index: int) -> dict:
         seed = self._seed(stage, index)
         scene = sample_scene(seed, self.world)
-        rng = np.random.default_rng([seed, 7])
-        qas = sample_qas(scene, rng, self.config.mixture)
-        item = image_choice(scene, rng) if self.config.image_choices else None
-        ids, labels = self._encode(self.image_encoder, stage, qas, item)
+        qas = sample_qas(scene, np.random.default_rng([seed, 7]), self.config.mixture)
+        ids, labels = self.image_encoder.encode(qas, self.config.mixture.focus)
         dense = patch_labels(scene, self.patch_size)
         return {"image": torch.from_numpy(render_array(scene)), "input_ids": torch.tensor(ids),
-                "labels": torch.tensor(labels), **{k: torch.from_numpy(dense[k]) for k in _DENSE}}
+                "labels": torch.tensor(labels), "category": torch.from_numpy(dense["category"]),
+                "colour": torch.from_numpy(dense["colour"])}
 
     def _clip_sample(self, stage: Stage, index: int) -> dict:
         seed = self._seed(stage, index)
         clip = sample_clip(seed, self.clip_world, self.config.num_frames)
         item = clip_question(clip, np.random.default_rng([seed, 4]))
-        ids, labels = self._encode(self.video_encoder, stage, [], item)
+        answer = mc_answer(item["candidates"], item["answer"]) if stage.name == "options" else item["answer"]
+        qa = QA(mc_prompt(item["question"], item["candidates"]), answer,
+                item["task"], item["answer"], _clip_focus(item), item["answer"])
+        ids, labels = self.video_encoder.encode([qa], self.config.mixture.focus)
         frames = [patch_labels(dataclasses.replace(clip.scene, objects=frame_objects(clip, t)), self.patch_size)
                   for t in range(clip.num_frames)]
         return {"image": torch.from_numpy(render_clip(clip)), "input_ids": torch.tensor(ids),
-                "labels": torch.tensor(labels), **{k: torch.from_numpy(np.stack([f[k] for f in frames])) for k in _DENSE}}
-
-    def _encode(self, encoder: ConversationEncoder, stage: Stage, qas: list[QA], item: dict | None):
-        """Ids and labels of `qas` then, if given, the multiple-choice `item` in MVBench's prompt,
-        answered with the option's text (video stage) or MVBench's lettered reply (options stage)."""
-        if item is not None:
-            answer = mc_answer(item["candidates"], item["answer"]) if stage.name == "options" else item["answer"]
-            qas = [*qas, QA(mc_prompt(item["question"], item["candidates"]), answer, item["task"], item["answer"],
-                            _choice_focus(item), item["answer"])]
-        ids, labels = encoder.encode(qas, self.config.mixture.focus)
-        if item is not None and self.config.check_options:
-            labels = option_check_labels(ids, labels, self.option_ids, item["candidates"].index(item["answer"]),
-                                         *self.yes_no_ids)
-        return ids, labels
+                "labels": torch.tensor(labels),
+                "category": torch.from_numpy(np.stack([f["category"] for f in frames])),
+                "colour": torch.from_numpy(np.stack([f["colour"] for f in frames]))}
 
     def batch(self, stage: Stage, step: int) -> dict:
         """Batch `step`: image questions every `image_every`-th step, clip questions otherwise."""
@@ -223,7 +201,7 @@ class VideoRecipe:
         images = step % self.config.image_every == self.config.image_every - 1
         make = self._image_sample if images else self._clip_sample
         out = collate([make(stage, i) for i in range(first, first + stage.batch_size)],
-                      self.tokenizer.pad_token_id, dense=_DENSE)
+                      self.tokenizer.pad_token_id, dense=("category", "colour"))
         media = list(out.pop("images").numpy())
         if images:
             pixels = self.processor.image_processor(images=media, return_tensors="pt")
@@ -247,24 +225,21 @@ class VideoRecipe:
             handle.remove()
 
     def loss(self, stage: Stage, batch: dict) -> tuple[torch.Tensor, dict]:
-        """Answer-token cross-entropy plus `dense_weight` times the per-patch word loss plus
-        `side_weight` times the per-patch side loss."""
-        inputs = {k: v for k, v in batch.items() if k not in ("labels", *_DENSE)}
+        """Answer-token cross-entropy plus `dense_weight` times the per-patch word loss."""
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "category", "colour")}
         with self._projected() as captured:
             out = self.model(**inputs)
         loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
         tokens = captured[0]
         if "pixel_values" in batch:  # AnyRes: the base view first, then the crop
             tokens = tokens.view(len(batch["labels"]), -1, *tokens.shape[1:])[:, 0]
-        words = self.model.model.language_model.embed_tokens.weight
         dense, accuracy = dense_word_loss(
-            tokens, words, self.category_ids, self.colour_ids, self.heads["background"], self.heads["no_colour"],
-            batch["category"].flatten(0, -3), batch["colour"].flatten(0, -3))
-        side, side_accuracy = dense_side_loss(tokens, words, self.side_ids, batch["horizontal"].flatten(0, -3),
-                                              batch["vertical"].flatten(0, -3))
-        metrics = {"lm_loss": round(loss.item(), 4), "object_patch_acc": accuracy, "side_acc": side_accuracy,
+            tokens, self.model.model.language_model.embed_tokens.weight, self.category_ids, self.colour_ids,
+            self.heads["background"], self.heads["no_colour"], batch["category"].flatten(0, -3),
+            batch["colour"].flatten(0, -3))
+        metrics = {"lm_loss": round(loss.item(), 4), "object_patch_acc": accuracy,
                    "batch": "image" if "pixel_values" in batch else "video"}
-        return loss + self.config.dense_weight * dense + self.config.side_weight * side, metrics
+        return loss + self.config.dense_weight * dense, metrics
 
     def evaluate(self, stage: Stage, step: int) -> dict | None:
         """Video multiple-choice accuracy on held-out clips every `eval_every` steps."""
@@ -279,41 +254,7 @@ class VideoRecipe:
         export(self.model, self.processor, path, "shapes-video", self.config.to_dict())
 
 
-def option_check_labels(ids: list[int], labels: list[int], option_ids: list[int], answer: int,
-                        yes_id: int, no_id: int) -> list[int]:
-    """Labels with every option's text token trained to say whether its option is the answer.
-
-    The token after each option marker ("(A)", ...) is the option's text; its next-token target
-    (the label one further on) becomes "Yes" for the answer's option and "No" for the others. The
-    prompt's tokens are never generated, so these targets cost the reply nothing; they give the
-    model one check per option (does "blue" fit this clip?) and a place to point at for the letter.
-    """
-    labels = list(labels)
-    for k, marker in enumerate(option_ids):
-        position = ids.index(marker) + 2
-        labels[position] = yes_id if k == answer else no_id
-    return labels
-
-
-def _choice_focus(item: dict) -> str:
-    """The question word whose span carries the answer's gist: the subject, else the last word."""
+def _clip_focus(item: dict) -> str:
+    """The question word whose span carries the answer's gist: the subject, or the verb."""
     words = item["question"].rstrip("?").split()
-    return next((w for w in words if w in CATEGORIES), words[-1])
-
-
-def image_choice(scene, rng: np.random.Generator) -> dict:
-    """A multiple-choice question about an image, in `clip_question`'s form: which object is in
-    the image (one present, three absent), or the colour of an object that is the only one of its
-    kind. Answers the model reads well from images, for learning to reply with the option's letter."""
-    unique = [o for o in scene.objects if scene.count(o.category) == 1]
-    if unique and rng.random() < 0.5:
-        obj = unique[int(rng.integers(len(unique)))]
-        question, answer = f"What color is the {obj.category}?", obj.colour
-        others = [c for c in COLOURS if c != obj.colour]
-    else:
-        present = scene.categories()
-        question, answer = "Which object is in the image?", present[int(rng.integers(len(present)))]
-        others = [c for c in CATEGORIES if c not in present]
-    candidates = [answer, *[others[i] for i in rng.permutation(len(others))[:3]]]
-    return {"task": "image_choice", "question": question,
-            "candidates": [candidates[i] for i in rng.permutation(4)], "answer": answer}
+    return next((w for w in words if w in CATEGORIES), words[2])
