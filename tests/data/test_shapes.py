@@ -1,6 +1,7 @@
 """The shapes world: determinism, exact ground truth, co-occurrence prior, seed ranges, clips."""
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -99,6 +100,20 @@ def test_patch_labels_follow_objects():
         patch_labels(scene, 7)
 
 
+def test_patch_side_labels_name_the_third_of_the_object_centre():
+    scene = sample_scene(SEEDS[3])
+    obj = dataclasses.replace(scene.objects[0], cx=20.0, cy=80.0, weak=False)  # left, bottom third
+    labels = patch_labels(dataclasses.replace(scene, objects=[obj]), 8)
+    on_object = labels["category"] >= 0
+    assert on_object.any()
+    assert (labels["horizontal"][on_object] == 0).all() and (labels["vertical"][on_object] == 1).all()
+    background = ~on_object
+    assert (labels["horizontal"][:, 11][background[:, 11]] == 1).all()  # right-most column: right
+    assert (labels["horizontal"][:, 5][background[:, 5]] == 2).all()  # centre columns: middle
+    assert (labels["vertical"][0][background[0]] == 0).all()  # top row: top
+    assert (labels["horizontal"][0, :4] == 0).all() and (labels["horizontal"][0, 4:8] == 2).all()
+
+
 def test_seed_ranges_never_overlap():
     assert TRAIN_SEEDS.stop <= EVAL_SEEDS.start
     assert check_seeds("train", 0, 10) == range(0, 10)
@@ -171,3 +186,24 @@ def test_clips_have_exact_per_frame_ground_truth(tmp_path):
     decoded = reader.get_batch(list(range(len(reader)))).asnumpy()
     assert decoded.shape == frames.shape
     assert np.abs(decoded.astype(int) - frames).mean() < 12
+
+
+def test_the_focus_word_of_a_question_comes_after_every_word_its_answer_depends_on():
+    from vlmkit.data.shapes import COLOURS
+    from vlmkit.data.shapes_text import NUMBER_WORDS, colour_qa, count_qa, existence_qa, position_qa
+
+    keys = set(CATEGORIES) | set(COLOURS) | set(NUMBER_WORDS) | {"left", "right", "top", "bottom"}
+    keys |= {w + "s" for w in CATEGORIES}
+    checked = set()
+    for seed in SEEDS:
+        scene = sample_scene(seed)
+        rng = np.random.default_rng(seed)
+        for qa in (existence_qa(scene, rng, True), existence_qa(scene, rng, False), count_qa(scene, rng),
+                   colour_qa(scene, rng), position_qa(scene, rng)):
+            if qa is None or not qa.focus:
+                continue
+            words = re.findall(r"[a-z]+", qa.question.split("?")[0].lower())  # without the suffix
+            after = words[max(i for i, w in enumerate(words) if w == qa.focus.lower()) + 1:]
+            assert not keys & set(after), (qa.question, qa.focus)  # the gist is known at the focus word
+            checked.add((qa.kind, qa.label in ("yes", "no")))
+    assert ("position", True) in checked and ("color", True) in checked

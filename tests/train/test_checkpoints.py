@@ -49,7 +49,7 @@ def test_shapes_llava_pope_subset(shapes_llava):
 
 def test_shapes_llava_mme_and_chair_subset(shapes_llava):
     mme = mme_eval(*shapes_llava, 10, SUBSET_SEED, WorldConfig(image_size=96))
-    for subtask in ("existence", "count", "color"):  # position is at chance: see README
+    for subtask in ("existence", "count", "color", "position"):
         assert mme[subtask]["accuracy"] >= 0.75, mme
     chair = chair_eval(*shapes_llava, 40, SUBSET_SEED, WorldConfig(image_size=96))
     assert 0.03 <= chair["chair_i"] <= 0.30, chair

@@ -110,7 +110,7 @@ TINY = LlavaSizes(image_size=32, patch_size=8, vision_width=32, vision_layers=1,
 def _tiny_recipe() -> LlavaRecipe:
     return LlavaRecipe(LlavaRecipeConfig(
         sizes=TINY, vision_steps=2, vision_batch=4, chat_steps=3, chat_batch=2, polish_steps=2,
-        position_steps=1, eval_every=0))
+        position_steps=1, locate_steps=1, recall_steps=1, eval_every=0))
 
 
 def test_training_resumes_exactly(tmp_path):
@@ -129,7 +129,7 @@ def test_training_resumes_exactly(tmp_path):
     for key in a:  # batches built in worker processes are the same batches
         assert torch.equal(a[key], c[key]), key
     rows = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
-    assert {r["stage"] for r in rows if "loss" in r} == {"vision", "chat", "polish", "position"}
+    assert {r["stage"] for r in rows if "loss" in r} == {"vision", "chat", "polish", "position", "locate", "recall"}
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     model = LlavaForConditionalGeneration.from_pretrained(resumed)
@@ -175,3 +175,24 @@ def test_video_recipe_grows_from_shapes_llava_trains_exports_and_generates(tmp_p
     answers = generate(model, processor, [frames], ["Which object appears during the video?"], video=True)
     answers += generate(model, processor, [frames[0]], ["Is there a star in the image?"])
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
+
+def test_dense_side_loss_scores_tokens_that_name_their_side():
+    from vlmkit.train.losses import dense_side_loss
+
+    words = torch.eye(8)  # left, right, top, bottom are the unit vectors 0..3
+    side_ids = torch.tensor([[0, 1], [2, 3]])
+    horizontal = torch.tensor([[0, 1, 2, 0]])  # 0 left / top, 1 right / bottom, 2 middle
+    vertical = torch.tensor([[2, 0, 1, 1]])
+    tokens = torch.full((1, 4, 8), 0.0)
+    for i, (h, v) in enumerate(zip(horizontal[0].tolist(), vertical[0].tolist())):
+        tokens[0, i, :4] = -10.0  # below the middle's logit 0 ...
+        if h < 2:
+            tokens[0, i, h] = 10.0  # ... unless this token's side word is named
+        if v < 2:
+            tokens[0, i, 2 + v] = 10.0
+    loss, accuracy = dense_side_loss(tokens, words, side_ids, horizontal, vertical)
+    assert accuracy == 1.0 and loss.item() < 1e-3
+    swapped, accuracy = dense_side_loss(tokens, words, side_ids, torch.tensor([[1, 0, 2, 1]]), vertical)
+    assert accuracy == round(5 / 8, 4) and swapped.item() > 10  # left and right read the wrong way round

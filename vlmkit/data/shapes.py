@@ -601,6 +601,10 @@ def render(scene: Scene) -> Image.Image:
     return Image.fromarray(render_array(scene), "RGB")
 
 
+_SIDE_OF_THIRD = np.array([0, 2, 1])
+"""Third of the image (0, 1, 2 from left or top) -> side class (0 left / top, 1 right / bottom, 2 middle)."""
+
+
 def patch_labels(scene: Scene, patch_size: int) -> dict[str, np.ndarray]:
     """Dense per-patch targets for pretraining a vision tower.
 
@@ -613,7 +617,10 @@ def patch_labels(scene: Scene, patch_size: int) -> dict[str, np.ndarray]:
         patch, or -1 for background (an object counts when it covers >= 1/16 of the patch);
         `colour`: int64 `[G, G]`, index into `COLOURS` of that object, -1 for background;
         `centre`: float32 `[G, G]`, 1 where an object's centre falls;
-        `present`: float32 `[len(CATEGORIES)]`, 1 for every category in the scene.
+        `present`: float32 `[len(CATEGORIES)]`, 1 for every category in the scene;
+        `horizontal`, `vertical`: int64 `[G, G]`, the third of the image (0 left / top, 1 right /
+        bottom, 2 middle) that holds the centre of the patch's object, or of the patch itself on
+        background, so that all of an object's tokens agree on the side a question asks about.
     """
     size = scene.image_size
     if size % patch_size:
@@ -624,6 +631,9 @@ def patch_labels(scene: Scene, patch_size: int) -> dict[str, np.ndarray]:
     colour = np.full((grid, grid), -1, np.int64)
     centre = np.zeros((grid, grid), np.float32)
     present = np.zeros(len(CATEGORIES), np.float32)
+    own_third = _SIDE_OF_THIRD[(3 * np.arange(grid) * patch_size + 3 * patch_size // 2) // size]
+    horizontal = np.tile(own_third, (grid, 1))
+    vertical = horizontal.T.copy()
     colour_names = list(COLOURS)
     for obj in scene.objects:
         x0, y0, mask = object_mask(obj, size)
@@ -634,6 +644,9 @@ def patch_labels(scene: Scene, patch_size: int) -> dict[str, np.ndarray]:
         best = np.where(wins, per_patch, best)
         category[wins] = CATEGORIES.index(obj.category)
         colour[wins] = colour_names.index(obj.colour)
+        horizontal[wins] = _SIDE_OF_THIRD[min(int(3 * obj.cx / size), 2)]
+        vertical[wins] = _SIDE_OF_THIRD[min(int(3 * obj.cy / size), 2)]
         centre[min(int(obj.cy // patch_size), grid - 1), min(int(obj.cx // patch_size), grid - 1)] = 1
         present[CATEGORIES.index(obj.category)] = 1
-    return {"category": category, "colour": colour, "centre": centre, "present": present}
+    return {"category": category, "colour": colour, "centre": centre, "present": present,
+            "horizontal": horizontal, "vertical": vertical}

@@ -248,8 +248,10 @@ def position_qa(scene: Scene, rng: np.random.Generator) -> QA | None:
         answer = f"on the {side}" if side in ("left", "right") else f"at the {side}"
         return _open(f"Where is the {obj.category}?", answer, "position", rng, obj.category, side)
     truth = rng.random() < 0.5
-    return _yes_no(side_question(obj.category, side if truth else _SIDES[side]), truth,
-                   "position", rng, obj.category)
+    asked = side if truth else _SIDES[side]
+    # The focus is the side word, the question's last key word: only from there on is the answer
+    # known (at "star" in "Is the star on the left side ...?" it is not yet).
+    return _yes_no(side_question(obj.category, asked), truth, "position", rng, asked)
 
 
 def caption_qa(scene: Scene, rng: np.random.Generator) -> QA:

@@ -175,7 +175,7 @@ class ShapesStream(torch.utils.data.Dataset):
 
 
 def collate(samples: list[dict], pad_id: int,
-            dense: tuple[str, ...] = ("category", "colour", "centre", "present")) -> dict:
+            dense: tuple[str, ...] = ("category", "colour", "centre", "present", "horizontal", "vertical")) -> dict:
     """Stack images and the `dense` targets; right-pad token sequences (labels with `IGNORE`)."""
     out = {"images": torch.stack([s["image"] for s in samples])}
     if "input_ids" in samples[0]:

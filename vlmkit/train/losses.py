@@ -1,4 +1,4 @@
-"""What both shapes recipes share: the dense per-token word loss and the `save_pretrained` export."""
+"""What both shapes recipes share: the dense per-token word and side losses and the `save_pretrained` export."""
 from __future__ import annotations
 
 import json
@@ -44,6 +44,36 @@ def dense_word_loss(tokens: torch.Tensor, words: torch.Tensor, category_ids: tor
     loss = loss + 0.5 * F.cross_entropy((tokens @ colour_w.T).flatten(0, 1), colour.flatten())
     objects = category < len(CATEGORIES)
     return loss, round((logits.argmax(-1) == category)[objects].float().mean().item(), 4)
+
+
+def dense_side_loss(tokens: torch.Tensor, words: torch.Tensor, side_ids: torch.Tensor,
+                    horizontal: torch.Tensor, vertical: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Per-token side cross-entropy: each visual token names the third of the image that holds
+    its object's centre (`patch_labels`' `horizontal` / `vertical`).
+
+    A token's logits for "left" and "right" (and for "top" and "bottom") are its dot products with
+    those words' embeddings; the middle third's logit is 0. "Is the star on the left side?" is then
+    answered like "Is the star red?": attend to the star's tokens and read the word off them.
+    Loss = CE_horizontal + CE_vertical.
+
+    Args:
+        tokens: (batch, tokens, width) projected visual tokens (or any shape that views as that).
+        words: the language model's input embedding matrix.
+        side_ids: token ids `[["left", "right"], ["top", "bottom"]]`.
+        horizontal, vertical: (batch, ...) per-token classes: 0 left / top, 1 right / bottom, 2 middle.
+
+    Returns:
+        `(loss, accuracy)`: the share of right arg-max sides over both axes and all tokens.
+    """
+    side_ids = side_ids.to(words.device)
+    tokens = tokens.reshape(len(horizontal), -1, tokens.shape[-1])
+    losses, correct = [], []
+    for ids, target in zip(side_ids, (horizontal.flatten(1), vertical.flatten(1))):
+        logits = tokens @ words[ids].T
+        logits = torch.cat([logits, torch.zeros_like(logits[..., :1])], -1)
+        losses.append(F.cross_entropy(logits.flatten(0, 1), target.flatten()))
+        correct.append((logits.argmax(-1) == target).float().mean())
+    return losses[0] + losses[1], round(torch.stack(correct).mean().item(), 4)
 
 
 def export(model, processor, path: str | Path, recipe: str, config: dict) -> None:

@@ -1,11 +1,13 @@
 """Training recipes of the shipped shapes models: modules, stages, batches and losses.
 
-`LlavaRecipe` trains `shapes-llava` in two stages:
+`LlavaRecipe` trains `shapes-llava` in six stages:
 
 1. **vision**: the ViT and the projector learn dense per-patch targets (category and colour of
-   the object under each patch, object centres, and the scene's categories on [CLS]). Category
-   and colour logits are dot products with the language model's (tied) word embeddings of the
-   category and colour words, so each visual token starts out "spelling" what it shows.
+   the object under each patch, the side of the image that holds its centre, object centres, and
+   the scene's categories on [CLS]). Category, colour and side logits are dot products with the
+   language model's (tied) word embeddings of those words, so each visual token starts out
+   "spelling" what it shows and where. The side loss (`dense_side_loss`) stays on in every stage:
+   without it the tokens carry no position at all (a linear probe reads left/right at chance).
 2. **chat**: everything trains on captions and questions (loss on answer tokens, plus the
    focus-word supervision of `ConversationEncoder`), on a curriculum from sparse, clean scenes to
    the full world; the dense per-patch loss stays on (weight `dense_weight`) so the vision tower
@@ -14,6 +16,11 @@
    a second, lower-peak cosine schedule (a warm restart), for the late gains in grounding.
 4. **position**: a short stage whose question mixture leans on position questions, which the
    earlier mixture (position 20% of questions) left at chance in yes/no form.
+5. **locate**: position questions only, at a high learning rate. With the side in every token,
+   the language model still answered yes/no position questions at chance after stages 1-4; on
+   position questions alone it learns to read the side within a few hundred steps, while
+   existence and captions suffer.
+6. **recall**: the main mixture again, at a low learning rate, to restore what stage 5 cost.
 """
 from __future__ import annotations
 
@@ -26,7 +33,7 @@ import torch.nn.functional as F
 from vlmkit.data.shapes import CATEGORIES, COLOURS, WorldConfig
 from vlmkit.train.data import ConversationEncoder, Mixture, ShapesStream, collate
 from vlmkit.train.evaluate import mme_eval, pope_eval
-from vlmkit.train.losses import dense_word_loss, export
+from vlmkit.train.losses import dense_side_loss, dense_word_loss, export
 from vlmkit.train.models import LlavaSizes, build_llava, build_llava_processor, pixel_values
 from vlmkit.train.tokenizer import build_tokenizer
 from vlmkit.train.trainer import Stage
@@ -49,11 +56,17 @@ class LlavaRecipeConfig:
         chat_batch: batch size of the chat stage.
         chat_lr: learning rate of the chat stage.
         dense_weight: weight of the per-patch category/colour loss in the chat stage.
+        side_weight: weight of the per-patch side loss (`dense_side_loss`), in every stage.
         polish_steps: steps of the polish stage (0: none).
         polish_lr: peak learning rate of the polish stage.
         position_steps: steps of the position stage (0: none).
         position_lr: peak learning rate of the position stage.
         position_mixture: the question mixture of the position stage.
+        locate_steps: steps of the locate stage (0: none).
+        locate_lr: peak learning rate of the locate stage.
+        locate_mixture: the question mixture of the locate stage (position questions only).
+        recall_steps: steps of the recall stage (0: none).
+        recall_lr: peak learning rate of the recall stage (the main mixture again).
         curriculum_start: scene difficulty at the start of the chat stage.
         curriculum_fraction: share of the chat stage spent ramping difficulty to 1.
         mixture: the question mixture.
@@ -75,7 +88,14 @@ class LlavaRecipeConfig:
     position_lr: float = 3e-4
     position_mixture: Mixture = field(default_factory=lambda: Mixture(
         caption=0.2, existence=0.3, count=0.1, color=0.1, position=0.6))
+    locate_steps: int = 600
+    locate_lr: float = 1e-3
+    locate_mixture: Mixture = field(default_factory=lambda: Mixture(
+        caption=0.0, existence=0.05, count=0.0, color=0.0, position=1.0))
+    recall_steps: int = 600
+    recall_lr: float = 3e-4
     dense_weight: float = 0.5
+    side_weight: float = 0.5
     curriculum_start: float = 0.3
     curriculum_fraction: float = 0.3
     mixture: Mixture = field(default_factory=Mixture)
@@ -117,6 +137,8 @@ class LlavaRecipe:
         self.world = WorldConfig(image_size=config.sizes.image_size)
         self.category_ids = torch.tensor(self.tokenizer.convert_tokens_to_ids(list(CATEGORIES)))
         self.colour_ids = torch.tensor(self.tokenizer.convert_tokens_to_ids(list(COLOURS)))
+        self.side_ids = torch.tensor([self.tokenizer.convert_tokens_to_ids(pair)
+                                      for pair in (["left", "right"], ["top", "bottom"])])
         image_id = self.model.config.image_token_id
         self.encoder = ConversationEncoder(self.tokenizer, [image_id] * config.sizes.num_patches)
         c = config
@@ -127,6 +149,8 @@ class LlavaRecipe:
             Stage("chat", c.chat_steps, c.chat_batch, c.chat_lr, ("model.",)),
             Stage("polish", c.polish_steps, c.chat_batch, c.polish_lr, ("model.",)),
             Stage("position", c.position_steps, c.chat_batch, c.position_lr, ("model.",)),
+            Stage("locate", c.locate_steps, c.chat_batch, c.locate_lr, ("model.",)),
+            Stage("recall", c.recall_steps, c.chat_batch, c.recall_lr, ("model.",)),
         ]
         self.stages = [s for s in self.stages if s.steps > 0]
         self._streams: dict[str, ShapesStream] = {}
@@ -143,7 +167,8 @@ class LlavaRecipe:
                     curriculum=(0.5, length // 3))
             else:
                 ramp = (self.config.curriculum_start, int(length * self.config.curriculum_fraction))
-                mixture = self.config.position_mixture if stage.name == "position" else self.config.mixture
+                mixture = {"position": self.config.position_mixture,
+                           "locate": self.config.locate_mixture}.get(stage.name, self.config.mixture)
                 self._streams[stage.name] = ShapesStream(
                     start, length, self.world, self.encoder, mixture,
                     patch_size=self.config.sizes.patch_size,
@@ -167,25 +192,27 @@ class LlavaRecipe:
         loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
                                ignore_index=-100)
         tokens = out.image_hidden_states.view(len(pixels), self.config.sizes.num_patches, -1)
-        dense, accuracy = self._dense_loss(tokens, batch)
-        metrics = {"lm_loss": round(loss.item(), 4), "object_patch_acc": accuracy}
-        return loss + self.config.dense_weight * dense, metrics
+        dense, metrics = self._dense_loss(tokens, batch)
+        return loss + self.config.dense_weight * dense, {"lm_loss": round(loss.item(), 4), **metrics}
 
-    def _dense_loss(self, tokens: torch.Tensor, batch: dict) -> tuple[torch.Tensor, float]:
-        return dense_word_loss(tokens, self.model.model.language_model.embed_tokens.weight,
-                               self.category_ids, self.colour_ids, self.heads.background,
-                               self.heads.no_colour, batch["category"], batch["colour"])
+    def _dense_loss(self, tokens: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+        """Category and colour (`dense_word_loss`) plus `side_weight` times `dense_side_loss`."""
+        words = self.model.model.language_model.embed_tokens.weight
+        dense, accuracy = dense_word_loss(tokens, words, self.category_ids, self.colour_ids, self.heads.background,
+                                          self.heads.no_colour, batch["category"], batch["colour"])
+        side, side_accuracy = dense_side_loss(tokens, words, self.side_ids, batch["horizontal"], batch["vertical"])
+        return dense + self.config.side_weight * side, {"object_patch_acc": accuracy, "side_acc": side_accuracy}
 
     def _vision_loss(self, pixels: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
         inner = self.model.model
         hidden = inner.vision_tower(pixels, output_hidden_states=True).hidden_states[-1]
         tokens = inner.multi_modal_projector(hidden[:, 1:])
-        dense, accuracy = self._dense_loss(tokens, batch)
+        dense, metrics = self._dense_loss(tokens, batch)
         loss_centre = F.binary_cross_entropy_with_logits(
             self.heads.centre(tokens).squeeze(-1), batch["centre"].flatten(1),
             pos_weight=torch.tensor(5.0, device=tokens.device))
         loss_present = F.binary_cross_entropy_with_logits(self.heads.present(hidden[:, 0]), batch["present"])
-        return dense + 0.5 * loss_centre + 0.5 * loss_present, {"object_patch_acc": accuracy}
+        return dense + 0.5 * loss_centre + 0.5 * loss_present, metrics
 
     def evaluate(self, stage: Stage, step: int) -> dict | None:
         """A small POPE and MME position check every `eval_every` steps of the language stages."""
