@@ -196,3 +196,16 @@ def test_dense_side_loss_scores_tokens_that_name_their_side():
     assert accuracy == 1.0 and loss.item() < 1e-3
     swapped, accuracy = dense_side_loss(tokens, words, side_ids, torch.tensor([[1, 0, 2, 1]]), vertical)
     assert accuracy == round(5 / 8, 4) and swapped.item() > 10  # left and right read the wrong way round
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--set", "chat_step=5"], "use KEY=VALUE with KEY one of"),
+    (["--set", "mixture=x"], "only numbers and strings"),
+    (["--threads", "0"], "--threads 0 must be >= 1"),
+    (["--workers", "-1"], "--workers -1 must be >= 0"),
+])
+def test_train_command_rejects_bad_settings_by_name(tmp_path, capsys, argv, message):
+    from vlmkit.cli import main
+
+    code = main(["train", "shapes", "--model", "llava", "--out", str(tmp_path), *argv])
+    assert code != 0 and message in capsys.readouterr().err

@@ -54,11 +54,7 @@ def _overrides(config, pairs: list[str]):
         if not sep or key not in fields:
             raise ConfigError(f"--set {pair!r}: use KEY=VALUE with KEY one of {sorted(fields)}.")
         current = getattr(config, key)
-        if isinstance(current, bool):
-            if value.lower() not in ("true", "false"):
-                raise ConfigError(f"--set {key}={value}: use true or false.")
-            changes[key] = value.lower() == "true"
-        elif isinstance(current, (int, float, str)):
+        if isinstance(current, (int, float, str)) and not isinstance(current, bool):
             changes[key] = type(current)(value)
         else:
             raise ConfigError(f"--set {key}: only numbers and strings can be set from the command line.")
@@ -108,6 +104,8 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.threads < 1:
         raise ConfigError(f"--threads {args.threads} must be >= 1.")
+    if args.workers < 0:
+        raise ConfigError(f"--workers {args.workers} must be >= 0.")
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     config = _overrides(config_cls(), args.set)
