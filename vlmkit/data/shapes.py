@@ -163,6 +163,11 @@ class WorldConfig:
 # --------------------------------------------------------------------------------------------
 
 
+def third(position: float, image_size: int) -> int:
+    """Which third of the image (0, 1, 2 from the left or top) holds pixel coordinate `position`."""
+    return min(int(3 * position / image_size), 2)
+
+
 @dataclass
 class ShapeObject:
     """One drawn object and its exact ground truth.
@@ -195,11 +200,11 @@ class ShapeObject:
 
     def horizontal(self, image_size: int) -> str:
         """ "left", "center" or "right": which third of the image holds the centre."""
-        return ("left", "center", "right")[min(int(3 * self.cx / image_size), 2)]
+        return ("left", "center", "right")[third(self.cx, image_size)]
 
     def vertical(self, image_size: int) -> str:
         """ "top", "middle" or "bottom": which third of the image holds the centre."""
-        return ("top", "middle", "bottom")[min(int(3 * self.cy / image_size), 2)]
+        return ("top", "middle", "bottom")[third(self.cy, image_size)]
 
     def to_json(self) -> dict:
         """A JSON-serialisable dict of the ground truth."""
@@ -631,7 +636,7 @@ def patch_labels(scene: Scene, patch_size: int) -> dict[str, np.ndarray]:
     colour = np.full((grid, grid), -1, np.int64)
     centre = np.zeros((grid, grid), np.float32)
     present = np.zeros(len(CATEGORIES), np.float32)
-    own_third = _SIDE_OF_THIRD[(3 * np.arange(grid) * patch_size + 3 * patch_size // 2) // size]
+    own_third = _SIDE_OF_THIRD[[third((i + 0.5) * patch_size, size) for i in range(grid)]]
     horizontal = np.tile(own_third, (grid, 1))
     vertical = horizontal.T.copy()
     colour_names = list(COLOURS)
@@ -644,8 +649,8 @@ def patch_labels(scene: Scene, patch_size: int) -> dict[str, np.ndarray]:
         best = np.where(wins, per_patch, best)
         category[wins] = CATEGORIES.index(obj.category)
         colour[wins] = colour_names.index(obj.colour)
-        horizontal[wins] = _SIDE_OF_THIRD[min(int(3 * obj.cx / size), 2)]
-        vertical[wins] = _SIDE_OF_THIRD[min(int(3 * obj.cy / size), 2)]
+        horizontal[wins] = _SIDE_OF_THIRD[third(obj.cx, size)]
+        vertical[wins] = _SIDE_OF_THIRD[third(obj.cy, size)]
         centre[min(int(obj.cy // patch_size), grid - 1), min(int(obj.cx // patch_size), grid - 1)] = 1
         present[CATEGORIES.index(obj.category)] = 1
     return {"category": category, "colour": colour, "centre": centre, "present": present,
