@@ -1,6 +1,7 @@
 """Training code: tokenizer and chat format, data stream, and a resumable tiny run."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -169,6 +170,7 @@ def test_video_recipe_grows_from_shapes_llava_trains_exports_and_generates(tmp_p
     final = train(recipe, tmp_path, progress=False)
     for name, value in recipe.model.model.vision_tower.state_dict().items():  # the ViT stays frozen
         assert torch.equal(vision[name], value), name
+    assert json.loads((final / "training.json").read_text())["world"] == dataclasses.asdict(recipe.world)
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(final)
     processor = AutoProcessor.from_pretrained(final)
     frames = np.zeros((8, 96, 96, 3), np.uint8)

@@ -1,13 +1,14 @@
 """What both shapes recipes share: the dense per-token word and side losses and the `save_pretrained` export."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from vlmkit.data.shapes import CATEGORIES, COLOURS, TRAIN_SEEDS
+from vlmkit.data.shapes import CATEGORIES, COLOURS, TRAIN_SEEDS, WorldConfig
 
 
 def dense_word_loss(tokens: torch.Tensor, words: torch.Tensor, category_ids: torch.Tensor,
@@ -76,13 +77,14 @@ def dense_side_loss(tokens: torch.Tensor, words: torch.Tensor, side_ids: torch.T
     return losses[0] + losses[1], round(torch.stack(correct).mean().item(), 4)
 
 
-def export(model, processor, path: str | Path, recipe: str, config: dict) -> None:
+def export(model, processor, path: str | Path, recipe: str, config: dict, world: WorldConfig) -> None:
     """Write `model` and `processor` in `save_pretrained` layout (SDPA attention) plus
-    `training.json` (recipe name, configuration, training seed range)."""
+    `training.json` (recipe name, configuration, the world it was trained on, training seed range)."""
     path = Path(path)
     model.set_attn_implementation("sdpa")
     model.save_pretrained(path)
     processor.save_pretrained(path)
     (path / "training.json").write_text(json.dumps(
-        {"recipe": recipe, "config": config, "train_seeds": [TRAIN_SEEDS.start, TRAIN_SEEDS.stop]}, indent=1))
+        {"recipe": recipe, "config": config, "world": dataclasses.asdict(world),
+         "train_seeds": [TRAIN_SEEDS.start, TRAIN_SEEDS.stop]}, indent=1))
     model.set_attn_implementation("eager")

@@ -227,4 +227,4 @@ class LlavaRecipe:
 
     def export(self, path: str | Path) -> None:
         """Write the model, processor and the recipe in `save_pretrained` layout."""
-        export(self.model, self.processor, path, "shapes-llava", self.config.to_dict())
+        export(self.model, self.processor, path, "shapes-llava", self.config.to_dict(), self.world)

@@ -251,7 +251,7 @@ class VideoRecipe:
 
     def export(self, path: str | Path) -> None:
         """Write the model, processor and the recipe in `save_pretrained` layout."""
-        export(self.model, self.processor, path, "shapes-video", self.config.to_dict())
+        export(self.model, self.processor, path, "shapes-video", self.config.to_dict(), self.world)
 
 
 def _clip_focus(item: dict) -> str:
