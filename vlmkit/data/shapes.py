@@ -135,7 +135,7 @@ class WorldConfig:
     partner_weak_prob: float = 0.4
     weak_prob: float = 0.1
     repeat_prob: float = 0.2
-    frequency_decay: float = 1.0
+    frequency_decay: float = 1.5
     noise_max: float = 10.0
     clutter: float = 1.0
 
