@@ -146,26 +146,31 @@ def test_video_recipe_grows_from_shapes_llava_trains_exports_and_generates(tmp_p
     from vlmkit.train.video import VideoRecipe, VideoRecipeConfig
     from vlmkit.zoo.shipped import CHECKPOINTS
 
-    recipe = VideoRecipe(VideoRecipeConfig(steps=2, option_steps=2, batch=2, image_every=2, eval_every=0))
-    llava = LlavaForConditionalGeneration.from_pretrained(CHECKPOINTS / "shapes-llava")
+    recipe = VideoRecipe(VideoRecipeConfig(pointing_steps=2, steps=4, letter_steps=4, batch=2, eval_every=0))
+    llava = LlavaForConditionalGeneration.from_pretrained(CHECKPOINTS / "shapes-llava", attn_implementation="eager")
     grown = recipe.model.state_dict()
-    for name, value in llava.state_dict().items():  # everything but the newline vector is shapes-llava's
+    for name, value in llava.state_dict().items():  # shapes-llava's weights, unchanged
         assert torch.equal(grown[name], value), name
-    video_batch = recipe.batch(recipe.stages[0], 0)
-    assert video_batch["pixel_values_videos"].shape == (2, 8, 3, 96, 96)
-    assert (video_batch["input_ids"] == recipe.model.config.video_token_index).sum(1).tolist() == [8 * 36 + 1] * 2
-    assert video_batch["category"].shape == (2, 8, 12, 12)
-    options_batch = recipe.batch(recipe.stages[1], 0)
+    ids = recipe.tokenizer(["USER: Is there a star in the image? ASSISTANT:"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():  # the two added layers start as identities: the same logits as shapes-llava
+        assert torch.equal(recipe.model(input_ids=ids).logits, llava(input_ids=ids).logits)
+    assert len(recipe.model.model.language_model.layers) == 6 and recipe.gist_layer == 3
 
-    def replies(batch):  # the labelled tokens of the answer turn, "</s>" left out
-        return [recipe.tokenizer.convert_ids_to_tokens(row[row != -100])[-8:-1] for row in batch["labels"]]
-
-    for reply in replies(video_batch):  # stage 1: the option's text alone
-        assert "(" not in reply[-3:]
-    for reply in replies(options_batch):  # stage 2: MVBench's pre-filled "Best option:(", then "B) blue"
-        assert reply[:4] == ["Best", "option", ":", "("] and reply[4] in "ABCD" and reply[5] == ")"
-    image_batch = recipe.batch(recipe.stages[0], 1)  # every second batch holds images here
-    assert image_batch["pixel_values"].shape == (2, 2, 3, 96, 96)  # AnyRes: base view + one crop
+    video = recipe.stages[1]
+    batches = {"pointing": recipe.batch(recipe.stages[0], 0), "clip": recipe.batch(video, 0),
+               "image": recipe.batch(video, 2), "text": recipe.batch(video, 3)}
+    for kind, batch in batches.items():  # MVBench's reply "Best option:( B) blue"; the gist at "(" is "blue"
+        for labels, gist, input_ids in zip(batch["labels"], batch["gist"], batch["input_ids"]):
+            reply = recipe.tokenizer.convert_ids_to_tokens(labels[labels != IGNORE])[-8:-1]
+            assert reply[:4] == ["Best", "option", ":", "("] and reply[4] in "ABCD" and reply[5] == ")", kind
+            (where,) = (gist != IGNORE).nonzero()[:, 0].tolist()
+            assert input_ids[where] == recipe.paren_id and gist[where] == input_ids[where + 3], kind
+    assert "pixel_values" not in batches["pointing"] and "pixel_values_videos" not in batches["text"]
+    clip = batches["clip"]
+    assert clip["pixel_values_videos"].shape == (2, 8, 3, 96, 96)
+    assert (clip["input_ids"] == recipe.model.config.video_token_index).sum(1).tolist() == [8 * 36 + 1] * 2
+    assert clip["category"].shape == (2, 8, 12, 12) and clip["event"].shape == (2, 2, 8, 6, 6)
+    assert batches["image"]["pixel_values"].shape == (2, 2, 3, 96, 96)  # AnyRes: base view + one crop
     vision = {k: v.clone() for k, v in recipe.model.model.vision_tower.state_dict().items()}
     final = train(recipe, tmp_path, progress=False)
     for name, value in recipe.model.model.vision_tower.state_dict().items():  # the ViT stays frozen
@@ -178,6 +183,50 @@ def test_video_recipe_grows_from_shapes_llava_trains_exports_and_generates(tmp_p
     answers += generate(model, processor, [frames[0]], ["Is there a star in the image?"])
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
 
+
+def test_event_cells_mark_where_each_event_shows():
+    from vlmkit.train.video import event_cells
+
+    grid = np.full((8, 12, 12), -1)
+    grid[:, 0:2, 0:2] = 3  # the subject (category 3) in the top-left pooled cell of every frame
+    grid[:, 10:12, 10:12] = 5  # a static object, never marked
+    marks = {}
+    for event in ("appear", "disappear", "color", "move"):
+        clip = type("Clip", (), {"event": event, "event_frame": 4})()
+        marks[event] = event_cells(clip, grid, subject=3)
+        assert marks[event].shape == (2, 8, 6, 6) and not marks[event][..., 5, 5].any()
+    assert [tuple(np.argwhere(marks["appear"][0])[:, 0])] == [(4,)] and not marks["appear"][1].any()
+    assert not marks["disappear"][0].any() and marks["disappear"][1, 4, 0, 0] and marks["disappear"][1].sum() == 1
+    assert marks["color"][0, 4, 0, 0] and marks["color"][1, 0, 0, 0] and marks["color"].sum() == 2
+    assert marks["move"][0, 7, 0, 0] and marks["move"][1, 0, 0, 0] and marks["move"].sum() == 2
+
+
+def test_frame_and_event_attention_losses_vanish_on_the_intended_pattern():
+    from vlmkit.train.video import event_attention_loss, frame_attention_loss
+
+    frames, cells, start, length = 3, 4, 2, 16
+    previous_frame = torch.full((1, length, length), 1e-9)
+    for row in range(start + cells, start + frames * cells):
+        previous_frame[0, row, row - cells] = 1.0
+    assert frame_attention_loss(previous_frame, torch.tensor([start]), frames, cells).item() < 1e-6
+    uniform = torch.full((1, length, length), 1 / length)
+    assert frame_attention_loss(uniform, torch.tensor([start]), frames, cells).item() == pytest.approx(np.log(length), rel=1e-5)
+    event = torch.zeros(1, 2, frames, 2, 2, dtype=torch.bool)
+    event[0, 0, 2, 1, 0] = True  # head 0: frame 2, cell 2 -> position start + 2 * 4 + 2 = 12; head 1: nothing
+    heads = torch.full((1, 2, length, length), 1e-9)
+    heads[0, 0, 15, 12] = 1.0
+    assert event_attention_loss(heads, torch.tensor([15]), torch.tensor([start]), event).item() < 1e-6
+    heads[0, 0, 15, 12], heads[0, 0, 15, 11] = 0.25, 0.75
+    assert event_attention_loss(heads, torch.tensor([15]), torch.tensor([start]), event).item() == pytest.approx(np.log(4))
+
+
+def test_pointing_question_asks_for_a_prompt_word():
+    from vlmkit.train.video import pointing_question
+
+    for seed in range(20):
+        item = pointing_question(np.random.default_rng(seed))
+        assert item["question"] == f"Which option is {item['answer']}?" and item["answer"] in item["candidates"]
+        assert len(set(item["candidates"])) == 4
 
 
 def test_dense_side_loss_scores_tokens_that_name_their_side():
