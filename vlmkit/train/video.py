@@ -127,7 +127,8 @@ def build_onevision(init: str | Path, seed: int = 0, extra_layers: int = 0):
 _DENSE = ("category", "colour", "horizontal", "vertical")
 _ROTATION = ("clip", "clip", "image", "text")
 """What each step of the video stage holds, in turn."""
-_KIND_OF = {"category": list(CATEGORIES), "colour": list(COLOURS), "direction": list(DIRECTIONS)}
+_POINTING_WORDS = (list(CATEGORIES), list(COLOURS), list(DIRECTIONS))
+"""The kinds of option of a text pointing question: categories, colours, directions."""
 
 
 @dataclass(frozen=True)
@@ -322,17 +323,18 @@ class VideoRecipe:
         metrics = {"lm_loss": round(loss.item(), 4), "gist_acc": round(
             (gist_logits[at].argmax(-1) == batch["gist"][at]).float().mean().item(), 4)}
         total = loss + self.config.gist_weight * gist
+        query = at.int().argmax(1)  # the reply's "("
         if stage.options.get("pointer_weight"):
             pointer = pointer_attention_loss(captured["letter_attention"][:, 0], captured["pointer_attention"][:, 0],
-                                             at.int().argmax(1), batch["options"], batch["answer"])
-            readout = self._readout_loss(captured["pointer_heads"], at, batch["labels"])
+                                             query, batch["options"], batch["answer"])
+            readout = self._readout_loss(captured["pointer_heads"], query, batch["labels"])
             total = total + stage.options["pointer_weight"] * (pointer + readout)
             metrics["pointer_loss"] = round(pointer.item(), 4)
             metrics["readout_loss"] = round(readout.item(), 4)
         if "pixel_values_videos" in batch:
             start = (batch["input_ids"] == self.model.config.video_token_index).int().argmax(1)
             attention = frame_attention_loss(captured["frame_attention"][:, 0], start, self.config.num_frames, self.cells)
-            attention = attention + event_attention_loss(captured["event_attention"][:, :2], at.int().argmax(1),
+            attention = attention + event_attention_loss(captured["event_attention"][:, :2], query,
                                                          start, batch["event"])
             total = total + self.config.attention_weight * attention
             metrics["attention_loss"] = round(attention.item(), 4)
@@ -351,13 +353,12 @@ class VideoRecipe:
         metrics["batch"] = "clip" if "pixel_values_videos" in batch else "image" if "pixel_values" in batch else "text"
         return total, metrics
 
-    def _readout_loss(self, heads: torch.Tensor, at: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _readout_loss(self, heads: torch.Tensor, query: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the reply's letter read from the pointer head's output alone (its share
         of the last layer's output projection, through the final norm and the tied head)."""
         attention = self.model.model.language_model.layers[-1].self_attn
         width = attention.head_dim
-        rows = torch.arange(len(at), device=at.device)
-        query = at.int().argmax(1)
+        rows = torch.arange(len(query), device=query.device)
         head = heads[rows, query, :width] @ attention.o_proj.weight[:, :width].T
         logits = self.model.lm_head(self.model.model.language_model.norm(head))
         return F.cross_entropy(logits, labels[rows, query + 1])
@@ -378,7 +379,7 @@ class VideoRecipe:
 def pointing_question(rng: np.random.Generator) -> dict:
     """Text pointing: "Which option is blue?" with four options of one kind (categories, colours
     or directions), in `clip_question`'s form; the answer is a word of the prompt."""
-    words = _KIND_OF[("category", "colour", "direction")[int(rng.integers(3))]]
+    words = _POINTING_WORDS[int(rng.integers(len(_POINTING_WORDS)))]
     candidates = [words[i] for i in rng.permutation(len(words))[:4]]
     answer = candidates[int(rng.integers(4))]
     return {"task": "pointing", "question": f"Which option is {answer}?", "candidates": candidates, "answer": answer}
@@ -429,8 +430,8 @@ def frame_attention_loss(weights: torch.Tensor, start: torch.Tensor, num_frames:
     """-mean log attention from each visual token of frames 1.. to the same cell of the previous
     frame. `weights`: one head's attention `[B, L, L]`; `start`: each row's first video token."""
     rows = start[:, None] + torch.arange(cells, num_frames * cells, device=start.device)
-    picked = weights.gather(1, rows[..., None].expand(-1, -1, weights.shape[-1]))
-    return -picked.gather(2, (rows - cells)[..., None]).clamp_min(1e-6).log().mean()
+    batch = torch.arange(len(start), device=start.device)[:, None]
+    return -weights[batch, rows, rows - cells].clamp_min(1e-6).log().mean()
 
 
 def event_attention_loss(weights: torch.Tensor, query: torch.Tensor, start: torch.Tensor,
