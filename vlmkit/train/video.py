@@ -300,7 +300,9 @@ class VideoRecipe:
                    layers[-2].self_attn.register_forward_hook(keep("letter_attention", 1)),
                    layers[-1].self_attn.register_forward_hook(keep("pointer_attention", 1)),
                    layers[-1].self_attn.o_proj.register_forward_pre_hook(
-                       lambda module, args: captured.__setitem__("pointer_heads", args[0]))]
+                       lambda module, args: captured.__setitem__("pointer_heads", args[0])),
+                   self.model.model.language_model.norm.register_forward_pre_hook(
+                       lambda module, args: captured.__setitem__("residual", args[0]))]
         try:
             yield captured
         finally:
@@ -327,7 +329,7 @@ class VideoRecipe:
         if stage.options.get("pointer_weight"):
             pointer = pointer_attention_loss(captured["letter_attention"][:, 0], captured["pointer_attention"][:, 0],
                                              query, batch["options"], batch["answer"])
-            readout = self._readout_loss(captured["pointer_heads"], query, batch["labels"])
+            readout = self._readout_loss(captured["pointer_heads"], captured["residual"], query, batch["labels"])
             total = total + stage.options["pointer_weight"] * (pointer + readout)
             metrics["pointer_loss"] = round(pointer.item(), 4)
             metrics["readout_loss"] = round(readout.item(), 4)
@@ -353,14 +355,23 @@ class VideoRecipe:
         metrics["batch"] = "clip" if "pixel_values_videos" in batch else "image" if "pixel_values" in batch else "text"
         return total, metrics
 
-    def _readout_loss(self, heads: torch.Tensor, query: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of the reply's letter read from the pointer head's output alone (its share
-        of the last layer's output projection, through the final norm and the tied head)."""
-        attention = self.model.model.language_model.layers[-1].self_attn
+    def _readout_loss(self, heads: torch.Tensor, residual: torch.Tensor, query: torch.Tensor,
+                      labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the reply's letter read from the pointer head's output alone: its share
+        of the last layer's output projection, scaled as the final RMS norm scales the whole
+        residual stream (`residual`, detached), then the norm's gain and the tied head.
+
+        Scaled by the whole stream's norm rather than its own, the head must write the letter
+        loudly enough to outvote the other components' letter noise (normalised alone, it was
+        right 94% of the time on held-out clips while the reply's letter was right 54%)."""
+        language = self.model.model.language_model
+        attention = language.layers[-1].self_attn
         width = attention.head_dim
         rows = torch.arange(len(query), device=query.device)
         head = heads[rows, query, :width] @ attention.o_proj.weight[:, :width].T
-        logits = self.model.lm_head(self.model.model.language_model.norm(head))
+        stream = residual[rows, query].detach()
+        scale = torch.rsqrt(stream.pow(2).mean(-1, keepdim=True) + language.norm.variance_epsilon)
+        logits = self.model.lm_head(head * scale * language.norm.weight)
         return F.cross_entropy(logits, labels[rows, query + 1])
 
     def evaluate(self, stage: Stage, step: int) -> dict | None:
