@@ -147,9 +147,6 @@ class VideoRecipeConfig:
         lr: peak learning rate of the video stage.
         letter_steps: steps of the letters stage (the video stage's data plus the pointer losses).
         letter_lr: its peak learning rate.
-        readout_steps: steps of the readout stage (the letters stage's data and losses, training only
-            the last layer's attention output projection, through which the pointer head writes).
-        readout_lr: its peak learning rate.
         gist_weight: weight of the gist loss at the pre-filled "(".
         attention_weight: weight of the frame attention losses.
         pointer_weight: weight of the pointer attention and readout losses (letters stage).
@@ -170,8 +167,6 @@ class VideoRecipeConfig:
     lr: float = 1e-3
     letter_steps: int = 1000
     letter_lr: float = 5e-4
-    readout_steps: int = 0
-    readout_lr: float = 5e-3
     gist_weight: float = 1.0
     attention_weight: float = 0.5
     pointer_weight: float = 0.5
@@ -214,16 +209,12 @@ class VideoRecipe:
         self.side_ids = torch.tensor([ids(pair) for pair in (["left", "right"], ["top", "bottom"])])
         self.gist_layer = self.model.config.text_config.num_hidden_layers - config.extra_layers - 1
         language = ("model.model.language_model",)
-        last = self.model.config.text_config.num_hidden_layers - 1
-        pointer_output = f"model.model.language_model.layers.{last}.self_attn.o_proj"
         media = ("model.model.multi_modal_projector", "model.model.language_model", "model.model.image_newline", "heads")
         self.letter_ids = ids([f"({letter})" for letter in "ABCD"])
         self.stages = [s for s in (
             Stage("pointing", config.pointing_steps, 2 * config.batch, config.pointing_lr, language),
             Stage("video", config.steps, config.batch, config.lr, media),
             Stage("letters", config.letter_steps, config.batch, config.letter_lr, media,
-                  options={"pointer_weight": config.pointer_weight}),
-            Stage("readout", config.readout_steps, config.batch, config.readout_lr, (pointer_output,),
                   options={"pointer_weight": config.pointer_weight})) if s.steps > 0]
 
     # ---------------------------------------------------------------- data
