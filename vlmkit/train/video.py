@@ -30,11 +30,13 @@ but never the pointing. This one builds the two apart:
   (where it appears, disappears or changes colour; for a move, its last and first frame).
 
 The ViT stays frozen (it is `shapes-llava`'s). The dense per-patch category, colour and side
-losses of `shapes-llava` stay on the projector's output for every frame and image. Two stages:
+losses of `shapes-llava` stay on the projector's output for every frame and image. Three stages:
 
 1. **pointing**: text pointing only (language model).
 2. **video**: clips with MVBench's lettered reply, images (the `shapes-llava` question mixture
    followed by an image multiple-choice turn) and text pointing, in a fixed rotation.
+3. **letters**: the same data plus the pointer attention and readout losses (the shipped weights
+   ran it to step 1,500, resumed from a 1,000-step run; `docs/shapes.md`).
 
 The prompt is MVBench's as the eval suite writes it (`vlmkit.eval.prompts.MVBENCH`); its system
 text is mostly outside the shapes vocabulary and reads as `<unk>`.
