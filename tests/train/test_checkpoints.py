@@ -48,14 +48,16 @@ def test_checkpoint_was_trained_on_the_current_world(name):
     assert training["world"] == dataclasses.asdict(WorldConfig(image_size=96))
 
 
-def test_zoo_load_equals_from_pretrained(shapes_llava):
-    model, _ = zoo.load("shapes-llava")
-    reference = shapes_llava[0].state_dict()
+@pytest.mark.parametrize("name", SHIPPED)
+def test_zoo_load_equals_from_pretrained(name, request):
+    model, _ = zoo.load(name)
+    reference = request.getfixturevalue(name.replace("-", "_"))[0].state_dict()
+    assert model.state_dict().keys() == reference.keys()
     assert all(value.equal(reference[key]) for key, value in model.state_dict().items())
-    assert model.config.image_seq_length >= 144
 
 
 def test_shapes_llava_pope_subset(shapes_llava):
+    assert shapes_llava[0].config.image_seq_length >= 144
     # 1,800 questions a split: the gap's standard error is under one point (at 180 it is about 2.5)
     result = pope_eval(*shapes_llava, n_images=300, seed=SUBSET_SEED, config=WorldConfig(image_size=96))
     assert result["random"]["accuracy"] >= 0.88, result
