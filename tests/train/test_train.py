@@ -184,6 +184,23 @@ def test_video_recipe_grows_from_shapes_llava_trains_exports_and_generates(tmp_p
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
 
 
+def test_readout_loss_is_scaled_by_the_whole_stream_not_by_the_head():
+    """The pointer head's letter is read as the final norm would read it inside the whole residual
+    stream: writing louder (the same direction) changes the loss, scaling the stream with it does not."""
+    from vlmkit.train.video import VideoRecipe, VideoRecipeConfig
+
+    recipe = VideoRecipe(VideoRecipeConfig(pointing_steps=0, steps=1, letter_steps=0, batch=2, eval_every=0))
+    torch.manual_seed(0)
+    width = recipe.model.config.text_config.hidden_size
+    heads, residual = torch.randn(2, 5, width), torch.randn(2, 5, width)
+    query, labels = torch.tensor([1, 3]), torch.tensor([[0, 0, 7, 0, 0], [0, 0, 0, 0, 9]])
+    with torch.no_grad():  # the grown layer's output projection starts at zero: give it weights
+        recipe.model.model.language_model.layers[-1].self_attn.o_proj.weight.normal_()
+        loss = recipe._readout_loss(heads, residual, query, labels)
+        assert not torch.allclose(recipe._readout_loss(4 * heads, residual, query, labels), loss)
+        torch.testing.assert_close(recipe._readout_loss(4 * heads, 4 * residual, query, labels), loss, rtol=1e-4, atol=0)
+
+
 def test_event_cells_mark_where_each_event_shows():
     from vlmkit.train.video import event_cells
 
