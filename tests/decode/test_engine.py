@@ -128,8 +128,10 @@ def hook_snapshot(tiny):
 def test_remove_restores_exactly():
     tiny, processor, data = batch("llava")
     state = {k: v.clone() for k, v in tiny.state_dict().items()}
-    hooks = hook_snapshot(tiny)
     plain = run(tiny, processor, data)
+    with torch.no_grad():  # transformers installs its own output-capturing hooks once, on first use
+        tiny(**data, output_hidden_states=True)
+    hooks = hook_snapshot(tiny)
     for method in DECODING:
         patch = vlmkit.apply(tiny, ACTIVE[method])
         assert {"generate", "_get_logits_processor", "_reorder_cache"} <= set(tiny.__dict__)

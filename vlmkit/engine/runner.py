@@ -359,11 +359,13 @@ class TextStackRunner:
         new_length = int(counts.max())
         pad = new_length - counts
         rank = keep.long().cumsum(dim=1) - 1 + pad[:, None]
+        old_slot = torch.arange(length, device=hidden.device).expand(batch, length)
         gather = torch.zeros(batch, new_length, dtype=torch.long, device=hidden.device)
-        gather[rows[keep], rank[keep]] = torch.arange(length, device=hidden.device).expand(batch, length)[keep]
+        gather[rows[keep], rank[keep]] = old_slot[keep]
         new_valid = torch.arange(new_length, device=hidden.device)[None, :] >= pad[:, None]
+        # where each kept token of the old stream sits in the new one (-1: left the stream)
         new_slot_of_old = torch.full((batch, length), -1, dtype=torch.long, device=hidden.device)
-        new_slot_of_old[rows[keep], rank[keep]] = rank[keep]
+        new_slot_of_old[rows[keep], old_slot[keep]] = rank[keep]
 
         def take(tensor: torch.Tensor | None) -> torch.Tensor | None:
             if tensor is None:
