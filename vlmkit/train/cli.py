@@ -22,7 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     inner = parser.add_subparsers(dest="train_command", metavar="WHAT")
     shapes = inner.add_parser("shapes", help="train shapes-llava or shapes-video",
                               description=__doc__.splitlines()[0])
-    shapes.add_argument("--model", choices=("llava", "video"), required=True)
+    shapes.add_argument("--model", choices=("llava", "llava-deep", "video"), required=True,
+                        help="shapes-llava, shapes-llava-deep (12 decoder layers on shapes-llava's vision "
+                        "tower) or shapes-video")
     shapes.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, log.jsonl, final/)")
     shapes.add_argument("--restart", action="store_true", help="start over instead of resuming")
     shapes.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
@@ -98,6 +100,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.model == "llava":
         from vlmkit.train.recipes import LlavaRecipe as recipe_cls
         from vlmkit.train.recipes import LlavaRecipeConfig as config_cls
+    elif args.model == "llava-deep":
+        from vlmkit.train.recipes import LlavaRecipe as recipe_cls
+        from vlmkit.train.recipes import deep_llava_config as config_cls
     else:
         from vlmkit.train.video import VideoRecipe as recipe_cls
         from vlmkit.train.video import VideoRecipeConfig as config_cls

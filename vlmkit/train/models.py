@@ -40,6 +40,9 @@ class BackboneSizes:
         text_mlp: decoder MLP size.
         init_std: std of the decoder's initial weights.
         tied_qk_heads: decoder heads per layer whose key projection starts equal to the query's.
+        residual_init_scale: factor on the initial weights of the projections that write into the
+            residual stream (attention output, MLP down); `sqrt(4 / layers)` keeps a deeper
+            decoder's initial residual variance at the 4-layer model's.
     """
 
     vision_width: int = 128
@@ -51,6 +54,7 @@ class BackboneSizes:
     text_mlp: int = 384
     init_std: float = 0.1
     tied_qk_heads: int = 2
+    residual_init_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.text_width % self.text_heads or self.vision_width % self.vision_heads:
@@ -131,6 +135,11 @@ def build_llava(sizes: LlavaSizes, tokenizer: PreTrainedTokenizerFast, seed: int
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     tie_query_keys([layer.self_attn for layer in model.model.language_model.layers],
                    sizes.tied_qk_heads, sizes.text_width // sizes.text_heads)
+    if sizes.residual_init_scale != 1.0:
+        with torch.no_grad():
+            for layer in model.model.language_model.layers:
+                layer.self_attn.o_proj.weight.mul_(sizes.residual_init_scale)
+                layer.mlp.down_proj.weight.mul_(sizes.residual_init_scale)
     return model
 
 
