@@ -6,7 +6,6 @@ PIP_QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory"
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-export NLTK_DATA ?= $(abspath ../shared/nltk_data)
 
 .PHONY: venv demo test test-slow test-gpu clean readme
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -13,16 +18,13 @@ from vlmkit.eval.chair import COCO_ANNOTATION_FILES, Chair
 
 from .fixtures import CHAIR_CAPTIONS, write_coco_annotations
 
-pytestmark = pytest.mark.usefixtures("nltk_data")
-
-
 @pytest.fixture(scope="module")
 def coco(tmp_path_factory) -> Path:
     return write_coco_annotations(tmp_path_factory.mktemp("coco"))
 
 
 @pytest.fixture(scope="module")
-def scorer(coco, nltk_data) -> Chair:
+def scorer(coco) -> Chair:
     return Chair.from_coco(coco)
 
 
@@ -30,9 +32,12 @@ RECORDS = [{"image_id": i, "caption": c} for i, c in CHAIR_CAPTIONS]
 
 
 def test_reproduces_opera_chair_py(scorer):
-    # shikiw/OPERA chair.py @61426ef (NLTK 3.10.4) on fixtures.write_coco_annotations + CHAIR_CAPTIONS
-    # printed/saved exactly these values.
-    result = scorer.score(RECORDS)
+    assert_reference_scores(scorer.score(RECORDS))
+
+
+def assert_reference_scores(result):
+    """shikiw/OPERA chair.py @61426ef (NLTK 3.10.4, the full NLTK data) on
+    fixtures.write_coco_annotations + CHAIR_CAPTIONS printed/saved exactly these values."""
     assert result["overall"] == {
         "CHAIRs": 0.8181818181818182,
         "CHAIRi": 0.34146341463414637,
@@ -170,8 +175,47 @@ def test_missing_nltk_data_names_the_downloads(monkeypatch, tmp_path):
     import nltk
 
     monkeypatch.setattr(chair_module, "_nltk_checked", False)
+    monkeypatch.setattr(chair_module, "PACKAGED_NLTK_DATA", tmp_path / "not-installed")
     monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
     with pytest.raises(DatasetError) as error:
         chair_module.require_nltk_data()
     assert "nltk.download('punkt_tab'); nltk.download('averaged_perceptron_tagger_eng')" in str(error.value)
     assert "NLTK_DATA" in str(error.value)
+
+
+SUBSET_RUN = """
+import json, sys
+import nltk
+from vlmkit.eval import chair
+nltk.data.path[:] = [str(chair.PACKAGED_NLTK_DATA)]  # the shipped subset and nothing else
+scorer = chair.Chair.from_coco(sys.argv[1])
+records = json.loads(sys.argv[2])
+print(json.dumps({"words": [scorer.caption_to_words(r["caption"]) for r in records], "scores": scorer.score(records)}))
+"""
+
+
+def test_shipped_nltk_subset_alone_gives_the_reference_words_and_scores(coco, scorer, tmp_path):
+    """With NLTK_DATA unset, no home folder data and only vlmkit's shipped subset on NLTK's path,
+    CHAIR finds the same words, node words, positions and scores as the full NLTK data gave the
+    reference implementation (and as this process, whatever NLTK data it finds first)."""
+    env = {k: v for k, v in os.environ.items() if k != "NLTK_DATA"} | {"HOME": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", SUBSET_RUN, str(coco), json.dumps(RECORDS)],
+                         env=env, capture_output=True, text=True, check=True)
+    result = json.loads(run.stdout)
+    assert_reference_scores(result["scores"])
+    assert result["words"] == [[list(part) for part in scorer.caption_to_words(r["caption"])] for r in RECORDS]
+
+
+def test_shipped_nltk_files_are_the_upstream_files():
+    """Every shipped file is listed with the SHA-256 of the upstream file it copies, and nothing else
+    is shipped."""
+    folder = chair_module.PACKAGED_NLTK_DATA
+    manifest = dict(line.split("  ")[::-1] for line in (folder / "MANIFEST.sha256").read_text().splitlines())
+    found = {}
+    for archive in folder.rglob("*.zip"):
+        with zipfile.ZipFile(archive) as zipped:
+            for name in zipped.namelist():
+                if not name.endswith("/"):
+                    found[f"{archive.relative_to(folder).as_posix()}/{name}"] = hashlib.sha256(zipped.read(name)).hexdigest()
+    assert found == manifest
+    assert {p.name for p in folder.iterdir() if p.is_file()} == {"README.md", "MANIFEST.sha256", "LICENSE-Apache-2.0.txt"}

@@ -10,7 +10,7 @@ from vlmkit.eval import chair, mme, pope, video
 
 
 @pytest.mark.parametrize("module", [pope, mme, video, chair], ids=lambda m: m.__name__)
-def test_docstring_examples(module, nltk_data):
+def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0
     assert result.failed == 0

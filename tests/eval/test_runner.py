@@ -51,7 +51,7 @@ def rows_of(run_dir: Path) -> list[dict]:
 
 @pytest.mark.parametrize("method", [None, FASTV], ids=["plain", "fastv"])
 @pytest.mark.parametrize("bench", ["pope", "chair", "mme", "video"])
-def test_eval_runs_and_scores_each_bench(bench, method, data, tmp_path, nltk_data):
+def test_eval_runs_and_scores_each_bench(bench, method, data, tmp_path):
     out = tmp_path / "run"
     assert evaluate(bench, data[bench], out, *(["--method", method] if method else [])) == 0
 

@@ -1,7 +1,7 @@
 """Benchmarks of the shapes world, written in the official file formats of the real ones.
 
 Each writer renders held-out scenes (seeds from `EVAL_SEEDS`) and writes them next to question
-files laid out exactly like the real benchmark (see `shared/research/evals.md`), so the loaders in
+files laid out exactly like the real benchmark, so the loaders in
 `vlmkit.eval` read both:
 
 * `write_pope`: POPE JSON lines `{question_id, image, text, label}` for the `random`, `popular`

@@ -28,8 +28,9 @@ zero denominator gives 0.0 plus a message in ``"warnings"``, and ``mscoco_gt_wor
 ``trim_incomplete=True`` applies the rule left commented out in the reference's ``compute_chair``
 (keep the caption up to its last ``"."``), which OPERA uses for its 64-token setting.
 
-NLTK data needed: punkt_tab, averaged_perceptron_tagger_eng and wordnet (see
-:func:`require_nltk_data`).
+NLTK data needed: punkt_tab, averaged_perceptron_tagger_eng and wordnet. vlmkit ships the files
+they read (``vlmkit/eval/assets/nltk_data``, unmodified, with their licences) and searches them after
+your own NLTK data (see :func:`require_nltk_data`).
 
 Example:
     >>> from vlmkit.eval.chair import Chair
@@ -98,6 +99,8 @@ _NLTK_RESOURCES = (
     ("wordnet", None),
 )
 _nltk_checked = False
+PACKAGED_NLTK_DATA = Path(__file__).with_name("assets") / "nltk_data"
+"""The NLTK data subset shipped with vlmkit; searched after every folder of ``nltk.data.path``."""
 
 
 class CaptionWords(NamedTuple):
@@ -116,6 +119,9 @@ class CaptionWords(NamedTuple):
 def require_nltk_data() -> None:
     """Check that NLTK and the data CHAIR needs are available.
 
+    The subset shipped with vlmkit is appended to ``nltk.data.path``, so that a user's own data
+    (``NLTK_DATA``, ``~/nltk_data``, ...) is found first and nothing is ever downloaded.
+
     Raises:
         ImportError: NLTK is not installed (``pip install 'vlmkit[eval]'``).
         DatasetError: Data is missing; the message lists the exact ``nltk.download(...)`` calls.
@@ -128,6 +134,8 @@ def require_nltk_data() -> None:
         from nltk.corpus import wordnet
     except ImportError:
         raise missing_extra("nltk", "eval") from None
+    if str(PACKAGED_NLTK_DATA) not in nltk.data.path:
+        nltk.data.path.append(str(PACKAGED_NLTK_DATA))
     missing = []
     for name, resource in _NLTK_RESOURCES:
         try:

@@ -2,7 +2,7 @@
 
 "Mean attention received" scores: FastV's mean-over-queries variant, H2O-style heavy hitters,
 and VisionZip on towers without a [CLS] token (``causal=False``). Same quantity as
-``flash_colsum`` (z-lab/flash-colsum, research/anchors.md section 6.3). With ``g = num_kv_groups``::
+``flash_colsum`` (z-lab/flash-colsum). With ``g = num_kv_groups``::
 
     p[b, h, i, j] = softmax_j(scale * q[b, h, i] . k[b, h // g, j]) over allowed j
     scores[b, j]  = sum_h sum_{i valid} p[b, h, i, j]

@@ -1,6 +1,6 @@
 """Greedy max-min (farthest-point, k-center) selection of diverse tokens.
 
-DivPrune (CVPR 2025, research/anchors.md section 1.9) selects visual tokens by solving the
+DivPrune (CVPR 2025, arXiv:2503.02175) selects visual tokens by solving the
 Max-Min Diversity Problem greedily; ToDRE uses the same selection. With the distance
 ``d(i, j) = 1 - cos(x_i, x_j)`` ("cosine") or ``||x_i - x_j||`` ("l2") over valid tokens:
 

@@ -3,7 +3,7 @@
 The scoring step of FastV and PyramidDrop (the last instruction token), of [CLS]-attention
 pruning (VisionZip's dominant tokens, FasterVLM, PruMerge) and of text "raters": only R
 query rows are needed, so the (N x N) attention map of eager attention is never built
-(research/anchors.md section 6.2, pattern 2). With ``g = num_kv_groups``::
+(the pattern of PyramidDrop's released code, `pdrop_rank_drop`). With ``g = num_kv_groups``::
 
     p[b, h, r, j] = exp(scale * q[b, h, r] . k[b, h // g, j]) / sum_{j' allowed} exp(scale * q[b, h, r] . k[b, h // g, j'])
 
