@@ -11,11 +11,11 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt Makefile
+$(STAMP): pyproject.toml constraints.txt Makefile plugins/lmms-eval-vlmkit/pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade -q "pip>=24" -c constraints.txt $(PIP_QUIET)
 	$(BIN)/python -m pip install -q -c constraints.txt torch torchvision $(PIP_QUIET)
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[triton,video,eval,notebooks,dev]" $(PIP_QUIET)
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[triton,video,eval,notebooks,dev,lmms]" -e plugins/lmms-eval-vlmkit $(PIP_QUIET)
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
