@@ -20,8 +20,7 @@ from lmms_eval_vlmkit.pope import write_task
 import vlmkit
 from vlmkit.data import shapes_bench
 from vlmkit.errors import ConfigError, UnknownMethodError
-from vlmkit.eval.benches import DataOptions
-from vlmkit.eval.runner import RunSpec, run
+from vlmkit.eval.runner import DataOptions, RunSpec, run
 
 # both methods change answers on this set: against the plain model, visionzip alone and vcd alone
 METHODS = ("visionzip:tokens=64", "vcd:alpha=1")

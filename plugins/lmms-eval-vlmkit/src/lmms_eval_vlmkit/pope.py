@@ -1,4 +1,4 @@
-"""POPE as an lmms-eval task folder that reads local files only, scored by `vlmkit.eval.pope`.
+"""POPE as an lmms-eval task folder that reads local files only, scored by vlmkit's POPE scorer.
 
 `write_task` turns POPE question files in the official format (JSON lines ``{"question_id", "image",
 "text", "label"}``, e.g. RUCAIBox/POPE's ``coco_pope_random.json`` or the files ``vlmkit data shapes
@@ -12,7 +12,7 @@
 Prompts are lmms-eval's POPE prompt, which is also ``vlmkit eval``'s default: the question, then
 ``"\\nAnswer the question using a single word or phrase."``; decoding is greedy with 16 new tokens and
 no stop string, as ``vlmkit eval --bench pope``. Answers are parsed with the ``style`` of
-`vlmkit.eval.pope` (default ``"llava"``, RUCAIBox/POPE's parser; lmms-eval's own POPE task counts
+vlmkit's POPE scorer (default ``"llava"``, RUCAIBox/POPE's parser; lmms-eval's own POPE task counts
 only an exact ``yes``/``no``, which is ``style="lmms_eval"``).
 
 Command line::
@@ -30,7 +30,11 @@ from typing import Any
 from PIL import Image
 
 from vlmkit.errors import DatasetError
-from vlmkit.eval import pope as _pope
+
+try:  # one module per benchmark
+    from vlmkit.eval.benchmarks import pope as _pope
+except ImportError:  # vlmkit before that layout
+    from vlmkit.eval import pope as _pope
 
 SPLITS = _pope.SPLITS
 STYLES = _pope.STYLES
@@ -78,7 +82,7 @@ def _aggregate(metric: str):
         return _pope.score([r["answer"] for r in rows], [r["label"] for r in rows], styles.pop())[metric]
 
     aggregate.__name__ = aggregate.__qualname__ = f"aggregate_{metric}"
-    aggregate.__doc__ = f"POPE {metric} of one split, as `vlmkit.eval.pope.score` computes it."
+    aggregate.__doc__ = f"POPE {metric} of one split, as vlmkit's POPE scorer computes it."
     return aggregate
 
 
@@ -109,7 +113,7 @@ def write_task(
             beside the question files.
         name: Group name; the tasks are ``<name>_<split>``.
         splits: Keep only these splits; default all found.
-        style: Answer parser, one of `vlmkit.eval.pope.STYLES`.
+        style: Answer parser, one of `STYLES` (vlmkit's POPE parsers).
 
     Returns:
         ``{task_or_group_name: yaml_path}``, the group under ``name``.
