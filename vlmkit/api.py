@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import functools
-import inspect
+import copy
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -18,13 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmkit.adapters import adapter_for
-from vlmkit.engine import branches
-from vlmkit.engine.runner import TextStackRunner
+from vlmkit.adapters import ADAPTERS, adapter_for
+from vlmkit.engine.install import build_plan, install
 from vlmkit.engine.state import EngineState
-from vlmkit.errors import ConfigError, ConflictError, UnknownMethodError
-from vlmkit.methods.base import Method, TokenSelector
-from vlmkit.methods.decode.base import DecodeMethod
+from vlmkit.errors import ConfigError, ConflictError
+from vlmkit.methods.base import Method
 from vlmkit.registry import REGISTRY
 
 _PATCHED: "weakref.WeakKeyDictionary[nn.Module, Patch]" = weakref.WeakKeyDictionary()
@@ -79,11 +76,16 @@ def _split_top_level(arguments: str) -> list[str]:
 
 
 class Patch:
-    """The methods installed on one model instance, and how to undo every change.
+    """The undo log of the methods installed on one model instance.
+
+    Installation lives in `vlmkit.engine.install`; every change it makes is recorded here, and
+    `remove()` replays the undo actions in reverse.
 
     Attributes:
         model: the patched model.
         methods: the installed method objects, in the order given.
+        adapter: the model family's adapter.
+        state: the engine's per-instance state (selections, routes and cost of the last prefill).
     """
 
     def __init__(self, model: nn.Module, methods: list[Method]):
@@ -102,13 +104,26 @@ class Patch:
         return self.state.selections
 
     @property
+    def routes(self) -> dict[str, dict[int, list[torch.Tensor]]]:
+        """After each prefill: per router name, per routed layer, per sample, the indices of the visual
+        tokens that ran the layer."""
+        return self.state.routes
+
+    @property
+    def cost(self) -> dict[str, list[float]]:
+        """What the last prefill cost, counted by the engine from what ran: ``"llm_flops"`` (decoder
+        FLOPs) and ``"kv_bytes"`` (KV-cache bytes it left), one number per sample. Empty until a
+        prefill with visual tokens ran through the engine."""
+        return self.state.cost
+
+    @property
     def hooks(self) -> list[str]:
         """Names of the installed hooks, ``"<method>:<site>[:<layer>]"``."""
         return [name for name, _ in self._undo]
 
     @contextlib.contextmanager
     def reuse_selections(self) -> Iterator[None]:
-        """Within this block, every prefill reuses the selections recorded by the last prefill.
+        """Within this block, every prefill reuses the selections and routes recorded by the last prefill.
 
         This is how a full recomputation of the sequence (no KV cache) is run "with the same
         selection" as a cached generation.
@@ -143,7 +158,7 @@ class Patch:
         state = "removed" if self._removed else ", ".join(self.hooks)
         return f"Patch({type(self.model).__name__}: {state})"
 
-    # ----------------------------------------------------------------- installation
+    # ----------------------------------------------------------------- the undo log
     def _record(self, name: str, undo: Callable[[], None]) -> None:
         self._undo.append((name, undo))
 
@@ -153,84 +168,6 @@ class Patch:
             raise ConflictError(f"{type(module).__name__}.{attr} is already overridden on this instance")
         setattr(module, attr, value)
         self._record(name, lambda: delattr(module, attr))
-
-    def install(self) -> None:
-        selectors = [m for m in self.methods if isinstance(m, TokenSelector)]
-        for method in self.methods:
-            check = getattr(method, "check_adapter", None)
-            if check is not None:
-                check(self.adapter)
-        runner = TextStackRunner(self.adapter, self.state, selectors) if selectors else None
-        vision_layers = sorted({s.vision_layer(self.adapter) for s in selectors if "vision_attention" in s.needs})
-        for layer in vision_layers:
-            if not -len(self.adapter.vision_layers) <= layer < len(self.adapter.vision_layers):
-                raise ConfigError(
-                    f"vision_layer={layer} is out of range for a vision tower with {len(self.adapter.vision_layers)} layers"
-                )
-        # -- validation done: mutate from here on
-        try:
-            if runner is not None:
-                self._install_visual_tracking(vision_layers)
-                names = ",".join(s.name for s in selectors)
-                self._set_instance_attr(f"{names}:layer", self.adapter.text_model, "forward", runner.bind())
-            for method in self.methods:
-                if isinstance(method, DecodeMethod):
-                    branches.install(self, method)
-        except BaseException:
-            self.remove()
-            raise
-
-    def _install_visual_tracking(self, vision_layers: list[int]) -> None:
-        state, adapter = self.state, self.adapter
-        base = adapter.base_model
-
-        def stash_inputs(module, args, kwargs):
-            encoded = kwargs.get("mm_encoder_outputs") or {}
-            sources = {}
-            for modality, pixels in (("image", "pixel_values"), ("video", "pixel_values_videos")):
-                if kwargs.get(pixels) is not None:
-                    sources[modality] = None
-                elif encoded.get(modality) is not None:
-                    sources[modality] = encoded[modality]
-            state.begin_call(kwargs.get("input_ids", args[0] if args else None), sources)
-            return None
-
-        handle = base.register_forward_pre_hook(stash_inputs, with_kwargs=True)
-        self._record("engine:embeds", handle.remove)
-
-        probes: list[dict[str, torch.Tensor]] = []
-        active = {"on": False}
-        for layer in vision_layers:
-            attention = adapter.vision_attention(layer)
-
-            def probe(module, args, kwargs, _layer=layer):
-                if active["on"]:
-                    hidden = kwargs.get("hidden_states", args[0] if args else None)
-                    probes.append(adapter.vision_probe(module, hidden, kwargs))
-                return None
-
-            handle = attention.register_forward_pre_hook(probe, with_kwargs=True)
-            self._record(f"engine:vision:{layer}", handle.remove)
-
-        for modality, function_name in adapter.feature_functions().items():
-            original = getattr(base, function_name, None)
-            if original is None:
-                continue
-            signature = inspect.signature(original)
-
-            def encode(*args, _original=original, _modality=modality, _signature=signature, **kwargs):
-                probes.clear()
-                active["on"] = True
-                try:
-                    output = _original(*args, **kwargs)
-                finally:
-                    active["on"] = False
-                call = _signature.bind_partial(*args, **kwargs).arguments
-                state.encoded_by_us(_modality, output, adapter.visual_metas(_modality, call, output, list(probes) or None))
-                probes.clear()
-                return output
-
-            self._set_instance_attr("engine:vision", base, function_name, functools.wraps(original)(encode))
 
 
 def apply(model: nn.Module, *specs: str | Method) -> Patch:
@@ -270,31 +207,38 @@ def apply(model: nn.Module, *specs: str | Method) -> Patch:
             raise ConflictError(f"method {method.name!r} is applied twice; give it once with the parameters you want")
         seen[method.name] = method
     patch = Patch(model, methods)
-    _check_sites(patch)
-    patch.install()
+    plan = build_plan(methods, patch.adapter, tuple(adapter.family for adapter in ADAPTERS))
+    install(patch, plan)
+    _install_copy_guard(patch, plan)
     _PATCHED[model] = patch
     return patch
 
 
-def _check_sites(patch: Patch) -> None:
-    layers: dict[int, Method] = {}
-    decoder: Method | None = None
-    num_layers = len(patch.adapter.decoder_layers)
-    for method in patch.methods:
-        if isinstance(method, DecodeMethod):
-            if decoder is not None:
-                raise ConflictError(
-                    f"{decoder.name!r} and {method.name!r} both claim the logits site; apply one decoding method "
-                    "(ritual combines with VCD through its alpha_neg parameter)"
-                )
-            decoder = method
-        elif isinstance(method, TokenSelector):
-            layer = method.compaction_layer(num_layers)
-            if layer in layers:
-                raise ConflictError(
-                    f"{layers[layer].name!r} and {method.name!r} both select tokens before decoder layer {layer}; "
-                    "a layer takes one selection: move one of them (e.g. fastv:layer=...) or drop one"
-                )
-            layers[layer] = method
-        elif not isinstance(method, Method):
-            raise UnknownMethodError(f"{method!r} is not a vlmkit method")
+def patch_of(model: nn.Module) -> Patch | None:
+    """The vlmkit patch installed on `model`, or None."""
+    return _PATCHED.get(model)
+
+
+def _install_copy_guard(patch: Patch, plan) -> None:
+    """`copy.deepcopy` of the patched model gives an independent copy with its own patch.
+
+    Hooks and instance overrides are closures bound to this instance: copied as they are, the
+    copy would compute with the original's weights. The copy is made from the unpatched model
+    (this patch's changes are undone for the copy and installed again, the same way), and the same
+    methods are applied to it: `patch_of(copy)` returns its patch.
+    """
+    model = patch.model
+
+    def deepcopy_with_own_patch(memo):
+        undo, patch._undo = patch._undo, []
+        for _, action in reversed(undo):
+            action()
+        try:
+            clone = copy.deepcopy(model, memo)
+        finally:
+            install(patch, plan)
+            _install_copy_guard(patch, plan)
+        apply(clone, *[copy.deepcopy(method) for method in patch.methods])
+        return clone
+
+    patch._set_instance_attr("engine:copy", model, "__deepcopy__", deepcopy_with_own_patch)

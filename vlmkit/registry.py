@@ -15,7 +15,6 @@ from typing import Any
 from vlmkit.errors import ConfigError, ConflictError, UnknownMethodError, did_you_mean
 
 ENTRY_POINT_GROUP = "vlmkit.methods"
-SITES = ("vision", "embeds", "layer", "route", "position", "attention", "cache", "logits")
 
 _BUILTIN_TARGETS = {
     "fastv": "vlmkit.methods.prune.fastv:FastV",
@@ -49,11 +48,16 @@ class MethodInfo:
 
     name: str
     family: str
-    site: str
+    sites: tuple[str, ...]
     summary: str
     paper: str
     params: tuple[ParamInfo, ...]
     origin: str
+
+    @property
+    def site(self) -> str:
+        """The sites as one string, e.g. ``"vision, embeds"``."""
+        return ", ".join(self.sites)
 
 
 class Registry:
@@ -137,7 +141,7 @@ class Registry:
             for f in dataclasses.fields(cls.Config)
         )
         doc = (cls.__doc__ or "").strip().splitlines()
-        return MethodInfo(name, cls.family, cls.site, doc[0] if doc else "", cls.paper, params, self.origin(name))
+        return MethodInfo(name, cls.family, cls.sites, doc[0] if doc else "", cls.paper, params, self.origin(name))
 
     def freeze(self) -> None:
         self._frozen = True
@@ -166,20 +170,35 @@ def _default_of(field: dataclasses.Field) -> Any:
 REGISTRY = Registry(_BUILTIN_TARGETS)
 
 
-def register_method(name: str, *, family: str, site: str):
+def register_method(name: str, *, family: str, sites: str | tuple[str, ...] | None = None, site: str | None = None):
     """Class decorator registering a method under `name` (lowercase snake case, same as its file name).
 
+    Args:
+        name: the registered name.
+        family: "prune", "depth", "position", "decode", ...
+        sites: the engine sites the method acts at (`vlmkit.engine.sites.SITES`), e.g.
+            ``("vision", "embeds")``; `site` is the same for a single site.
+
     Example:
-        >>> @register_method("my_prune", family="prune", site="embeds")   # doctest: +SKIP
+        >>> @register_method("my_prune", family="prune", sites="embeds")   # doctest: +SKIP
         ... class MyPrune(TokenSelector): ...
     """
-    if site not in SITES:
-        raise ConfigError(f"site {site!r} for method {name!r} is not one of {', '.join(SITES)}")
+    from vlmkit.engine.sites import SITES
+
+    if (sites is None) == (site is None):
+        raise ConfigError(f"method {name!r}: give its sites as sites=(...) (or one site=...), exactly once")
+    declared = (sites,) if isinstance(sites, str) else tuple(sites if sites is not None else (site,))
+    unknown = [s for s in declared if s not in SITES]
+    if not declared or unknown:
+        raise ConfigError(
+            f"method {name!r} declares {'no site' if not declared else f'unknown site(s) {unknown}'}; "
+            f"sites are {', '.join(SITES)}"
+        )
     if name != name.lower() or not name.replace("_", "").isalnum():
         raise ConfigError(f"method name {name!r} must be lowercase snake case")
 
     def decorate(cls: type) -> type:
-        cls.name, cls.family, cls.site = name, family, site
+        cls.name, cls.family, cls.sites = name, family, declared
         REGISTRY.register(name, cls, origin="builtin" if cls.__module__.startswith("vlmkit.") else cls.__module__)
         return cls
 

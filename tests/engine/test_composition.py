@@ -37,7 +37,7 @@ class LateFastV(FastV):
 
 
 def layer_of(name: str) -> int:
-    return REGISTRY.get(name)().compaction_layer(4)
+    return min(REGISTRY.get(name)().selection_layers(4))
 
 
 def method(name: str):
@@ -123,8 +123,8 @@ def test_each_layer_sees_text_plus_that_stages_kept_tokens(family, first, second
     with vlmkit.apply(tiny, *methods) as patch, layer_inputs(tiny) as seen, torch.no_grad():
         tiny(**batch)
         kept_first, kept_second = patch.selections[first], patch.selections[second]
-    stages = [(0, available), (methods[0].compaction_layer(99), [len(k) for k in kept_first]),
-              (methods[1].compaction_layer(99), [len(k) for k in kept_second])]
+    stages = [(0, available), (min(methods[0].selection_layers(99)), [len(k) for k in kept_first]),
+              (min(methods[1].selection_layers(99)), [len(k) for k in kept_second])]
     text = batch["attention_mask"].sum(dim=1) - torch.tensor(available)
     for index, hidden, mask, _ in seen:
         visible = [count for start, count in stages if index >= start][-1]
@@ -186,7 +186,7 @@ def test_second_fastv_scores_the_first_methods_output(family, first):
     scored: list[list[torch.Tensor]] = []
     original_select = methods[1].select
     methods[1].select = lambda context: scored.append([s.clone() for s in context.last_row_attention]) or original_select(context)
-    score_layer = methods[1].compaction_layer(99) - 1
+    score_layer = min(methods[1].selection_layers(99)) - 1
     with vlmkit.apply(tiny, *methods) as patch, layer_inputs(tiny) as seen, torch.no_grad():
         tiny(**batch)
         kept_first, kept_second = patch.selections[first], patch.selections[second]
@@ -236,13 +236,13 @@ def test_every_compaction_points_slots_at_the_compacted_rows(family, positions, 
     compactions = []
     apply = TextStackRunner._apply
 
-    def recording(self, selector, selection, stream, full):
+    def recording(self, selector, selection, stream, full, run):
         old_slots = [visual.slots.clone() for visual in stream.visual]
         old_slot, old_hidden = stream.slot.clone(), stream.hidden.clone()
-        new_stream, shift = apply(self, selector, selection, stream, full)
+        new_stream = apply(self, selector, selection, stream, full, run)
         new = (new_stream.valid.clone(), new_stream.slot.clone(), new_stream.hidden.clone(), [v.slots.clone() for v in new_stream.visual])
         compactions.append((selection, old_slots, old_slot, old_hidden, new))
-        return new_stream, shift
+        return new_stream
 
     monkeypatch.setattr(TextStackRunner, "_apply", recording)
     methods = [vlmkit.api.parse_spec(f"{first}:{BUDGET[first]},positions={positions}")]

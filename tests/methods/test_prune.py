@@ -136,7 +136,7 @@ def test_visionzip_matches_eager_cls_attention_and_key_similarity():
     with vlmkit.apply(tiny, f"visionzip:dominant={dominant},contextual={contextual}") as patch, torch.no_grad():
         tiny(**batch)
         chosen = patch.selections["visionzip"]
-        merge_targets = [sample.merge_target for sample in patch.state.recorded[0].samples]
+        merge_targets = [sample.merge_target for sample in patch.state.recorded[("select", 0)].samples]
     for image in range(2):
         cls_row = attention[image, :, 0, 1:].mean(dim=0)
         top = torch.argsort(cls_row, descending=True, stable=True)[:dominant]

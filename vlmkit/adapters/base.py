@@ -3,19 +3,25 @@
 Methods and the engine talk to an `Adapter`, never to `model.model.language_model.layers[3]`. An
 adapter names the base (multimodal) model, the text model and its decoder layers, the vision
 layers, the placeholder token ids, how each encoded image or video maps onto its placeholder tokens
-(`VisualMeta`), how rotary positions look (1-D or 3-D M-RoPE), and how to probe attention scores
-from a layer's input without running the layer twice.
+(`VisualMeta`), how rotary positions look (1-D or 3-D M-RoPE), and everything the engine needs to
+run the decoder stack itself: embedding, rotary tables for given (float, 3-D) positions, masks,
+the final norm, how a layer is called (whole, or for a subset of query rows), `rope_deltas`, and
+how to probe attention scores from a layer's input without running the layer twice.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import rotate_half
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, and_masks, causal_mask_function
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import eager_attention_forward, rotate_half
 
 from vlmkit import kernels
 from vlmkit.engine.state import VisualMeta
+from vlmkit.errors import ConfigError
 
 
 class Adapter:
@@ -107,6 +113,120 @@ class Adapter:
         Returns per tower row (crop/frame/image) "importance" (N,) and head-mean "keys" (N, d).
         """
         raise NotImplementedError
+
+    # ----------------------------------------------------------------- the decoder stack, as the engine runs it
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (the text model's input)."""
+        return self.text_model.embed_tokens(input_ids)
+
+    def rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary (cos, sin) for `positions`: (B, L) or (3, B, L) for M-RoPE, integer or float."""
+        return self.text_model.rotary_emb(hidden, positions)
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.text_model.norm(hidden)
+
+    @property
+    def attention_implementation(self) -> str:
+        """The text model's attention implementation ("sdpa", "eager", ...)."""
+        return self.text_model.config._attn_implementation
+
+    def mask(
+        self,
+        hidden: torch.Tensor,
+        kv_valid: torch.Tensor,
+        physical_past: int,
+        query_rows: torch.Tensor | None = None,
+        extra: Callable | None = None,
+    ):
+        """The attention mask of one layer, in the format its attention implementation expects.
+
+        Args:
+            hidden: the layer's queries (B, Q, D) (batch, length, dtype and device).
+            kv_valid: (B, K) bool, which keys hold a token.
+            physical_past: keys cached before this call; the queries are the last Q keys.
+            query_rows: (B, Q) long, the key index of each query when the queries are a subset of
+                the keys (a frozen route), else None.
+            extra: a further mask function `(batch, head, query, key) -> bool` to combine with the
+                causal one (the attention site).
+
+        Raises:
+            ConfigError: the attention implementation has no registered mask function.
+        """
+        implementation = self.attention_implementation
+        if implementation not in ALL_MASK_ATTENTION_FUNCTIONS:
+            raise ConfigError(f"attention implementation {implementation!r} has no registered mask function")
+        if query_rows is None:
+            function, offset = causal_mask_function, physical_past
+        else:
+            function, offset = (lambda b, h, q, kv: kv <= query_rows[b, q]), 0
+        if extra is not None:
+            function = and_masks(function, extra)
+        return ALL_MASK_ATTENTION_FUNCTIONS[implementation](
+            batch_size=hidden.shape[0],
+            q_length=hidden.shape[1],
+            kv_length=kv_valid.shape[1],
+            q_offset=offset,
+            kv_offset=0,
+            mask_function=function,
+            attention_mask=kv_valid,
+            allow_is_causal_skip=query_rows is None and extra is None,
+            dtype=hidden.dtype,
+            config=self.text_model.config,
+            use_vmap=False,
+            device=hidden.device,
+        )
+
+    def run_layer(self, layer: nn.Module, hidden: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """One decoder layer, called as the text model calls it (returns its output hidden states)."""
+        return layer(hidden, **kwargs)
+
+    def run_layer_queries(
+        self,
+        layer: nn.Module,
+        hidden: torch.Tensor,
+        query_rows: torch.Tensor,
+        *,
+        attention_mask,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        past_key_values=None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """One decoder layer run for a subset of its tokens: every token's key and value are computed
+        (and cached), only the rows `query_rows` (B, Q) get a query, attention and the MLP.
+
+        The same arithmetic as the layer's own forward (pre-norm, rotary, the model's attention
+        implementation, residuals, MLP). Returns the new states of the query rows, (B, Q, D).
+        """
+        attention = self.attention_module(layer)
+        batch, _, width = hidden.shape
+        index = query_rows[..., None].expand(-1, -1, width)
+        residual = hidden.gather(1, index)
+        normed = layer.input_layernorm(hidden)
+        cos, sin = position_embeddings
+        rows = query_rows[..., None].expand(-1, -1, cos.shape[-1])
+        query = attention.q_proj(normed.gather(1, index)).view(batch, query_rows.shape[1], -1, attention.head_dim).transpose(1, 2)
+        key = attention.k_proj(normed).view(batch, hidden.shape[1], -1, attention.head_dim).transpose(1, 2)
+        value = attention.v_proj(normed).view(batch, hidden.shape[1], -1, attention.head_dim).transpose(1, 2)
+        query = rotate(query, cos.gather(-2, rows), sin.gather(-2, rows))
+        key = rotate(key, cos, sin)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, attention.layer_idx)
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.attention_implementation, eager_attention_forward)
+        output, _ = interface(attention, query, key, value, attention_mask, dropout=0.0, scaling=attention.scaling)
+        output = attention.o_proj(output.reshape(batch, query_rows.shape[1], -1).contiguous())
+        states = residual + output
+        return states + layer.mlp(layer.post_attention_layernorm(states))
+
+    @property
+    def rope_deltas(self) -> torch.Tensor | None:
+        """The base model's cached M-RoPE `rope_deltas` (None for 1-D rotary families)."""
+        return getattr(self.base_model, "rope_deltas", None)
+
+    @rope_deltas.setter
+    def rope_deltas(self, value: torch.Tensor | None) -> None:
+        if hasattr(self.base_model, "rope_deltas"):
+            self.base_model.rope_deltas = value
 
     # ----------------------------------------------------------------- text positions and probes
     def split_positions(

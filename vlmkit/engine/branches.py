@@ -42,7 +42,7 @@ import torch
 from transformers import GenerationMixin, LogitsProcessor
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from vlmkit.engine.cache import CompactLayer
+from vlmkit.engine.cache import CompactLayer, SlotLayout
 from vlmkit.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
@@ -431,21 +431,14 @@ class DecodeSession:
         self.compact = any(isinstance(layer, CompactLayer) for c in (cache, *branch_caches) for layer in c.layers)
         if not isinstance(cache, DynamicCache):
             raise ConfigError(f"decoding branches need a DynamicCache (the default of generate()), got {type(cache).__name__}")
-        shared: dict[tuple, Any] = {}  # layers that shared validity / shifts keep sharing them (one mask)
-
-        def join(tensors: list[torch.Tensor], length: int | None) -> torch.Tensor:
-            key = (length, *map(id, tensors))
-            if key not in shared:  # the parts stay referenced here, so their ids stay unique
-                shared[key] = (tensors, torch.cat([t if length is None else _pad_left(t, length, dim=-1) for t in tensors]))
-            return shared[key][1]
+        converted: dict[tuple[int, int], SlotLayout] = {}  # plain layers of one row group and length share a layout
+        joined: dict[tuple[SlotLayout, ...], SlotLayout] = {}  # layers whose parts shared layouts keep sharing one
 
         def as_compact(row_group: int, layer) -> CompactLayer:
             if isinstance(layer, CompactLayer):
                 return layer
             compact = CompactLayer.from_layer(layer, masks[row_group])
-            key = ("converted", row_group, compact.physical_length)
-            shared.setdefault(key, (compact.valid, compact.position_shift))
-            compact.valid, compact.position_shift = shared[key]
+            compact.layout = converted.setdefault((row_group, compact.physical_length), compact.layout)
             return compact
 
         for index in range(len(cache.layers)):
@@ -459,8 +452,14 @@ class DecodeSession:
             merged.keys = torch.cat([_pad_left(p.keys, length, dim=-2) for p in parts])
             merged.values = torch.cat([_pad_left(p.values, length, dim=-2) for p in parts])
             if self.compact:
-                merged.valid = join([p.valid for p in parts], length)
-                merged.position_shift = join([p.position_shift for p in parts], None)
+                key = tuple(p.layout for p in parts)
+                if key not in joined:
+                    joined[key] = SlotLayout(
+                        torch.cat([_pad_left(p.layout.valid, length, dim=-1) for p in parts]),
+                        torch.cat([_pad_left(p.layout.slot, length, dim=-1, value=-1) for p in parts]),
+                        torch.cat([p.layout.shift for p in parts]),
+                    )
+                merged.layout = joined[key]
             cache.layers[index] = merged
         if not self.compact:
             length = max(m.shape[1] for m in masks)
@@ -509,13 +508,13 @@ class DecodeSession:
             outputs.attentions = tuple(a[:rows] for a in outputs.attentions)
 
 
-def _pad_left(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+def _pad_left(tensor: torch.Tensor, length: int, dim: int, value: int = 0) -> torch.Tensor:
     missing = length - tensor.shape[dim]
     if missing == 0:
         return tensor
     shape = list(tensor.shape)
     shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+    return torch.cat([tensor.new_full(shape, value), tensor], dim=dim)
 
 
 def install(patch: "Patch", method: "DecodeMethod") -> None:

@@ -1,26 +1,57 @@
-"""A KV-cache layer that remembers which of its slots are real tokens, after pruning.
+"""A KV-cache layer that remembers which of its slots are real tokens, after pruning or routing.
 
-After pruning, the cached prefix of a layer is shorter than the prompt and, in a padded batch,
-each row has its own kept tokens (re-padded on the left). `CompactLayer` keeps the KV tensors as
-`DynamicLayer` does plus, per row, the validity of each physical slot and the position shift of
-the `reindex` policy. It reports the *logical* length (the prompt as the user sent it plus the
-generated tokens) through `get_seq_length()`, so `generate()` keeps slicing inputs and building
-positions in the original layout, and its physical length through `physical_length`. Beam search
-reorders, repeats and selects rows of the bookkeeping together with the keys and values.
+After pruning, routing or eviction, the cached prefix of a layer is shorter than the prompt and,
+in a padded batch, each row has its own kept tokens (re-padded on the left). `CompactLayer` keeps
+the KV tensors as `DynamicLayer` does plus a `SlotLayout`: per row, the validity of each physical
+slot, the caller-layout position of the token in it, and the position shift of later tokens. It
+reports the *logical* length (the prompt as the user sent it plus the generated tokens) through
+`get_seq_length()`, so `generate()` keeps slicing inputs and building positions in the original
+layout, and its physical length through `physical_length`. Layers that hold the same slots share
+one layout object, so the engine builds one mask for them. Beam search reorders, repeats and
+selects rows of the layout together with the keys and values.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import DynamicLayer
 
 
+@dataclass(eq=False)
+class SlotLayout:
+    """The slots of one cache layer (shared by every layer that holds the same tokens).
+
+    Attributes:
+        valid: (B, S) bool, True where the slot holds a token.
+        slot: (B, S) long, the caller-layout position of that token (-1 where none).
+        shift: (B,) per row, what the layer subtracts from the caller's positions of later tokens
+            (the `reindex` policy, position methods).
+    """
+
+    valid: torch.Tensor
+    slot: torch.Tensor
+    shift: torch.Tensor
+
+    def extended(self, valid: torch.Tensor, slot: torch.Tensor) -> "SlotLayout":
+        """The layout after appending slots (a decoding step's tokens)."""
+        return SlotLayout(torch.cat([self.valid, valid], dim=1), torch.cat([self.slot, slot], dim=1), self.shift)
+
+    def rows(self, index: torch.Tensor) -> "SlotLayout":
+        """The layout of the rows `index` (reordered, repeated or selected)."""
+        index = index.to(self.valid.device)
+        return SlotLayout(self.valid[index], self.slot[index], self.shift[index])
+
+    def cropped(self, physical: int) -> "SlotLayout":
+        return SlotLayout(self.valid[:, :physical], self.slot[:, :physical], self.shift)
+
+
 class CompactLayer(DynamicLayer):
-    """`DynamicLayer` plus per-row slot validity, logical length and position shift."""
+    """`DynamicLayer` plus a `SlotLayout` and the logical length."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.valid: torch.Tensor | None = None  # (B, physical) bool
-        self.position_shift: torch.Tensor | None = None  # (B,) long, subtracted from incoming positions
+        self.layout: SlotLayout | None = None
         self.logical_length = 0
 
     @classmethod
@@ -31,14 +62,23 @@ class CompactLayer(DynamicLayer):
         if length:
             compact.lazy_initialization(layer.keys, layer.values)
             compact.keys, compact.values = layer.keys, layer.values
-            batch = layer.keys.shape[0]
+            batch, device = layer.keys.shape[0], layer.keys.device
             if attention_mask is not None:
-                compact.valid = attention_mask[:, :length].to(torch.bool)
+                valid = attention_mask[:, :length].to(torch.bool)
             else:
-                compact.valid = torch.ones(batch, length, dtype=torch.bool, device=layer.keys.device)
-            compact.position_shift = torch.zeros(batch, dtype=torch.long, device=layer.keys.device)
+                valid = torch.ones(batch, length, dtype=torch.bool, device=device)
+            slot = torch.arange(length, device=device).expand(batch, length).masked_fill(~valid, -1)
+            compact.layout = SlotLayout(valid, slot, torch.zeros(batch, dtype=torch.long, device=device))
             compact.logical_length = length
         return compact
+
+    @property
+    def valid(self) -> torch.Tensor | None:
+        return None if self.layout is None else self.layout.valid
+
+    @property
+    def position_shift(self) -> torch.Tensor | None:
+        return None if self.layout is None else self.layout.shift
 
     @property
     def physical_length(self) -> int:
@@ -50,36 +90,66 @@ class CompactLayer(DynamicLayer):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.physical_length + query_length, 0
 
-    def record(self, valid: torch.Tensor, logical_added: int, position_shift: torch.Tensor) -> None:
+    def record(self, layout: SlotLayout, logical_added: int) -> None:
         """Book the slots the layer's `update` just appended (called by the engine after each layer)."""
-        self.valid = valid
+        self.layout = layout
         self.logical_length += logical_added
-        self.position_shift = position_shift
+
+    def keep_slots(self, keep: torch.Tensor, layout: SlotLayout) -> None:
+        """Remove the slots where `keep` (B, S) is False; the rows are re-packed on the left.
+
+        `layout` is the layout after the removal (the engine builds it once for the layers that
+        shared one).
+        """
+        gather = pack(keep)[0]
+        index = gather[:, None, :, None].expand(-1, self.keys.shape[1], -1, self.keys.shape[-1])
+        self.keys, self.values = self.keys.gather(2, index), self.values.gather(2, index)
+        self.layout = layout
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        if self.valid is not None:
-            self.valid = self.valid.index_select(0, beam_idx.to(self.valid.device))
-            self.position_shift = self.position_shift.index_select(0, beam_idx.to(self.valid.device))
+        if self.layout is not None:
+            self.layout = self.layout.rows(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
-        if self.valid is not None:
-            self.valid = self.valid.repeat_interleave(repeats, dim=0)
-            self.position_shift = self.position_shift.repeat_interleave(repeats, dim=0)
+        if self.layout is not None:
+            rows = torch.arange(self.layout.valid.shape[0], device=self.layout.valid.device)
+            self.layout = self.layout.rows(rows.repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
-        if self.valid is not None:
-            self.valid = self.valid[indices]
-            self.position_shift = self.position_shift[indices]
+        if self.layout is not None:
+            rows = torch.arange(self.layout.valid.shape[0], device=self.layout.valid.device)
+            self.layout = self.layout.rows(rows[indices])
 
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)
-        if tokens_to_remove < 0 and self.valid is not None:
-            self.valid = self.valid[:, :tokens_to_remove]
+        if tokens_to_remove < 0 and self.layout is not None:
+            self.layout = self.layout.cropped(self.layout.valid.shape[1] + tokens_to_remove)
             self.logical_length += tokens_to_remove
 
     def reset(self) -> None:
         super().reset()
-        self.valid, self.position_shift, self.logical_length = None, None, 0
+        self.layout, self.logical_length = None, 0
+
+
+def pack(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-packed positions of the True entries of `keep` (B, L), row by row.
+
+    Returns:
+        gather: (B, L') long, the old index of each new position (0 on padding);
+        valid: (B, L') bool, False on the left padding;
+        rank: (B, L) long, the new position of each old entry (meaningful where `keep`).
+    """
+    batch, length = keep.shape
+    counts = keep.sum(dim=1)
+    new_length = int(counts.max()) if batch else 0
+    pad = new_length - counts
+    rank = keep.long().cumsum(dim=1) - 1 + pad[:, None]
+    rows = torch.arange(batch, device=keep.device)[:, None].expand(batch, length)
+    old = torch.arange(length, device=keep.device).expand(batch, length)
+    gather = torch.zeros(batch, new_length, dtype=torch.long, device=keep.device)
+    gather[rows[keep], rank[keep]] = old[keep]
+    valid = torch.arange(new_length, device=keep.device)[None, :] >= pad[:, None]
+    return gather, valid, rank

@@ -1,42 +1,50 @@
-"""The text-stack runner: the one place where token selections become shorter sequences.
+"""The text-stack runner: the one place where selections, routes, positions, masks and cache edits
+become a decoder pass.
 
-It replaces the `forward` of one text model *instance* (Llama, Qwen2, Qwen2-VL text) while a patch
-is applied and runs the same decoder layers, with the same masks and rotary embeddings, over a
-token stream that can shrink before any layer:
+While a patch has a method at a stack site (`embeds`, `layer`, `route`, `position`, `attention`,
+`cache`), it replaces the `forward` of the text model *instance* and runs the same decoder layers,
+through the adapter, for every call a site acts on (a prefill with visual tokens, and every later
+call on the cache it built); other calls go to the stock forward:
 
-* before layer 0 for pre-LLM methods (sites "vision", "embeds"), before layer K for in-LLM methods
-  (site "layer", FastV);
-* every sample of a padded batch keeps its own tokens; the stream is re-padded on the left so that
-  the newest token stays last;
-* positions follow the method's policy (`keep` the original ids, or `reindex` the kept sequence);
-* each layer's KV cache holds only what that layer saw (`CompactLayer`), so decoding attends to the
-  kept tokens with no double cache and no recomputation;
-* hidden states of dropped tokens ride the residual: the returned `last_hidden_state` has the
-  caller's layout, each dropped token carrying the state it had when it left.
+* selections (sites `embeds`, `layer`) shrink the token stream before a layer; every sample of a
+  padded batch keeps its own tokens and is re-padded on the left so that the newest token stays
+  last; hidden states of dropped tokens ride the residual: the returned `last_hidden_state` has the
+  caller's layout, each dropped token carrying the state it had when it left;
+* routes (site `route`) run a subset of the visual tokens through one layer: "skip" gathers the
+  running tokens into a shorter stream for that layer only (the others write no KV there), "freeze"
+  computes every key and value but queries, attention and MLP for the running tokens only;
+* positions follow the selection's policy (`keep` the original ids, or `reindex` the kept
+  sequence) or a position method; decoding continues from the recorded shift;
+* masks come from the adapter, per distinct key layout, combined with an attention method's mask;
+* each layer's KV cache holds only what that layer saw (`CompactLayer` with its `SlotLayout`), so
+  decoding attends to the kept tokens with no double cache and no recomputation; a cache method
+  edits it after the prefill and after each step.
 
-Scores for in-LLM selection are computed from the one query row needed (the last token) against
-that layer's keys, whatever the attention implementation (no eager attention, no layer run twice).
+Scores for in-LLM selection and routing are computed from the one query row needed (the last token)
+against that layer's keys, whatever the attention implementation (no eager attention, no layer run
+twice). The engine also counts what ran: LLM FLOPs per sample of each prefill and the KV bytes it
+left in the cache (`EngineState.cost`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils.output_capturing import capture_outputs
 
 from vlmkit import kernels
-from vlmkit.engine.cache import CompactLayer
-from vlmkit.engine.selection import Selection, SelectionContext, VisualTokens
+from vlmkit.engine.cache import CompactLayer, SlotLayout, pack
+from vlmkit.engine.contexts import AttentionContext, CacheContext, PositionContext, RouteContext
+from vlmkit.engine.selection import SelectionContext, VisualTokens
 from vlmkit.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
     from vlmkit.adapters.base import Adapter
+    from vlmkit.engine.install import Plan
     from vlmkit.engine.state import EngineState
-    from vlmkit.methods.base import TokenSelector
 
 
 @dataclass
@@ -47,7 +55,7 @@ class Stream:
         hidden: (B, L, D) hidden states.
         valid: (B, L) bool, False on padding.
         slot: (B, L) long, each token's position in the caller's layout (for scattering back).
-        positions: rotary position ids, (B, L) or (3, B, L) for M-RoPE.
+        positions: rotary position ids, (B, L) or (3, B, L) for M-RoPE (float for position methods).
         layer_positions: what decoder layers receive as `position_ids` (Qwen2-VL: the text row).
         visual: per sample, its remaining visual tokens (slots refer to this stream).
     """
@@ -58,30 +66,52 @@ class Stream:
     positions: torch.Tensor
     layer_positions: torch.Tensor | None
     visual: list[VisualTokens] | None
+    # built once per stream and position shift: [(shift, value)]
+    rotary_tables: list = field(default_factory=list)
+    fresh_layouts: list = field(default_factory=list)
+
+    def take(self, tensor: torch.Tensor | None, gather: torch.Tensor) -> torch.Tensor | None:
+        """`tensor` (B, L), (k, B, L) or (1, L) gathered along the stream by `gather` (B, L')."""
+        if tensor is None:
+            return None
+        batch, length = self.valid.shape
+        if tensor.ndim == 3:
+            expanded = tensor.expand(-1, batch, length)
+            return expanded.gather(2, gather[None].expand(tensor.shape[0], -1, -1))
+        return tensor.expand(batch, length).gather(1, gather)
+
+    def visual_rows(self) -> torch.Tensor:
+        """(B, L) bool, True on the rows of visual tokens."""
+        rows = torch.zeros_like(self.valid)
+        for row, visual in enumerate(self.visual or []):
+            rows[row, visual.slots] = True
+        return rows
+
+
+@dataclass
+class Pass:
+    """The bookkeeping of one call through the stack."""
+
+    cache: Any
+    logical_past: int
+    length: int
+    prefill: bool
+    shift: torch.Tensor  # subtracted from later tokens' positions (recorded in each layer's layout)
+    no_shift: torch.Tensor
+    masks: dict
+    layouts: dict  # a decoding step: old layout -> extended layout (shared by the layers that shared it)
+    flops: torch.Tensor  # (B,) float64 LLM FLOPs of this call
 
 
 class TextStackRunner:
-    """Runs the decoder stack of one model instance with the selectors of one patch."""
+    """Runs the decoder stack of one model instance with the stack-site methods of one patch."""
 
-    def __init__(self, adapter: "Adapter", state: "EngineState", selectors: list["TokenSelector"]):
-        self.adapter = adapter
-        self.state = state
+    def __init__(self, adapter: "Adapter", state: "EngineState", plan: "Plan"):
+        self.adapter, self.state, self.plan = adapter, state, plan
         self.num_layers = len(adapter.decoder_layers)
-        self.selectors: dict[int, TokenSelector] = {}
-        for selector in selectors:
-            layer = selector.compaction_layer(self.num_layers)
-            if not 0 <= layer < self.num_layers:
-                raise ConfigError(
-                    f"{selector.name}: layer={layer} is out of range for a language model with "
-                    f"{self.num_layers} decoder layers (valid: 0..{self.num_layers - 1})"
-                )
-            selector.position_policy(adapter.mrope)  # raises for an undefined policy, before any mutation
-            self.selectors[layer] = selector
         self.probe_layers = {
-            layer - 1 for layer, s in self.selectors.items() if "last_row_attention" in s.needs and layer > 0
+            layer - 1 for layer, s in plan.selectors.items() if "last_row_attention" in s.needs and layer > 0
         }
-        if any("last_row_attention" in s.needs for layer, s in self.selectors.items() if layer == 0):
-            raise ConfigError("last-token attention needs a layer before the selection: use layer >= 1")
         self.original_forward = type(adapter.text_model).forward
 
     # ------------------------------------------------------------------ entry point
@@ -111,17 +141,18 @@ class TextStackRunner:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
-            inputs_embeds = text_model.embed_tokens(input_ids)
+            inputs_embeds = self.adapter.embed(input_ids)
         batch, length = inputs_embeds.shape[:2]
+        device = inputs_embeds.device
         use_cache = text_model.config.use_cache if use_cache is None else use_cache
         if attention_mask is not None and attention_mask.ndim != 2:
-            raise ConfigError("token pruning needs a 2-D attention mask (batch, length), not a prepared 4-D mask")
+            raise ConfigError("vlmkit's engine needs a 2-D attention mask (batch, length), not a prepared 4-D mask")
 
-        visual = self.state.take_visual_tokens(batch, length, inputs_embeds.device)
-        compacted_cache = past_key_values is not None and any(
+        visual = self.state.take_visual_tokens(batch, length, device)
+        engine_cache = past_key_values is not None and any(
             isinstance(layer, CompactLayer) for layer in getattr(past_key_values, "layers", [])
         )
-        if visual is None and not compacted_cache:
+        if visual is None and not engine_cache:
             return self._original(text_model, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache, kwargs)
 
         if use_cache and past_key_values is None:
@@ -133,70 +164,74 @@ class TextStackRunner:
             # Images in a continued conversation are kept whole: the cached prefix was laid out already.
             visual = None
 
-        positions, layer_positions = self.adapter.split_positions(position_ids, batch, length, logical_past, inputs_embeds.device)
-        query_valid = (
+        positions, layer_positions = self.adapter.split_positions(position_ids, batch, length, logical_past, device)
+        valid = (
             attention_mask[:, -length:].to(torch.bool)
             if attention_mask is not None
-            else torch.ones(batch, length, dtype=torch.bool, device=inputs_embeds.device)
+            else torch.ones(batch, length, dtype=torch.bool, device=device)
         )
-        stream = Stream(
-            hidden=inputs_embeds,
-            valid=query_valid,
-            slot=torch.arange(length, device=inputs_embeds.device).expand(batch, length),
-            positions=positions,
-            layer_positions=layer_positions,
-            visual=visual,
+        slot = (torch.arange(length, device=device) + logical_past).expand(batch, length)
+        stream = Stream(inputs_embeds, valid, slot, positions, layer_positions, visual)
+        zero = torch.zeros(batch, device=device, dtype=positions.dtype)
+        run = Pass(
+            cache=past_key_values, logical_past=logical_past, length=length, prefill=visual is not None,
+            shift=zero, no_shift=zero, masks={}, layouts={}, flops=torch.zeros(batch, dtype=torch.float64, device=device),
         )
-        if visual is not None:
-            self.state.selections = {}
+        if run.prefill:
+            self.state.start_prefill()
+            if self.plan.position is not None:
+                self._set_positions(stream, run)
         full = None  # caller-layout buffer where dropped tokens are frozen
-        masks: dict[Any, Any] = {}
-        validity: dict[int, torch.Tensor] = {}
-        rotary = None
-        shift = torch.zeros(batch, dtype=torch.long, device=inputs_embeds.device)
-        no_shift = shift
-        probe = None
         last_row = None
+        previous = None  # the previous layer's input, for routes that read update norms
 
         for index, layer in enumerate(self.adapter.decoder_layers):
-            selector = self.selectors.get(index)
+            selector = self.plan.selectors.get(index) if run.prefill else None
             if selector is not None and stream.visual is not None:
                 selection = self._select(selector, stream, index, last_row)
                 if full is None:
                     full = stream.hidden.clone()
-                stream, dropped_shift = self._apply(selector, selection, stream, full)
-                shift = shift + dropped_shift
-                rotary, masks, validity = None, {}, {}
-            layer_shift = self._incoming_shift(past_key_values, index, no_shift)
-            if rotary is None or not (rotary[0] is layer_shift or torch.equal(rotary[0], layer_shift)):
-                rope_positions = self._shifted(stream.positions, layer_shift)
-                rotary = (layer_shift, text_model.rotary_emb(stream.hidden, rope_positions))
-            kv_valid, physical_past = self._kv_validity(past_key_values, index, stream.valid, validity)
-            mask_key = (physical_past, id(kv_valid))
-            if mask_key not in masks:
-                masks[mask_key] = self._mask(text_model, stream.hidden, kv_valid, physical_past)
-            if index in self.probe_layers and stream.visual is not None:
-                probe = self.adapter.probe_projections(layer, stream.hidden, rotary[1], keys=past_key_values is None)
-            stream.hidden = layer(
-                stream.hidden,
-                attention_mask=masks[mask_key],
-                position_embeddings=rotary[1],
-                position_ids=self._shifted(stream.layer_positions, layer_shift),
-                past_key_values=past_key_values,
-                use_cache=use_cache,
-                **kwargs,
-            )
-            if index in self.probe_layers and stream.visual is not None:
-                last_row = self._last_row_attention(layer, index, probe, stream, kv_valid, past_key_values)
-            if past_key_values is not None:
-                past_key_values.layers[index].record(kv_valid, length, shift + layer_shift)
+                stream = self._apply(selector, selection, stream, full, run)
+            router = self.plan.routers.get(index) if run.prefill else None
+            if router is not None and stream.visual is not None:
+                route = self._route(router, stream, index, layer, run, previous)
+                layer_input = stream.hidden
+                stream.hidden = self._run_routed(route, layer, index, stream, run, kwargs, use_cache)
+            else:
+                layer_input = stream.hidden
+                probe = None
+                rotary = self._rotary(stream, run, index)
+                if index in self.probe_layers and stream.visual is not None:
+                    probe = self.adapter.probe_projections(layer, stream.hidden, rotary, keys=run.cache is None)
+                layout = self._layout(run, index, stream)
+                mask = self._mask(run, index, layout, stream.hidden, stream)
+                stream.hidden = self.adapter.run_layer(
+                    layer,
+                    stream.hidden,
+                    attention_mask=mask,
+                    position_embeddings=rotary,
+                    position_ids=self._layer_positions(stream, run, index),
+                    past_key_values=run.cache,
+                    use_cache=use_cache,
+                    **kwargs,
+                )
+                self._count(run, stream.valid.sum(dim=1), stream.valid.sum(dim=1), layout.valid.sum(dim=1))
+                if probe is not None:
+                    last_row = self._last_row_attention(layer, index, probe, stream, layout.valid, run.cache)
+                if run.cache is not None:
+                    run.cache.layers[index].record(layout, length)
+            previous = (layer_input, stream.hidden, stream.visual)
 
+        if run.cache is not None and self.plan.cache is not None:
+            self._edit_cache(run.cache, stream)
+        if run.prefill:
+            self.state.finish_prefill(run.flops, run.cache, self.num_layers)
         hidden = stream.hidden
         if full is not None:
             rows = torch.arange(batch, device=hidden.device)[:, None].expand_as(stream.slot)
-            full[rows[stream.valid], stream.slot[stream.valid]] = hidden[stream.valid]
+            full[rows[stream.valid], stream.slot[stream.valid] - logical_past] = hidden[stream.valid]
             hidden = full
-        return BaseModelOutputWithPast(last_hidden_state=text_model.norm(hidden), past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=self.adapter.final_norm(hidden), past_key_values=run.cache)
 
     # ------------------------------------------------------------------ pieces
     def _original(self, text_model, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache, kwargs):
@@ -216,71 +251,116 @@ class TextStackRunner:
     def _compact_cache_layers(self, cache, attention_mask) -> None:
         if not isinstance(cache, DynamicCache):
             raise ConfigError(
-                f"token pruning needs a DynamicCache (the default of generate()), got {type(cache).__name__}"
+                f"vlmkit's engine needs a DynamicCache (the default of generate()), got {type(cache).__name__}"
             )
         while len(cache.layers) < self.num_layers:
             cache.layers.append(CompactLayer())
+        converted: dict[int, SlotLayout] = {}  # layers of one length share one layout
         for index, layer in enumerate(cache.layers[: self.num_layers]):
             if isinstance(layer, CompactLayer):
                 continue
             if type(layer) is not DynamicLayer:
                 raise ConfigError(
-                    f"token pruning supports full-attention cache layers only; layer {index} is {type(layer).__name__}"
+                    f"vlmkit's engine supports full-attention cache layers only; layer {index} is {type(layer).__name__}"
                 )
-            cache.layers[index] = CompactLayer.from_layer(layer, attention_mask)
+            compact = CompactLayer.from_layer(layer, attention_mask)
+            if compact.layout is not None:
+                compact.layout = converted.setdefault(compact.physical_length, compact.layout)
+            cache.layers[index] = compact
 
     @staticmethod
-    def _incoming_shift(cache, index: int, zero: torch.Tensor) -> torch.Tensor:
-        """What layer `index` subtracts from the caller's positions of this call's tokens.
+    def _incoming_shift(run: Pass, index: int) -> torch.Tensor:
+        """What layer `index` subtracts from the stream's positions of this call's tokens.
 
-        Positions of tokens compacted in this call are rewritten by the compaction itself; tokens that
+        A prefill's positions are final (compactions and position methods rewrite them: the shift
+        they leave for later tokens is `run.shift`, recorded in each layer's layout); tokens that
         arrive later (decoding) carry caller-layout positions and get the shift the layer recorded.
         """
-        if cache is not None and cache.layers[index].position_shift is not None:
-            return cache.layers[index].position_shift
-        return zero
+        if not run.prefill and run.cache is not None and run.cache.layers[index].layout is not None:
+            return run.cache.layers[index].layout.shift
+        return run.no_shift
 
     @staticmethod
     def _shifted(positions: torch.Tensor | None, shift: torch.Tensor) -> torch.Tensor | None:
         if positions is None or not bool(shift.any()):
             return positions
-        return positions - shift.view(-1, 1)
+        return positions - shift[..., None]
 
-    @staticmethod
-    def _kv_validity(cache, index: int, query_valid: torch.Tensor, shared: dict) -> tuple[torch.Tensor, int]:
-        """Validity of the keys layer `index` attends to, and its cached (physical) length.
+    def _layer_positions(self, stream: Stream, run: Pass, index: int) -> torch.Tensor | None:
+        """What the layer receives as `position_ids` (1-D: the rotary positions; M-RoPE: the text row)."""
+        return self._shifted(stream.layer_positions, self._incoming_shift(run, index))
 
-        Layers that cached the same slots share one tensor (and so one mask), via `shared`.
+    def _rotary(self, stream: Stream, run: Pass, index: int):
+        """Rotary tables of the stream's positions for layer `index`, built once per distinct shift."""
+        shift = self._incoming_shift(run, index)
+        for known, rotary in stream.rotary_tables:
+            if torch.equal(known, shift):
+                return rotary
+        rotary = self.adapter.rotary(stream.hidden, self._shifted(stream.positions, shift))
+        stream.rotary_tables.append((shift, rotary))
+        return rotary
+
+    def _layout(self, run: Pass, index: int, stream: Stream) -> SlotLayout:
+        """The key layout layer `index` attends over: its cached slots plus the stream's tokens.
+
+        Layers whose caches share a layout share the extended one (and so one mask); layers with no
+        cache yet share the stream's own layout.
         """
-        if cache is None or cache.layers[index].valid is None:
-            return query_valid, 0
-        layer = cache.layers[index]
-        key = id(layer.valid)
-        if key not in shared:
-            shared[key] = torch.cat([layer.valid, query_valid], dim=1)
-        return shared[key], layer.physical_length
+        slot = stream.slot.masked_fill(~stream.valid, -1)
+        if run.cache is None or run.cache.layers[index].layout is None:
+            for layout in stream.fresh_layouts:
+                if torch.equal(layout.shift, run.shift):
+                    return layout
+            layout = SlotLayout(stream.valid, slot, run.shift)
+            stream.fresh_layouts.append(layout)
+            return layout
+        previous = run.cache.layers[index].layout
+        if previous not in run.layouts:
+            run.layouts[previous] = previous.extended(stream.valid, slot)
+        return run.layouts[previous]
+
+    def _mask(self, run: Pass, index: int, layout: SlotLayout, hidden: torch.Tensor, stream: Stream,
+              query_rows: torch.Tensor | None = None):
+        """The mask of layer `index` (built once per layout and query set; per layer with an
+        attention method)."""
+        key = (layout, query_rows, index if self.plan.attention is not None else None)
+        if key not in run.masks:
+            physical_past = layout.valid.shape[1] - hidden.shape[1] if query_rows is None else 0
+            extra = None
+            if self.plan.attention is not None:
+                rows = query_rows if query_rows is not None else torch.arange(hidden.shape[1], device=hidden.device) + physical_past
+                query_slots = layout.slot.gather(1, rows.expand(hidden.shape[0], -1))
+                extra = self.plan.attention.mask_function(
+                    AttentionContext(index, layout.slot, query_slots, self._caller_visual(stream))
+                )
+            run.masks[key] = self.adapter.mask(hidden, layout.valid, physical_past, query_rows, extra)
+        return run.masks[key]
 
     @staticmethod
-    def _mask(text_model, hidden: torch.Tensor, kv_valid: torch.Tensor, physical_past: int):
-        """The 4-D causal + padding mask, built exactly as `create_causal_mask` would for this layer."""
-        config = text_model.config
-        implementation = config._attn_implementation
-        if implementation not in ALL_MASK_ATTENTION_FUNCTIONS:
-            raise ConfigError(f"attention implementation {implementation!r} has no registered mask function")
-        return ALL_MASK_ATTENTION_FUNCTIONS[implementation](
-            batch_size=hidden.shape[0],
-            q_length=hidden.shape[1],
-            kv_length=kv_valid.shape[1],
-            q_offset=physical_past,
-            kv_offset=0,
-            mask_function=causal_mask_function,
-            attention_mask=kv_valid,
-            allow_is_causal_skip=True,
-            dtype=hidden.dtype,
-            config=config,
-            use_vmap=False,
-            device=hidden.device,
-        )
+    def _caller_visual(stream: Stream) -> list[VisualTokens] | None:
+        """The stream's visual tokens with caller-layout positions as slots."""
+        if stream.visual is None:
+            return None
+        result = []
+        for row, visual in enumerate(stream.visual):
+            caller = visual.subset(torch.arange(len(visual), device=visual.slots.device))
+            caller.slots = stream.slot[row, visual.slots]
+            result.append(caller)
+        return result
+
+    def _count(self, run: Pass, queries: torch.Tensor, computed: torch.Tensor, keys: torch.Tensor) -> None:
+        """Add one layer's LLM FLOPs per sample (as `vlmkit.zoo.flops`: projections, the full query x
+        key score and value products, gated MLP) for `queries` query rows, `computed` key/value rows
+        and `keys` keys attended to."""
+        if not run.prefill:
+            return
+        config = self.adapter.text_config
+        d, h = config.hidden_size, config.num_attention_heads
+        g = getattr(config, "num_key_value_heads", None) or h
+        k = getattr(config, "head_dim", None) or d // h
+        f = config.intermediate_size
+        q, c, m = queries.double(), computed.double(), keys.double()
+        run.flops += 2 * q * d * k * 2 * h + 2 * c * d * k * 2 * g + 4 * h * k * q * m + 6 * q * d * f
 
     def _last_row_attention(self, layer, index, probe, stream, kv_valid, cache):
         """Per sample, the attention the last token pays to each visual token (mean over heads).
@@ -302,11 +382,10 @@ class TextStackRunner:
         )[:, 0, -stream.hidden.shape[1] :]
         return [scores[row, visual.slots] for row, visual in enumerate(stream.visual)]
 
-    def _select(self, selector, stream: Stream, layer: int, last_row) -> Selection:
-        if self.state.reuse:
-            if layer not in self.state.recorded:
-                raise ConfigError("reuse_selections(): no recorded selection for this layer; run a prefill first")
-            return self.state.recorded[layer]
+    def _select(self, selector, stream: Stream, layer: int, last_row):
+        recorded = self.state.replay(("select", layer))
+        if recorded is not None:
+            return recorded
         context = SelectionContext(
             hidden=stream.hidden,
             visual=stream.visual,
@@ -322,11 +401,11 @@ class TextStackRunner:
             raise InputError(f"{selector.name} returned {len(selection.samples)} selections for {len(stream.visual)} samples")
         for sample, visual in zip(selection.samples, stream.visual):
             sample.validate(len(visual), selector.name)
-        self.state.recorded[layer] = selection
+        self.state.record(("select", layer), selection)
         return selection
 
-    def _apply(self, selector, selection: Selection, stream: Stream, full: torch.Tensor):
-        """Shrink the stream to the selection; freeze dropped tokens into `full`. Returns (stream, shift)."""
+    def _apply(self, selector, selection, stream: Stream, full: torch.Tensor, run: Pass) -> Stream:
+        """Shrink the stream to the selection; freeze dropped tokens into `full`."""
         batch, length = stream.valid.shape
         hidden = stream.hidden
         keep = stream.valid.clone()
@@ -351,47 +430,155 @@ class TextStackRunner:
 
         rows = torch.arange(batch, device=hidden.device)[:, None].expand(batch, length)
         dropped = stream.valid & ~keep
-        full[rows[dropped], stream.slot[dropped]] = hidden[dropped]
+        full[rows[dropped], stream.slot[dropped] - run.logical_past] = hidden[dropped]
         if merged_hidden is not None:
             hidden = merged_hidden
 
-        counts = keep.sum(dim=1)
-        new_length = int(counts.max())
-        pad = new_length - counts
-        rank = keep.long().cumsum(dim=1) - 1 + pad[:, None]
-        old_slot = torch.arange(length, device=hidden.device).expand(batch, length)
-        gather = torch.zeros(batch, new_length, dtype=torch.long, device=hidden.device)
-        gather[rows[keep], rank[keep]] = old_slot[keep]
-        new_valid = torch.arange(new_length, device=hidden.device)[None, :] >= pad[:, None]
-        # where each kept token of the old stream sits in the new one (-1: left the stream)
-        new_slot_of_old = torch.full((batch, length), -1, dtype=torch.long, device=hidden.device)
-        new_slot_of_old[rows[keep], old_slot[keep]] = rank[keep]
-
-        def take(tensor: torch.Tensor | None) -> torch.Tensor | None:
-            if tensor is None:
-                return None
-            if tensor.ndim == 3 and tensor.shape[1] == batch and tensor.shape[-1] == length:  # (3, B, L) M-RoPE
-                return tensor.gather(2, gather[None].expand(tensor.shape[0], -1, -1))
-            expanded = tensor.expand(batch, length) if tensor.shape[0] == 1 else tensor
-            return expanded.gather(1, gather)
-
-        new_hidden = hidden.gather(1, gather[..., None].expand(-1, -1, hidden.shape[-1]))
-        positions, layer_positions = take(stream.positions), take(stream.layer_positions)
-        shift = torch.zeros(batch, dtype=torch.long, device=hidden.device)
+        gather, new_valid, rank = pack(keep)
+        positions, layer_positions = stream.take(stream.positions, gather), stream.take(stream.layer_positions, gather)
         if selector.position_policy(self.adapter.mrope) == "reindex":
-            reindexed = (new_valid.long().cumsum(dim=1) - 1).clamp(min=0)
-            last_before, last_after = positions[:, -1], reindexed[:, -1]
-            shift = last_before - last_after
+            reindexed = (new_valid.long().cumsum(dim=1) - 1).clamp(min=0).to(positions.dtype)
+            run.shift = run.shift + positions[..., -1] - reindexed[:, -1]
             positions = reindexed
             layer_positions = reindexed if layer_positions is not None else None
         for row, visual in enumerate(new_visual):
-            visual.slots = new_slot_of_old[row, visual.slots]
-        new_stream = Stream(
-            hidden=new_hidden,
+            visual.slots = rank[row, visual.slots]  # each kept token's row in the new stream
+        return Stream(
+            hidden=hidden.gather(1, gather[..., None].expand(-1, -1, hidden.shape[-1])),
             valid=new_valid,
             slot=stream.slot.gather(1, gather),
             positions=positions,
             layer_positions=layer_positions,
             visual=new_visual,
         )
-        return new_stream, shift
+
+    # ------------------------------------------------------------------ routes
+    def _route(self, router, stream: Stream, index: int, layer, run: Pass, previous):
+        recorded = self.state.replay(("route", index))
+        if recorded is None:
+            context = RouteContext(
+                hidden=stream.hidden, visual=stream.visual, layer=index, num_layers=self.num_layers,
+                call_index=self.state.calls.get(router.name, 0),
+            )
+            if "attention" in router.needs:
+                rotary = self._rotary(stream, run, index)
+                query, keys = self.adapter.probe_projections(layer, stream.hidden, rotary, keys=True)
+                attention = self.adapter.attention_module(layer)
+                scores = kernels.attention_rows(
+                    query, keys, scale=attention.scaling, kv_mask=stream.valid,
+                    num_kv_groups=attention.num_key_value_groups, reduce="mean",
+                )[:, 0]
+                context.attention = [scores[row, visual.slots] for row, visual in enumerate(stream.visual)]
+            if "update" in router.needs:
+                context.update = self._update_norms(stream, previous)
+            recorded = router.route(context)
+            self.state.calls[router.name] = context.call_index + 1
+            recorded.validate(stream.visual, router.name)
+            self.state.record(("route", index), recorded)
+        self.state.routes.setdefault(router.name, {})[index] = [
+            visual.origin[run_].cpu() for visual, run_ in zip(stream.visual, recorded.run)
+        ]
+        return recorded
+
+    @staticmethod
+    def _update_norms(stream: Stream, previous) -> list[torch.Tensor]:
+        """Per sample, each visual token's update norm in the previous layer (0 before layer 1)."""
+        if previous is None or previous[2] is not stream.visual:
+            return [torch.zeros(len(visual), device=stream.hidden.device) for visual in stream.visual]
+        before, after, _ = previous
+        change = (after - before).float().norm(dim=-1)
+        return [change[row, visual.slots] for row, visual in enumerate(stream.visual)]
+
+    def _run_routed(self, route, layer, index: int, stream: Stream, run: Pass, kwargs, use_cache) -> torch.Tensor:
+        """Run layer `index` for the text tokens and the routed visual tokens; the others keep their state."""
+        batch = stream.valid.shape[0]
+        resting = torch.zeros_like(stream.valid)
+        for row, (visual, running) in enumerate(zip(stream.visual, route.run)):
+            resting[row, visual.slots] = True
+            resting[row, visual.slots[running]] = False
+        gather, query_valid, _ = pack(stream.valid & ~resting)
+        rows = torch.arange(batch, device=gather.device)[:, None].expand_as(gather)
+        hidden = stream.hidden.clone()
+        if route.mode == "freeze":
+            # every token keeps its key and value; queries are the running rows (padding rows point at
+            # the last token, always real, and are discarded)
+            last = stream.valid.shape[1] - 1
+            query_rows = torch.where(query_valid, gather, torch.full_like(gather, last))
+            rotary = self._rotary(stream, run, index)
+            layout = self._layout(run, index, stream)
+            queries = stream.hidden.gather(1, query_rows[..., None].expand(-1, -1, stream.hidden.shape[-1]))
+            mask = self._mask(run, index, layout, queries, stream, query_rows)
+            output = self.adapter.run_layer_queries(
+                layer, stream.hidden, query_rows, attention_mask=mask, position_embeddings=rotary,
+                past_key_values=run.cache,
+            )
+            self._count(run, query_valid.sum(dim=1), stream.valid.sum(dim=1), stream.valid.sum(dim=1))
+        else:
+            sub = Stream(
+                hidden=stream.hidden.gather(1, gather[..., None].expand(-1, -1, stream.hidden.shape[-1])),
+                valid=query_valid, slot=stream.slot.gather(1, gather),
+                positions=stream.take(stream.positions, gather), layer_positions=stream.take(stream.layer_positions, gather),
+                visual=None,
+            )
+            rotary = self._rotary(sub, run, index)
+            layout = self._layout(run, index, sub)
+            mask = self._mask(run, index, layout, sub.hidden, stream)
+            output = self.adapter.run_layer(
+                layer, sub.hidden, attention_mask=mask, position_embeddings=rotary,
+                position_ids=self._layer_positions(sub, run, index),
+                past_key_values=run.cache, use_cache=use_cache, **kwargs,
+            )
+            self._count(run, query_valid.sum(dim=1), query_valid.sum(dim=1), query_valid.sum(dim=1))
+        hidden[rows[query_valid], gather[query_valid]] = output[query_valid]
+        if run.cache is not None:
+            run.cache.layers[index].record(layout, run.length)
+        return hidden
+
+    # ------------------------------------------------------------------ positions and cache
+    def _set_positions(self, stream: Stream, run: Pass) -> None:
+        """Prefill: the position method's positions; later tokens continue from its last one."""
+        method = self.plan.position
+        positions = method.positions(PositionContext(stream.positions, stream.visual, stream.valid))
+        expected = stream.positions.expand(*stream.positions.shape[:-2], *stream.valid.shape).shape
+        if tuple(positions.shape) != tuple(expected):
+            raise InputError(f"{method.name} returned positions of shape {tuple(positions.shape)}, expected {tuple(expected)}")
+        default = stream.positions.expand(expected)
+        shift = default[..., -1] - positions[..., -1]
+        if shift.ndim == 2:  # M-RoPE: later text tokens advance all three axes together
+            if not bool((shift == shift[:1]).all()):
+                raise ConfigError(
+                    f"{method.name}: its M-RoPE positions move the three axes of the last token apart; the engine "
+                    "continues decoding with one shift per sample"
+                )
+            shift = shift[0]
+        run.shift = shift.to(positions.dtype)
+        stream.positions = positions
+        if stream.layer_positions is not None:
+            stream.layer_positions = positions if positions.ndim == 2 else stream.layer_positions
+
+    def _edit_cache(self, cache, stream: Stream) -> None:
+        """After the prefill or a decoding step: let the cache method remove slots."""
+        layers = cache.layers[: self.num_layers]
+        steps = getattr(cache, "vlmkit_steps", -1) + 1
+        cache.vlmkit_steps = steps
+        if steps == 0:
+            cache.vlmkit_visual = self._caller_visual(stream)
+        context = CacheContext(
+            keys=[layer.keys for layer in layers], valid=[layer.layout.valid for layer in layers],
+            slots=[layer.layout.slot for layer in layers], visual=getattr(cache, "vlmkit_visual", None), step=steps,
+        )
+        edits = self.plan.cache.edit_cache(context) or {}
+        rebuilt: dict = {}
+        for index, keep in edits.items():
+            layer = layers[index]
+            if keep is None:
+                continue
+            if keep.shape != layer.layout.valid.shape:
+                raise InputError(f"{self.plan.cache.name}: the keep mask of layer {index} must have shape {tuple(layer.layout.valid.shape)}")
+            keep = keep & layer.layout.valid
+            key = (layer.layout, keep)
+            if key not in rebuilt:
+                gather, valid, _ = pack(keep)
+                slot = layer.layout.slot.gather(1, gather).masked_fill(~valid, -1)
+                rebuilt[key] = SlotLayout(valid, slot, layer.layout.shift)
+            layer.keep_slots(keep, rebuilt[key])

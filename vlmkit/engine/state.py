@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vlmkit.engine.selection import Selection, VisualTokens
-from vlmkit.errors import InputError
+from vlmkit.engine.selection import VisualTokens
+from vlmkit.errors import ConfigError, InputError
 
 
 @dataclass
@@ -52,9 +52,13 @@ class EngineState:
     encoded: dict[str, tuple[object, list[tuple[torch.Tensor, VisualMeta]]]] = field(default_factory=dict)
     # what the last prefill selected: per method name, per sample, original visual-token indices kept
     selections: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    # raw selections by compaction layer, for `Patch.reuse_selections()`
-    recorded: dict[int, Selection] = field(default_factory=dict)
+    # what the last prefill routed: per router name, per layer, per sample, original indices that ran it
+    routes: dict[str, dict[int, list[torch.Tensor]]] = field(default_factory=dict)
+    # raw selections and routes by (site, layer), for `Patch.reuse_selections()`
+    recorded: dict[tuple[str, int], object] = field(default_factory=dict)
     reuse: bool = False
+    # what the last prefill cost, counted from what ran: {"llm_flops": per sample, "kv_bytes": per sample}
+    cost: dict[str, list[float]] = field(default_factory=dict)
     # a contrastive-decoding branch that opted out of pruning: its forwards keep every visual token
     bypass: bool = False
     calls: dict[str, int] = field(default_factory=dict)
@@ -99,21 +103,49 @@ class EngineState:
     def clear(self) -> None:
         self.input_ids, self.sources, self.encoded = None, {}, {}
 
+    # ----------------------------------------------------------------- what a prefill decided and cost
+    def start_prefill(self) -> None:
+        """A prefill with visual tokens starts: forget the previous one's selections and routes."""
+        self.selections, self.routes = {}, {}
+
+    def record(self, key: tuple[str, int], decision: object) -> None:
+        """Keep a selection or route (key: (site, layer)) for `replay`."""
+        self.recorded[key] = decision
+
+    def replay(self, key: tuple[str, int]) -> object | None:
+        """Inside `Patch.reuse_selections()`, the decision the last prefill recorded at `key`; else None."""
+        if not self.reuse:
+            return None
+        if key not in self.recorded:
+            raise ConfigError(f"reuse_selections(): no recorded {key[0]} decision at layer {key[1]}; run a prefill first")
+        return self.recorded[key]
+
+    def finish_prefill(self, flops: torch.Tensor, cache, num_layers: int) -> None:
+        """Book the prefill's LLM FLOPs per sample and the KV bytes per sample it left in the cache."""
+        kv = torch.zeros_like(flops)
+        if cache is not None:
+            for layer in cache.layers[:num_layers]:
+                per_slot = 2 * layer.keys.shape[1] * layer.keys.shape[-1] * layer.keys.element_size()
+                kv += layer.layout.valid.sum(dim=1).double() * per_slot
+        self.cost = {"llm_flops": flops.tolist(), "kv_bytes": kv.tolist()}
+
     @contextlib.contextmanager
     def branch_scope(self, encoded: dict, prune: bool) -> Iterator[None]:
         """Run one forward of a contrastive-decoding branch (`vlmkit.engine.branches`).
 
-        Its rows are the main rows' rows, so with `prune` it replays the selections the main rows'
-        prefill recorded (as `Patch.reuse_selections()` does); without, it keeps every visual token.
-        Its encoder records go to `encoded` (the branch's own dict, kept across its forwards); the
-        main call's records, selections, stash and reuse flag are restored afterwards.
+        Its rows are the main rows' rows, so with `prune` it replays the selections and routes the main
+        rows' prefill recorded (as `Patch.reuse_selections()` does); without, it keeps every visual
+        token and runs every layer whole. Its encoder records go to `encoded` (the branch's own dict,
+        kept across its forwards); the main call's records, selections, routes, cost, stash and reuse
+        flag are restored afterwards.
         """
-        saved = (self.input_ids, self.sources, self.encoded, self.selections, self.reuse, self.bypass)
+        saved = (self.input_ids, self.sources, self.encoded, self.selections, self.routes, self.cost, self.reuse, self.bypass)
         self.encoded, self.reuse, self.bypass = encoded, prune, not prune
         try:
             yield
         finally:
-            self.input_ids, self.sources, self.encoded, self.selections, self.reuse, self.bypass = saved
+            (self.input_ids, self.sources, self.encoded, self.selections, self.routes, self.cost, self.reuse,
+             self.bypass) = saved
 
     def take_visual_tokens(self, num_rows: int, length: int, device: torch.device) -> list[VisualTokens] | None:
         """Per-sample visual tokens of this call's query tokens, or None when the call has none.

@@ -1,8 +1,11 @@
 """Base classes every method builds on.
 
-A method is configured by a frozen dataclass (`Config`) and implements only its algorithm. Token
-methods (`TokenSelector`) look at the tokens the engine shows them and return a `Selection`; the
-engine applies it (hidden states, masks, positions, KV cache, padding). See `vlmkit.engine`.
+A method is configured by a frozen dataclass (`Config`) and implements only its algorithm, at the
+engine sites it declares (`vlmkit.engine.sites`): token methods (`TokenSelector`) look at the
+tokens the engine shows them and return a `Selection`; routers (`Router`) return which tokens run
+a layer; position, attention and cache methods return positions, a mask function or the cache
+slots to keep. The engine applies what they return (hidden states, masks, positions, KV cache,
+padding). Decoding methods (site "logits") live in `vlmkit.methods.decode.base`.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from vlmkit.errors import ConfigError, UnknownMethodError, did_you_mean
 if TYPE_CHECKING:
     import torch
 
+    from vlmkit.engine.contexts import AttentionContext, CacheContext, PositionContext, Route, RouteContext
     from vlmkit.engine.selection import Selection, SelectionContext
 
 POSITION_POLICIES = ("auto", "keep", "reindex")
@@ -48,9 +52,11 @@ class TokenBudgetConfig(MethodConfig):
         super().__post_init__()
         if self.keep is not None and self.tokens is not None:
             raise ConfigError(f"give a budget as keep={self.keep} or tokens={self.tokens}, not both")
-        if self.keep is not None and not (isinstance(self.keep, (int, float)) and 0.0 < self.keep <= 1.0):
+        if self.keep is not None and (isinstance(self.keep, bool) or not isinstance(self.keep, (int, float))):
+            raise ConfigError(f"keep={self.keep!r} must be a number in (0, 1] (the kept share), e.g. keep=0.25")
+        if self.keep is not None and not 0.0 < self.keep <= 1.0:
             raise ConfigError(f"keep={self.keep!r} is out of range: the kept share must be in (0, 1]")
-        if self.tokens is not None and not (isinstance(self.tokens, int) and self.tokens >= 1):
+        if self.tokens is not None and (isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 1):
             raise ConfigError(f"tokens={self.tokens!r} is out of range: the kept count must be an integer >= 1")
         if self.positions not in POSITION_POLICIES:
             raise ConfigError(f"positions={self.positions!r} is not one of {', '.join(POSITION_POLICIES)}")
@@ -69,13 +75,25 @@ class TokenBudgetConfig(MethodConfig):
 
 
 class Method:
-    """Base class of all methods. Subclasses set `Config`, `paper`, and are decorated with `register_method`."""
+    """Base class of all methods. Subclasses set `Config`, `paper`, and are decorated with `register_method`.
+
+    Class attributes the engine and the invariant suite read:
+
+    - `sites`: the engine sites the method acts at (`vlmkit.engine.sites.SITES`), set by `register_method`;
+    - `neutral`: parameters (a spec's ``key=value`` list) under which the method must give the unpatched
+      model's outputs bit for bit, or None when it has no neutral setting;
+    - `example`: parameters under which it really acts (used by the tests and the docs);
+    - `unsupported`: families it cannot run on, each with the reason `apply` gives.
+    """
 
     name: ClassVar[str] = ""
     family: ClassVar[str] = ""
-    site: ClassVar[str] = ""
+    sites: ClassVar[tuple[str, ...]] = ()
     paper: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
+    neutral: ClassVar[str | None] = None
+    example: ClassVar[str] = ""
+    unsupported: ClassVar[dict[str, str]] = {}
 
     def __init__(self, config: MethodConfig | None = None, **params: Any):
         if config is not None and params:
@@ -97,6 +115,11 @@ class Method:
         """The full parameter set (defaults included), as recorded in result files."""
         return dataclasses.asdict(self.config)
 
+    def check_adapter(self, adapter) -> None:
+        """Raise a `ConfigError` or `UnsupportedModelError` when the method's settings do not fit the
+        model (called by `apply` before anything is installed; `unsupported` families are refused
+        before this)."""
+
     def __repr__(self) -> str:
         changed = {
             f.name: getattr(self.config, f.name)
@@ -106,24 +129,11 @@ class Method:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in changed.items())})"
 
 
-class TokenSelector(Method):
-    """A method that keeps (and optionally merges) visual tokens at one point of the prefill.
+class PositionPolicy:
+    """The `positions` parameter of methods that remove tokens: 'keep', 'reindex' or 'auto'."""
 
-    Subclasses implement `select(context) -> Selection`. `compaction_layer(num_layers)` says before which
-    decoder layer the selection applies: 0 for pre-LLM methods (sites "vision" and "embeds").
-    """
-
-    #: what `select` needs the engine to compute, e.g. {"last_row_attention"} or {"vision_attention"}
-    needs: ClassVar[frozenset[str]] = frozenset()
     #: the paper's position policy, used for positions="auto" on 1-D rotary models
     natural_positions: ClassVar[str] = "reindex"
-
-    def compaction_layer(self, num_layers: int) -> int:
-        return 0
-
-    def vision_layer(self, adapter) -> int:
-        """The vision layer to probe, for methods that need "vision_attention"."""
-        raise NotImplementedError
 
     def position_policy(self, mrope: bool) -> str:
         """The effective position policy: 'keep' or 'reindex'.
@@ -141,7 +151,82 @@ class TokenSelector(Method):
             )
         return policy
 
+
+class TokenSelector(PositionPolicy, Method):
+    """A method that keeps (and optionally merges) visual tokens before one or more decoder layers
+    (sites "embeds" and "layer"; "vision" when it reads the vision tower).
+
+    Subclasses implement `select(context) -> Selection`; `selection_layers(num_layers)` says before which
+    decoder layers it selects (0: before the LLM), and the engine calls `select` at each of them.
+    """
+
+    #: what `select` needs the engine to compute, e.g. {"last_row_attention"} or {"vision_attention"}
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    def selection_layers(self, num_layers: int) -> tuple[int, ...]:
+        return (0,)
+
+    def vision_layer(self, adapter) -> int:
+        """The vision layer to probe, for methods that need "vision_attention"."""
+        raise NotImplementedError
+
     def select(self, context: "SelectionContext") -> "Selection":
+        raise NotImplementedError
+
+
+class Router(Method):
+    """A method that chooses, in some decoder layers, which visual tokens run the layer (site "route").
+
+    Text tokens always run. `route(context)` returns a `Route`: per sample, the visual tokens that
+    run the layer, and for the others one of two modes: "skip" (mixture-of-depths: no query, no key
+    or value, no MLP; the token rides the residual) or "freeze" (ShortV: its key and value are still
+    computed from its state so that other tokens attend to it, but it gets no query and no MLP).
+    """
+
+    #: what `route` needs the engine to compute: "attention" (the last token's attention to each
+    #: visual token at the routed layer's input) or "update" (each visual token's update norm in the
+    #: previous layer)
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    def routed_layers(self, num_layers: int) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def route(self, context: "RouteContext") -> "Route":
+        raise NotImplementedError
+
+
+class PositionMethod(Method):
+    """A method that sets the rotary positions of a call's tokens (site "position").
+
+    `positions(context)` returns the positions of the call's tokens in the caller's layout, float
+    allowed; the engine builds the rotary tables from them and continues decoding from the last
+    prompt position plus one per new token.
+    """
+
+    def positions(self, context: "PositionContext") -> "torch.Tensor":
+        raise NotImplementedError
+
+
+class AttentionMethod(Method):
+    """A method that restricts which keys each query may attend to (site "attention").
+
+    `mask_function(context)` returns a function `(batch, head, query, key) -> bool` over the indices
+    of one layer's queries and keys (as `transformers.masking_utils` mask functions), combined with
+    the causal and padding mask for both SDPA and eager attention; None leaves the mask alone.
+    """
+
+    def mask_function(self, context: "AttentionContext"):
+        raise NotImplementedError
+
+
+class CacheMethod(Method):
+    """A method that edits the KV cache after the prefill and after decoding steps (site "cache").
+
+    `edit_cache(context)` returns, per decoder layer, a (rows, slots) bool tensor of the cache slots
+    to keep (or None to keep all); the engine removes the others from that layer's cache.
+    """
+
+    def edit_cache(self, context: "CacheContext") -> "dict[int, torch.Tensor] | None":
         raise NotImplementedError
 
 

@@ -60,11 +60,13 @@ class DebiasConfig(BranchConfig):
         check_range("debias", "beta", self.beta, 0.0, 1.0, low_open=True)
 
 
-@register_method("debias", family="decode", site="logits")
+@register_method("debias", family="decode", sites="logits")
 class Debias(DecodeMethod):
     """Calibrate answers (or contrast tokens) against the image-absent prediction."""
 
     Config = DebiasConfig
+    example = "mode='sample'"
+    neutral = "mode='sample',alpha=0"
     paper = "https://arxiv.org/abs/2403.05262"
 
     def branches(self, call):

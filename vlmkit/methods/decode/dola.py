@@ -43,11 +43,13 @@ class DoLaConfig(MethodConfig):
         check_range("dola", "relative_top", self.relative_top, 0.0, 1.0, low_open=True)
 
 
-@register_method("dola", family="decode", site="logits")
+@register_method("dola", family="decode", sites="logits")
 class DoLa(DecodeMethod):
     """Contrast the final layer with the most different early layer of the same forward."""
 
     Config = DoLaConfig
+    example = "layers='low'"
+    neutral = None  # the layer contrast is the method: no setting turns it off
     paper = "https://arxiv.org/abs/2309.03883"
 
     def layers(self, num_layers: int, tied_embeddings: bool) -> tuple[int, ...]:

@@ -42,11 +42,13 @@ class ICDConfig(BranchConfig):
             raise ConfigError(f"icd: instruction={self.instruction!r} must be a non-empty string")
 
 
-@register_method("icd", family="decode", site="logits")
+@register_method("icd", family="decode", sites="logits")
 class ICD(DecodeMethod):
     """Contrast against the same image read under a disturbance instruction."""
 
     Config = ICDConfig
+    example = ""
+    neutral = "alpha=0"
     paper = "https://arxiv.org/abs/2403.18715"
 
     def branches(self, call):

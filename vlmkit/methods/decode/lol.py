@@ -56,11 +56,13 @@ class LOLConfig(BranchConfig):
         check_noise_step("lol", self.noise_step)
 
 
-@register_method("lol", family="decode", site="logits")
+@register_method("lol", family="decode", sites="logits")
 class LOL(DecodeMethod):
     """Contrast with an amateur input at the final layer and at the most divergent lower layer."""
 
     Config = LOLConfig
+    example = ""
+    neutral = "alpha=0,omega=0"
     paper = "https://arxiv.org/abs/2408.08769"
 
     def branches(self, call):

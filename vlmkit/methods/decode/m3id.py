@@ -39,11 +39,13 @@ class M3IDConfig(BranchConfig):
         check_range("m3id", "beta", self.beta, 0.0, 1.0, low_open=True)
 
 
-@register_method("m3id", family="decode", site="logits")
+@register_method("m3id", family="decode", sites="logits")
 class M3ID(DecodeMethod):
     """Contrast against the prompt without the image, more strongly as generation goes on."""
 
     Config = M3IDConfig
+    example = "decay=0.5"
+    neutral = "decay=0"
     paper = "https://arxiv.org/abs/2403.14003"
 
     def branches(self, call):

@@ -70,11 +70,13 @@ class RITUALConfig(BranchConfig):
                 raise ConfigError(f"ritual: {name}={value!r} must be three per-channel values (std > 0)")
 
 
-@register_method("ritual", family="decode", site="logits")
+@register_method("ritual", family="decode", sites="logits")
 class RITUAL(DecodeMethod):
     """Add the logits of a randomly transformed image (optionally with VCD's noised contrast)."""
 
     Config = RITUALConfig
+    example = "alpha_neg=1"
+    neutral = "alpha_pos=0"
     paper = "https://arxiv.org/abs/2405.17821"
 
     def branches(self, call):

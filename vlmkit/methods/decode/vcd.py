@@ -45,11 +45,13 @@ class VCDConfig(BranchConfig):
             raise ConfigError(f"vcd: seed={self.seed!r} must be an integer")
 
 
-@register_method("vcd", family="decode", site="logits")
+@register_method("vcd", family="decode", sites="logits")
 class VCD(DecodeMethod):
     """Contrast against the same prompt with a diffusion-noised image."""
 
     Config = VCDConfig
+    example = ""
+    neutral = "alpha=0"
     paper = "https://arxiv.org/abs/2311.16922"
 
     def branches(self, call):

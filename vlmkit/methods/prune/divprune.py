@@ -34,11 +34,13 @@ class DivPruneConfig(TokenBudgetConfig):
     pass
 
 
-@register_method("divprune", family="prune", site="embeds")
+@register_method("divprune", family="prune", sites="embeds")
 class DivPrune(TokenSelector):
     """Keep the most mutually different visual tokens (greedy Max-Min diversity on cosine distance)."""
 
     Config = DivPruneConfig
+    example = "keep=0.2"
+    neutral = "keep=1.0"
     paper = "https://arxiv.org/abs/2503.02175"
 
     def select(self, context: SelectionContext) -> Selection:

@@ -39,17 +39,19 @@ class FastVConfig(TokenBudgetConfig):
             raise ConfigError(f"fastv: layer={self.layer!r} must be an integer >= 1 (scores come from layer K-1)")
 
 
-@register_method("fastv", family="prune", site="layer")
+@register_method("fastv", family="prune", sites="layer")
 class FastV(TokenSelector):
     """Drop the visual tokens the last token attends to least, from decoder layer K on."""
 
     Config = FastVConfig
+    example = "layer=2,keep=0.25"
+    neutral = "keep=1.0"
     paper = "https://arxiv.org/abs/2403.06764"
     needs = frozenset({"last_row_attention"})
     natural_positions = "keep"
 
-    def compaction_layer(self, num_layers: int) -> int:
-        return self.config.layer
+    def selection_layers(self, num_layers: int) -> tuple[int, ...]:
+        return (self.config.layer,)
 
     def select(self, context: SelectionContext) -> Selection:
         samples = []

@@ -25,11 +25,13 @@ class PoolConfig(TokenBudgetConfig):
     pass
 
 
-@register_method("pool", family="prune", site="embeds")
+@register_method("pool", family="prune", sites="embeds")
 class Pool(TokenSelector):
     """Average-pool each image's token grid down to the budget."""
 
     Config = PoolConfig
+    example = "keep=0.25"
+    neutral = "keep=1.0"
     paper = "https://arxiv.org/abs/2510.07143"  # the benchmark that found this baseline strong
 
     def select(self, context: SelectionContext) -> Selection:

@@ -29,15 +29,17 @@ class RandomPruneConfig(TokenBudgetConfig):
             raise ConfigError(f"random: layer={self.layer!r} must be an integer >= 0")
 
 
-@register_method("random", family="prune", site="embeds")
+@register_method("random", family="prune", sites=("embeds", "layer"))
 class RandomPrune(TokenSelector):
     """Keep a seeded random subset of the visual tokens."""
 
     Config = RandomPruneConfig
+    example = "keep=0.3,seed=3"
+    neutral = "keep=1.0"
     paper = "https://arxiv.org/abs/2511.02650"  # the benchmark that found this baseline strong
 
-    def compaction_layer(self, num_layers: int) -> int:
-        return self.config.layer
+    def selection_layers(self, num_layers: int) -> tuple[int, ...]:
+        return (self.config.layer,)
 
     def select(self, context: SelectionContext) -> Selection:
         samples = []

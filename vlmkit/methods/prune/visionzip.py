@@ -60,11 +60,13 @@ class VisionZipConfig(TokenBudgetConfig):
             raise ConfigError("visionzip: dominant + contextual must keep at least one token")
 
 
-@register_method("visionzip", family="prune", site="vision")
+@register_method("visionzip", family="prune", sites=("vision", "embeds"))
 class VisionZip(TokenSelector):
     """Keep the most attended patches and merge the rest into a few contextual tokens, per image."""
 
     Config = VisionZipConfig
+    example = "tokens=20"
+    neutral = "keep=1.0"
     paper = "https://arxiv.org/abs/2412.04467"
     needs = frozenset({"vision_attention"})
 

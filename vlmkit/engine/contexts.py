@@ -1,0 +1,126 @@
+"""What the engine shows routers, position, attention and cache methods, and what routers return.
+
+(Token selectors see a `vlmkit.engine.selection.SelectionContext` and return a `Selection`.)
+Indices of visual tokens are always *within one sample's visual tokens* (0 .. n-1, in sequence
+order); the engine owns the mapping to stream rows, masks, positions and the cache.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from vlmkit.engine.selection import VisualTokens
+from vlmkit.errors import InputError
+
+ROUTE_MODES = ("skip", "freeze")
+
+
+@dataclass
+class RouteContext:
+    """What a `Router` sees at one routed decoder layer.
+
+    Attributes:
+        hidden: (B, L, D) hidden states entering the layer.
+        visual: per sample, its remaining visual tokens.
+        layer: the routed decoder layer.
+        num_layers: decoder layers in the LLM.
+        attention: per sample, (n,) attention the last token pays each visual token at this layer
+            (softmax over the whole sequence, mean over heads, from the layer's own input), when the
+            router needs "attention".
+        update: per sample, (n,) norm of each visual token's update in the previous layer
+            (`||h_l - h_(l-1)||`), when the router needs "update".
+        call_index: how many routes this method has made before.
+    """
+
+    hidden: torch.Tensor
+    visual: list[VisualTokens]
+    layer: int
+    num_layers: int
+    attention: list[torch.Tensor] | None = None
+    update: list[torch.Tensor] | None = None
+    call_index: int = 0
+
+
+@dataclass
+class Route:
+    """Which visual tokens run one decoder layer, per sample.
+
+    Attributes:
+        run: per sample, sorted indices of the visual tokens that run the layer.
+        mode: what the others do: "skip" (no query, no key or value, no MLP: their state passes
+            unchanged and the layer caches nothing for them) or "freeze" (their key and value are
+            computed from their state and cached, so the running tokens attend to them; no query,
+            no MLP: their state passes unchanged).
+    """
+
+    run: list[torch.Tensor]
+    mode: str = "skip"
+
+    def validate(self, visual: list[VisualTokens], method: str) -> None:
+        if self.mode not in ROUTE_MODES:
+            raise InputError(f"{method}: Route.mode={self.mode!r} is not one of {', '.join(ROUTE_MODES)}")
+        if len(self.run) != len(visual):
+            raise InputError(f"{method} returned {len(self.run)} routes for {len(visual)} samples")
+        for run, tokens in zip(self.run, visual):
+            if run.dtype != torch.long or run.ndim != 1:
+                raise TypeError(f"{method}: Route.run must hold 1-D long tensors, got {run.dtype} {tuple(run.shape)}")
+            if run.numel() and (int(run.min()) < 0 or int(run.max()) >= len(tokens)):
+                raise InputError(f"{method}: routed index out of range for a sample with {len(tokens)} visual tokens")
+            if run.numel() > 1 and not bool((run[1:] > run[:-1]).all()):
+                raise InputError(f"{method}: Route.run must be strictly increasing (sorted, no repeats)")
+
+
+@dataclass
+class PositionContext:
+    """What a `PositionMethod` sees at the start of a prefill.
+
+    Attributes:
+        positions: the model's own rotary positions of the call's tokens, (B, L) or (3, B, L).
+        visual: per sample, its visual tokens (slots are positions in the call's layout).
+        valid: (B, L) bool, False on padding.
+    """
+
+    positions: torch.Tensor
+    visual: list[VisualTokens]
+    valid: torch.Tensor
+
+
+@dataclass
+class AttentionContext:
+    """What an `AttentionMethod` sees for one decoder layer's mask.
+
+    Attributes:
+        layer: the decoder layer.
+        key_slots: (B, K) long, the caller-layout position of each key of the layer's KV (-1 on
+            padding); its queries are the last rows unless `query_slots` says otherwise.
+        query_slots: (B, Q) long, the caller-layout position of each query.
+        visual: per sample, the visual tokens of the prefill that built the cache (caller-layout
+            positions in `slots`), or None for text-only calls.
+    """
+
+    layer: int
+    key_slots: torch.Tensor
+    query_slots: torch.Tensor
+    visual: list[VisualTokens] | None = None
+
+
+@dataclass
+class CacheContext:
+    """What a `CacheMethod` sees after the prefill or a decoding step.
+
+    Attributes:
+        keys: per decoder layer, its cached keys (B, H_kv, S, d).
+        valid: per decoder layer, (B, S) bool, which cache slots hold a token.
+        slots: per decoder layer, (B, S) long, the caller-layout position of each slot (-1: none).
+        visual: per sample, the prefill's visual tokens (caller-layout positions in `slots`).
+        step: decoding steps done (0 right after the prefill).
+        extras: room for a method's own state across the steps of one call.
+    """
+
+    keys: list[torch.Tensor]
+    valid: list[torch.Tensor]
+    slots: list[torch.Tensor]
+    visual: list[VisualTokens] | None
+    step: int
+    extras: dict = field(default_factory=dict)

@@ -1,0 +1,236 @@
+"""Installing methods by site: the plan (what acts where, checked against the site table) and the
+hooks that carry it out on one model instance.
+
+`build_plan` validates everything before the first mutation: each method's sites against
+`SITES`, its layers against the model's depth, its families, and the one conflict rule of each
+site. `install` then records every change in the patch's undo log: the base model's pre-hook that
+stashes each call's inputs, the wrapped feature functions that record where each visual token
+came from (and the vision probes), the text-stack runner in place of the text model's `forward`,
+and the decoding branches.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from vlmkit.engine import branches
+from vlmkit.engine.runner import TextStackRunner
+from vlmkit.engine.sites import SITES, STACK_SITES
+from vlmkit.errors import ConfigError, ConflictError, UnsupportedModelError
+from vlmkit.methods.base import AttentionMethod, CacheMethod, Method, PositionMethod, Router, TokenSelector
+from vlmkit.methods.decode.base import DecodeMethod
+
+if TYPE_CHECKING:
+    from vlmkit.adapters.base import Adapter
+    from vlmkit.api import Patch
+
+#: the class a method must derive from to act at each site
+_HANDLERS: dict[str, type] = {
+    "vision": TokenSelector,
+    "embeds": TokenSelector,
+    "layer": TokenSelector,
+    "route": Router,
+    "position": PositionMethod,
+    "attention": AttentionMethod,
+    "cache": CacheMethod,
+    "logits": DecodeMethod,
+}
+
+
+@dataclass
+class Plan:
+    """What acts where, for one patch.
+
+    Attributes:
+        selectors: decoder layer -> the selector that selects before it (0: before the LLM).
+        routers: decoder layer -> the router that routes it.
+        position, attention, cache, decoder: the method at that site, if any.
+        vision_layers: vision-tower layers to probe.
+    """
+
+    selectors: dict[int, TokenSelector] = field(default_factory=dict)
+    routers: dict[int, Router] = field(default_factory=dict)
+    position: PositionMethod | None = None
+    attention: AttentionMethod | None = None
+    cache: CacheMethod | None = None
+    decoder: DecodeMethod | None = None
+    vision_layers: list[int] = field(default_factory=list)
+
+    @property
+    def stack(self) -> bool:
+        """Whether a method acts on the decoder stack (the runner is needed)."""
+        return bool(self.selectors or self.routers or self.position or self.attention or self.cache)
+
+
+def build_plan(methods: list[Method], adapter: "Adapter", supported_families: tuple[str, ...]) -> Plan:
+    """Check `methods` against the site table and the model; return the plan. Mutates nothing.
+
+    Raises:
+        ConfigError: a method declares no site, an unknown one, a site its class does not implement,
+            or a layer out of range.
+        UnsupportedModelError: a method cannot run on the model's family.
+        ConflictError: two methods claim a site that takes one (per patch, or per layer).
+    """
+    plan = Plan()
+    num_layers = len(adapter.decoder_layers)
+    claims: dict[tuple, Method] = {}
+
+    def claim(site: str, key: int | None, method: Method) -> None:
+        other = claims.setdefault((site, key), method)
+        if other is method:
+            return
+        if site in ("embeds", "layer"):
+            raise ConflictError(
+                f"{other.name!r} and {method.name!r} both select tokens before decoder layer {key}; a layer takes "
+                "one selection: move one of them (e.g. fastv:layer=...) or drop one"
+            )
+        if site == "route":
+            raise ConflictError(f"{other.name!r} and {method.name!r} both claim the routing of decoder layer {key}; "
+                                "route each layer with one method")
+        hint = " (ritual combines with VCD through its alpha_neg parameter)" if site == "logits" else ""
+        raise ConflictError(f"{other.name!r} and {method.name!r} both claim the {site} site; apply one of them{hint}")
+
+    def in_range(method: Method, what: str, layers: tuple[int, ...]) -> tuple[int, ...]:
+        for layer in layers:
+            if not isinstance(layer, int) or not 0 <= layer < num_layers:
+                raise ConfigError(
+                    f"{method.name}: {what}={layer!r} is out of range for a language model with {num_layers} decoder "
+                    f"layers (valid: 0..{num_layers - 1})"
+                )
+        return layers
+
+    for method in methods:
+        if not isinstance(method, Method):
+            raise ConfigError(f"{method!r} is not a vlmkit method")
+        sites = tuple(method.sites)
+        if not sites:
+            raise ConfigError(f"{type(method).__name__} declares no site; register it with sites=(...) of {', '.join(SITES)}")
+        for site in sites:
+            if site not in SITES:
+                raise ConfigError(f"{method.name} declares site {site!r}, which is not one of {', '.join(SITES)}")
+            if not isinstance(method, _HANDLERS[site]):
+                raise ConfigError(
+                    f"{method.name} declares site {site!r} but does not implement it: a method there must be a "
+                    f"{_HANDLERS[site].__name__} ({SITES[site].implements})"
+                )
+        if adapter.family in method.unsupported:
+            supported = [family for family in supported_families if family not in method.unsupported]
+            raise UnsupportedModelError(
+                f"{method.name} does not support {adapter.family}: {method.unsupported[adapter.family]}. "
+                f"It runs on: {', '.join(supported)}"
+            )
+        method.check_adapter(adapter)
+        if isinstance(method, TokenSelector) and {"embeds", "layer"} & set(sites):
+            method.position_policy(adapter.mrope)  # raises for an undefined policy
+            for layer in in_range(method, "layer", tuple(method.selection_layers(num_layers))):
+                if layer == 0 and "embeds" not in sites or layer > 0 and "layer" not in sites:
+                    raise ConfigError(f"{method.name} selects before decoder layer {layer} but does not declare the "
+                                      f"{'embeds' if layer == 0 else 'layer'} site")
+                if layer == 0 and "last_row_attention" in method.needs:
+                    raise ConfigError(f"{method.name}: last-token attention needs a layer before the selection: use layer >= 1")
+                claim("layer", layer, method)
+                plan.selectors[layer] = method
+        if "vision" in sites and "vision_attention" in method.needs:
+            layer = method.vision_layer(adapter)
+            count = len(adapter.vision_layers)
+            if not isinstance(layer, int) or not -count <= layer < count:
+                raise ConfigError(f"{method.name}: vision_layer={layer!r} is out of range for a vision tower with {count} layers")
+            if layer not in plan.vision_layers:
+                plan.vision_layers.append(layer)
+        if "route" in sites:
+            for layer in in_range(method, "layer", tuple(method.routed_layers(num_layers))):
+                claim("route", layer, method)
+                plan.routers[layer] = method
+        for site, attribute in (("position", "position"), ("attention", "attention"), ("cache", "cache"), ("logits", "decoder")):
+            if site in sites:
+                claim(site, None, method)
+                setattr(plan, attribute, method)
+    plan.vision_layers.sort()
+    return plan
+
+
+def install(patch: "Patch", plan: Plan) -> None:
+    """Carry out `plan` on `patch.model`, recording every change in the patch's undo log.
+
+    On any error, whatever was installed is undone before the error propagates.
+    """
+    try:
+        if plan.stack:
+            _install_visual_tracking(patch, plan.vision_layers)
+            runner = TextStackRunner(patch.adapter, patch.state, plan)
+            names = ",".join(dict.fromkeys(m.name for m in patch.methods if STACK_SITES & set(m.sites)))
+            patch._set_instance_attr(f"{names}:stack", patch.adapter.text_model, "forward", runner.bind())
+        if plan.decoder is not None:
+            branches.install(patch, plan.decoder)
+    except BaseException:
+        patch.remove()
+        raise
+
+
+def _install_visual_tracking(patch: "Patch", vision_layers: list[int]) -> None:
+    state, adapter = patch.state, patch.adapter
+    base = adapter.base_model
+
+    def stash_inputs(module, args, kwargs):
+        encoded = kwargs.get("mm_encoder_outputs") or {}
+        sources = {}
+        for modality, pixels in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+            if kwargs.get(pixels) is not None:
+                sources[modality] = None
+            elif encoded.get(modality) is not None:
+                sources[modality] = encoded[modality]
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None and kwargs.get("inputs_embeds") is not None and not _continues_a_cache(kwargs):
+            raise ConfigError(
+                "this model is patched by vlmkit, which finds each image's tokens from input_ids: pass input_ids "
+                "(with pixel_values) instead of inputs_embeds"
+            )
+        state.begin_call(input_ids, sources)
+        return None
+
+    handle = base.register_forward_pre_hook(stash_inputs, with_kwargs=True)
+    patch._record("engine:embeds", handle.remove)
+
+    probes: list[dict[str, torch.Tensor]] = []
+    active = {"on": False}
+    for layer in vision_layers:
+        attention = adapter.vision_attention(layer)
+
+        def probe(module, args, kwargs):
+            if active["on"]:
+                hidden = kwargs.get("hidden_states", args[0] if args else None)
+                probes.append(adapter.vision_probe(module, hidden, kwargs))
+            return None
+
+        handle = attention.register_forward_pre_hook(probe, with_kwargs=True)
+        patch._record(f"engine:vision:{layer}", handle.remove)
+
+    for modality, function_name in adapter.feature_functions().items():
+        original = getattr(base, function_name, None)
+        if original is None:
+            continue
+        signature = inspect.signature(original)
+
+        def encode(*args, _original=original, _modality=modality, _signature=signature, **kwargs):
+            probes.clear()
+            active["on"] = True
+            try:
+                output = _original(*args, **kwargs)
+            finally:
+                active["on"] = False
+            call = _signature.bind_partial(*args, **kwargs).arguments
+            state.encoded_by_us(_modality, output, adapter.visual_metas(_modality, call, output, list(probes) or None))
+            probes.clear()
+            return output
+
+        patch._set_instance_attr("engine:vision", base, function_name, functools.wraps(original)(encode))
+
+
+def _continues_a_cache(kwargs: dict) -> bool:
+    """Whether a forward continues a filled KV cache (a decoding step, where embeddings are fine)."""
+    cache = kwargs.get("past_key_values")
+    return cache is not None and cache.get_seq_length() > 0
