@@ -12,6 +12,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # vlmkit commands run in-process keep one thread
 
 
 def photos() -> list[Image.Image]:

@@ -110,7 +110,7 @@ def test_chair_set_has_coco_layout_and_consistent_ground_truth(tmp_path):
     lines = synonyms_text().strip().splitlines()
     assert [line.split(", ")[0] for line in lines] == list(CATEGORIES)
     assert (tmp_path / "synonyms.txt").read_text() == synonyms_text()
-    chair = pytest.importorskip("vlmkit.eval.chair")
+    chair = pytest.importorskip("vlmkit.eval.benchmarks.chair")
     scorer = chair.Chair.from_coco(annotations, synonyms=tmp_path / "synonyms.txt")
     for image in instances["images"]:
         expected = {categories[a["category_id"]] for a in instances["annotations"]

@@ -102,3 +102,13 @@ def write_mvbench(root: Path, videos: int = 3, task: str | None = None) -> Path:
     if task:
         (root / "data_list.json").write_text(json.dumps({task: [f"{task}.json", "custom/", "video", False]}))
     return root
+
+
+def save_tiny_llava(folder: Path) -> Path:
+    """tiny:llava saved as a local model folder (``save_pretrained`` of the model and its processor)."""
+    from vlmkit import zoo
+
+    model, processor = zoo.tiny("llava")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from vlmkit.errors import ConfigError, DatasetError, InputError
-from vlmkit.eval import chair as chair_module
-from vlmkit.eval.chair import COCO_ANNOTATION_FILES, Chair
+from vlmkit.eval.benchmarks import chair as chair_module
+from vlmkit.eval.benchmarks.chair import COCO_ANNOTATION_FILES, Chair
 
 from .fixtures import CHAIR_CAPTIONS, write_coco_annotations
 
@@ -186,7 +186,7 @@ def test_missing_nltk_data_names_the_downloads(monkeypatch, tmp_path):
 SUBSET_RUN = """
 import json, sys
 import nltk
-from vlmkit.eval import chair
+from vlmkit.eval.benchmarks import chair
 nltk.data.path[:] = [str(chair.PACKAGED_NLTK_DATA)]  # the shipped subset and nothing else
 scorer = chair.Chair.from_coco(sys.argv[1])
 records = json.loads(sys.argv[2])

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from vlmkit.errors import DatasetError, InputError
-from vlmkit.eval import datasets, mme, pope, prompts, video
-from vlmkit.eval.chair import Chair
+from vlmkit.eval.benchmarks import chair, mme, pope, video
+from vlmkit.eval.benchmarks.chair import Chair
 from vlmkit.eval.media import FrameFolder, VideoFile, mvbench_indices, uniform_indices
 
 
@@ -67,14 +67,14 @@ def pope_dir(tmp_path):
 
 def test_pope_question_files(pope_dir):
     questions, images = pope_dir
-    bench = datasets.load_pope(questions, images)
+    bench = pope.load_pope(questions, images)
     assert len(bench) == 4 and bench.info["splits"] == ["adversarial", "random"]
     first = next(iter(bench))
     assert first.sample_id == "adversarial/1"
     assert first.prompt == "Is there a dog in the image?\nAnswer the question using a single word or phrase."
     assert first.target == "yes"
     assert first.load_media()[0].size == (8, 6)
-    only = datasets.load_pope(questions / "coco_pope_random.json", images, prompt=prompts.POPE["vcd"])
+    only = pope.load_pope(questions / "coco_pope_random.json", images, prompt=pope.PROMPTS["vcd"])
     assert [s.sample_id for s in only] == ["random/1", "random/2"]
     assert only.info["splits"] == ["random"]
     assert next(iter(only)).prompt.endswith("? Please answer this question with one word.")
@@ -86,25 +86,25 @@ def test_pope_question_files(pope_dir):
 
 def test_pope_split_filter_and_missing_things(pope_dir, tmp_path):
     questions, images = pope_dir
-    assert len(datasets.load_pope(questions, images, splits=["random"])) == 2
+    assert len(pope.load_pope(questions, images, splits=["random"])) == 2
     with pytest.raises(DatasetError, match=r"splits \['popular'\] are not in"):
-        datasets.load_pope(questions, images, splits=["popular"])
+        pope.load_pope(questions, images, splits=["popular"])
     (images / "COCO_val2014_000000000002.jpg").unlink()
     with pytest.raises(DatasetError, match="1 POPE images missing in .*: COCO_val2014_000000000002.jpg"):
-        datasets.load_pope(questions, images)
+        pope.load_pope(questions, images)
     with pytest.raises(DatasetError, match="pass image_dir="):
-        datasets.load_pope(questions)
+        pope.load_pope(questions)
     bad = _jsonl(tmp_path / "coco_pope_bad.json", [{"question_id": 1, "image": "x.jpg", "text": "?"}])
     with pytest.raises(DatasetError, match=r"coco_pope_bad.json:1 lacks label"):
-        datasets.load_pope(bad, images)
+        pope.load_pope(bad, images)
     with pytest.raises(DatasetError, match="does not exist"):
-        datasets.load_pope(tmp_path / "nope.json", images)
+        pope.load_pope(tmp_path / "nope.json", images)
 
 
 def test_pope_corrupt_image_names_the_file(pope_dir):
     questions, images = pope_dir
     (images / "COCO_val2014_000000000001.jpg").write_bytes(b"not a jpeg")
-    sample = next(iter(datasets.load_pope(questions, images)))
+    sample = next(iter(pope.load_pope(questions, images)))
     with pytest.raises(InputError, match="COCO_val2014_000000000001.jpg"):
         sample.load_media()
 
@@ -137,17 +137,17 @@ def test_pope_parquet(tmp_path):
     folder = tmp_path / "POPE" / "data"
     folder.mkdir(parents=True)
     pq.write_table(table, folder / "test-00000-of-00001.parquet")
-    bench = datasets.load_pope(tmp_path / "POPE")
+    bench = pope.load_pope(tmp_path / "POPE")
     assert len(bench) == 3 and bench.info["splits"] == ["popular", "random"]
     samples = list(bench)
     assert [s.sample_id for s in samples] == ["random/1", "random/2", "popular/3"]
     assert samples[0].load_media()[0].getpixel((0, 0)) == (200, 0, 0)
     with pytest.raises(InputError, match=r"test-00000-of-00001.parquet row 2 \(question_id 3\)"):
         samples[2].load_media()
-    assert len(datasets.load_pope(folder / "test-00000-of-00001.parquet", splits=["random"])) == 2
+    assert len(pope.load_pope(folder / "test-00000-of-00001.parquet", splits=["random"])) == 2
     pq.write_table(table.drop(["category"]), folder / "test-00000-of-00001.parquet")
     with pytest.raises(DatasetError, match=r"lacks columns \['category'\]"):
-        datasets.load_pope(folder)
+        pope.load_pope(folder)
 
 
 # ---------------------------------------------------------------- CHAIR
@@ -166,30 +166,30 @@ def coco_images(tmp_path):
 
 def test_chair_seeded_subset(coco_images):
     folder, gt = coco_images
-    bench = datasets.load_chair(folder, gt, num_images=3, seed=1)
+    bench = chair.load_chair(folder, gt, num_images=3, seed=1)
     ids = bench.info["image_ids"]
     assert len(ids) == 3 and set(ids) <= {5, 7, 11, 13, 17}
-    assert ids == datasets.load_chair(folder, gt, num_images=3, seed=1).info["image_ids"]
+    assert ids == chair.load_chair(folder, gt, num_images=3, seed=1).info["image_ids"]
     assert [s.metadata["image_id"] for s in bench] == ids
     sample = next(iter(bench))
     assert sample.prompt == "Please describe this image in detail." and sample.target is None
     assert round(sample.load_media()[0].getpixel((0, 0))[0] / 10) == ids[0]
-    assert datasets.load_chair(folder, gt, num_images=None).info["image_ids"] == [5, 7, 11, 13, 17]
-    assert datasets.load_chair(folder, gt, image_ids=[13, 5]).info["image_ids"] == [13, 5]
+    assert chair.load_chair(folder, gt, num_images=None).info["image_ids"] == [5, 7, 11, 13, 17]
+    assert chair.load_chair(folder, gt, image_ids=[13, 5]).info["image_ids"] == [13, 5]
 
 
 def test_chair_errors(coco_images, tmp_path):
     folder, gt = coco_images
     with pytest.raises(DatasetError, match="num_images=9 but .* only 5 eligible"):
-        datasets.load_chair(folder, gt, num_images=9)
+        chair.load_chair(folder, gt, num_images=9)
     with pytest.raises(DatasetError, match="1 CHAIR images with ground truth missing .*: 19"):
-        datasets.load_chair(folder, gt, image_ids=[5, 19])
+        chair.load_chair(folder, gt, image_ids=[5, 19])
     annotations = tmp_path / "annotations"
     annotations.mkdir()
     with pytest.raises(
         DatasetError, match="4 COCO annotation files missing .*: instances_train2014.json, instances_val2014.json"
     ):
-        datasets.load_chair(folder, annotations)
+        chair.load_chair(folder, annotations)
 
 
 # ---------------------------------------------------------------- MME
@@ -220,7 +220,7 @@ def mme_root(tmp_path):
 
 
 def test_mme_both_layouts(mme_root):
-    bench = datasets.load_mme(mme_root, subtasks=["artwork", "color", "code_reasoning"])
+    bench = mme.load_mme(mme_root, subtasks=["artwork", "color", "code_reasoning"])
     samples = list(bench)
     assert [s.sample_id for s in samples] == [
         "artwork/10.jpg/0",
@@ -250,12 +250,12 @@ def test_mme_both_layouts(mme_root):
 
 def test_mme_missing(mme_root):
     with pytest.raises(DatasetError, match="11 MME subtask folders missing .*: existence, count, position, posters"):
-        datasets.load_mme(mme_root)
+        mme.load_mme(mme_root)
     (mme_root / "MME_Benchmark_release_version" / "color" / "000000055072.jpg").unlink()
     with pytest.raises(DatasetError, match=r"1 MME question files or images missing .*000000055072\.\{jpg,png\}"):
-        datasets.load_mme(mme_root, subtasks=["color"])
+        mme.load_mme(mme_root, subtasks=["color"])
     with pytest.raises(DatasetError, match="no subtask folder"):
-        datasets.load_mme(mme_root / "MME_Benchmark_release_version" / "artwork")
+        mme.load_mme(mme_root / "MME_Benchmark_release_version" / "artwork")
 
 
 # ---------------------------------------------------------------- video
@@ -311,11 +311,11 @@ def test_mvbench(tmp_path):
     _video(root / "video" / "star" / "Charades_v1_480" / "b.mp4")
     for k in range(1, 11):
         _image(root / "video" / "tvqa" / "frames_fps3_hq" / "clip1" / f"{k:05d}.jpg", 20 * k)
-    bench = datasets.load_mvbench(root, tasks=["action_count", "action_sequence", "episodic_reasoning"], num_frames=4)
+    bench = video.load_mvbench(root, tasks=["action_count", "action_sequence", "episodic_reasoning"], num_frames=4)
     count, sequence, episodic = list(bench)
     assert count.sample_id == "action_count/0" and count.target == "B"
     assert count.prompt == (
-        prompts.MVBENCH_SYSTEM + "Question: How many times?\nOptions:\n(A) 1\n(B) 2\n(C) 3\nOnly give the best option."
+        video.MVBENCH_SYSTEM + "Question: How many times?\nOptions:\n(A) 1\n(B) 2\n(C) 3\nOnly give the best option."
     )
     assert count.answer_prefix == "Best option:("
     assert count.metadata["task_type"] == "Action Count"
@@ -338,7 +338,7 @@ def test_mvbench_missing_and_corrupt(tmp_path):
     root = tmp_path / "MVBench"
     (root / "json").mkdir(parents=True)
     with pytest.raises(DatasetError, match="1 MVBench json/<task>.json files missing .*: action_count"):
-        datasets.load_mvbench(root, tasks=["action_count"])
+        video.load_mvbench(root, tasks=["action_count"])
     (root / "json" / "action_count.json").write_text(
         json.dumps(
             [
@@ -350,20 +350,20 @@ def test_mvbench_missing_and_corrupt(tmp_path):
     (root / "video" / "perception" / "videos").mkdir(parents=True)
     (root / "video" / "perception" / "videos" / "a.mp4").write_bytes(b"not a video")
     with pytest.raises(DatasetError, match="1 MVBench videos missing .*gone.mp4"):
-        datasets.load_mvbench(root, tasks=["action_count"])
+        video.load_mvbench(root, tasks=["action_count"])
     (root / "json" / "action_count.json").write_text(
         json.dumps([{"video": "a.mp4", "question": "?", "candidates": ["1"], "answer": "3"}])
     )
     with pytest.raises(DatasetError, match="answer '3' is not one of the candidates"):
-        datasets.load_mvbench(root, tasks=["action_count"])
+        video.load_mvbench(root, tasks=["action_count"])
     (root / "json" / "action_count.json").write_text(
         json.dumps([{"video": "a.mp4", "question": "?", "candidates": ["1"], "answer": "1"}])
     )
-    sample = next(iter(datasets.load_mvbench(root, tasks=["action_count"])))
+    sample = next(iter(video.load_mvbench(root, tasks=["action_count"])))
     with pytest.raises(InputError, match="cannot decode video .*a.mp4"):
         sample.load_media()
     with pytest.raises(DatasetError, match="do not exist; valid"):
-        datasets.load_mvbench(root, tasks=["action_counting"])
+        video.load_mvbench(root, tasks=["action_counting"])
 
 
 def test_videomme_grouped_and_flat(tmp_path):
@@ -388,7 +388,7 @@ def test_videomme_grouped_and_flat(tmp_path):
     flat = tmp_path / "flat.json"
     flat.write_text(json.dumps([{**question, **video_fields}]))
     for path in (grouped, flat):
-        (sample,) = list(datasets.load_videomme(path, videos, num_frames=3))
+        (sample,) = list(video.load_videomme(path, videos, num_frames=3))
         assert sample.sample_id == "001-1" and sample.target == "C"
         assert sample.metadata["options"] == ["One.", "Two.", "Three.", "Four."]
         assert sample.prompt.endswith("How many apples?\nA. One.\nB. Two.\nC. Three.\nD. Four.\nThe best answer is:")
@@ -399,12 +399,12 @@ def test_videomme_grouped_and_flat(tmp_path):
         [{**sample.metadata, "response": "The best answer is C."}], "videomme", group_by=("duration", "domain")
     )
     assert result["groups"]["domain"]["Knowledge"]["accuracy"] == 1.0
-    assert len(datasets.load_videomme(flat, videos, durations=["long"])) == 0
+    assert len(video.load_videomme(flat, videos, durations=["long"])) == 0
     with pytest.raises(DatasetError, match="1 Video-MME videos missing .*fFjv93ACGo8.mp4"):
-        datasets.load_videomme(flat, tmp_path)
+        video.load_videomme(flat, tmp_path)
     flat.write_text(json.dumps([{**question, "videoID": "fFjv93ACGo8"}]))
     with pytest.raises(DatasetError, match="question 0 lacks duration, domain, sub_category"):
-        datasets.load_videomme(flat, videos)
+        video.load_videomme(flat, videos)
 
 
 def test_egoschema(tmp_path):
@@ -426,7 +426,7 @@ def test_egoschema(tmp_path):
     )
     answers = tmp_path / "subset_answers.json"
     answers.write_text(json.dumps({"q1": 3}))
-    (sample,) = list(datasets.load_egoschema(questions, videos, answers, num_frames=2))
+    (sample,) = list(video.load_egoschema(questions, videos, answers, num_frames=2))
     assert sample.target == "D" and sample.sample_id == "q1"
     assert sample.prompt == (
         "What does c do?\nA. thing 0\nB. thing 1\nC. thing 2\nD. thing 3\nE. thing 4\n"
@@ -435,7 +435,7 @@ def test_egoschema(tmp_path):
     assert len(sample.load_media()) == 2
     assert video.score([{**sample.metadata, "response": "D."}], "egoschema")["accuracy"] == 1.0
     with pytest.raises(DatasetError, match="1 EgoSchema videos missing .*q2.mp4"):
-        datasets.load_egoschema(questions, videos)
+        video.load_egoschema(questions, videos)
     answers.write_text(json.dumps({"q9": 1}))
     with pytest.raises(DatasetError, match="1 EgoSchema questions named in the answer file missing .*: q9"):
-        datasets.load_egoschema(questions, videos, answers)
+        video.load_egoschema(questions, videos, answers)

@@ -6,10 +6,11 @@ import doctest
 
 import pytest
 
-from vlmkit.eval import chair, mme, pope, video
+from vlmkit.eval import benchmarks
+from vlmkit.eval.benchmarks import base, chair, mme, pope, video
 
 
-@pytest.mark.parametrize("module", [pope, mme, video, chair], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [pope, mme, video, chair, base, benchmarks], ids=lambda m: m.__name__)
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0

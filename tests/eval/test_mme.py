@@ -7,7 +7,7 @@ import random
 import pytest
 
 from vlmkit.errors import ConfigError, InputError
-from vlmkit.eval import mme
+from vlmkit.eval.benchmarks import mme
 
 from .fixtures import mme_results
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vlmkit.errors import ConfigError, InputError
-from vlmkit.eval import pope
+from vlmkit.eval.benchmarks import pope
 
 from .fixtures import pope_rows
 

@@ -1,4 +1,4 @@
-"""End-to-end `vlmkit eval`, `vlmkit score` and `vlmkit report` on tiny:llava and tiny benchmark folders."""
+"""End-to-end `vlmkit eval`, `vlmkit score` and `vlmkit report` on tiny models and tiny benchmark folders."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.eval import runner_data
 from vlmkit.cli import main
@@ -19,8 +20,11 @@ BENCH_ARGS = {
     "pope": [],
     "chair": ["--num-images", "3", "--data-seed", "1"],
     "mme": [],
-    "video": ["--num-frames", "2"],
+    "video": ["--num-frames", "4"],
 }
+# video needs a model that reads videos: tiny qwen2_vl, 4 frames, 2 per temporal patch, 8x8 merged tokens each
+MODELS = {"video": ("tiny:qwen2_vl", "Qwen2VLForConditionalGeneration", 128)}
+LLAVA = ("tiny:llava", "LlavaForConditionalGeneration", TOKENS_PER_IMAGE)
 METRICS = {
     "pope": {"f1", "accuracy", "precision", "recall", "yes_ratio"},
     "chair": {"CHAIRs", "CHAIRi", "Recall", "Len"},
@@ -41,7 +45,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
 
 def evaluate(bench: str, data: Path, out: Path, *extra: str) -> int:
-    args = ["eval", "--model", "tiny:llava", "--bench", bench, "--data", str(data), "--out", str(out)]
+    args = ["eval", "--model", MODELS.get(bench, LLAVA)[0], "--bench", bench, "--data", str(data), "--out", str(out)]
     return main(args + ["--batch-size", "4", "--max-new-tokens", "3", "--no-progress", *BENCH_ARGS[bench], *extra])
 
 
@@ -61,7 +65,7 @@ def test_eval_runs_and_scores_each_bench(bench, method, data, tmp_path):
     rows = rows_of(out)
     assert [row["sample_id"] for row in rows] == config["data"]["sample_ids"]
     assert [row["index"] for row in rows] == list(range(len(rows)))
-    per_sample = TOKENS_PER_IMAGE * (2 if bench == "video" else 1)  # video: 2 frames as images (no video processor)
+    model, model_class, per_sample = MODELS.get(bench, LLAVA)
     for row in rows:
         assert row["error"] is None and isinstance(row["response"], str)
         assert 1 <= row["new_tokens"] <= 3
@@ -73,8 +77,8 @@ def test_eval_runs_and_scores_each_bench(bench, method, data, tmp_path):
     assert scores["summary"]["visual_tokens"]["kept_final_mean"] == (per_sample // 4 if method else per_sample)
 
     # the recorded config: model + hashes, methods with every parameter, decoding, seed, versions, data
-    assert config["model"]["spec"] == "tiny:llava" and len(config["model"]["weights_sha256"]) == 64
-    assert config["model"]["class"] == "LlavaForConditionalGeneration"
+    assert config["model"]["spec"] == model and len(config["model"]["weights_sha256"]) == 64
+    assert config["model"]["class"] == model_class
     expected = [{"name": "fastv", "params": {"keep": 0.25, "tokens": None, "positions": "auto", "layer": 2}}]
     assert config["methods"] == (expected if method else [])
     assert config["decoding"] == {
@@ -114,7 +118,10 @@ def test_score_command_rescores_with_another_parser(data, tmp_path, capsys):
     printed = capsys.readouterr().out
     after = json.loads((out / "scores.json").read_text())
     assert before["style"] == "llava" and after["style"] == "opera"
-    assert after["runtime"] == before["runtime"] == {"num_processes": 1, "device": "cpu"}
+    threads = torch.get_num_threads()
+    assert after["runtime"] == before["runtime"] == {"num_processes": 1, "device": "cpu", "threads": threads}
+    assert after["summary"]["timing"]["threads"] == threads
+    assert f"timing with             {runner.threads_label(after['summary'])}\n" in printed
     assert "f1" in printed and "prefill ms / sample" in printed
 
     assert main(["score", str(out), "--style", "official"]) == 2
@@ -138,12 +145,7 @@ def test_report_writes_table_and_plots(data, tmp_path, capsys):
 
 
 def test_local_model_folder_is_loaded_and_hashed(data, tmp_path):
-    from vlmkit import zoo
-
-    model, processor = zoo.tiny("llava")
-    folder = tmp_path / "model"
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    folder = runner_data.save_tiny_llava(tmp_path / "model")
     out = tmp_path / "run"
     args = ["eval", "--model", str(folder), "--bench", "pope", "--data", str(data["pope"]), "--out", str(out)]
     assert main([*args, "--limit", "2", "--max-new-tokens", "2", "--no-progress", "--trust-remote-code"]) == 0
@@ -186,13 +188,13 @@ def test_contrastive_decoding_composes_with_pruning(data, tmp_path):
     assert all(isinstance(row["response"], str) and row["timing"]["decode_steps"] >= 0 for row in rows)
 
 
-def test_video_goes_through_the_video_processor(data, tmp_path):
-    out = tmp_path / "run"
-    args = ["eval", "--model", "tiny:qwen2_vl", "--bench", "video", "--data", str(data["video"]), "--out", str(out)]
-    assert main([*args, "--num-frames", "4", "--max-new-tokens", "2", "--method", FASTV, "--no-progress"]) == 0
-    for row in rows_of(out):
-        # 4 frames, 2 per temporal patch, 8x8 merged tokens each (tiny qwen2_vl): video placeholders only
-        assert row["visual_tokens"] == {"input": 128, "kept": {"fastv": 32}}
+def test_video_on_an_image_only_model_is_an_error_naming_video_models(data, tmp_path):
+    # its frames would go in as separate images and score 0 without a word
+    options = runner.DataOptions(str(data["video"]), num_frames=2)
+    spec = runner.RunSpec("tiny:llava", "video", options, str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match=r"tiny:llava \(LlavaForConditionalGeneration\) reads images only.*Qwen2-VL"):
+        runner.run(spec)
+    assert not (tmp_path / "run" / "config.json").exists()
 
 
 def test_video_task_set_from_a_data_list(tmp_path):

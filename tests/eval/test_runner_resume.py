@@ -15,7 +15,7 @@ import pytest
 from tests.eval import runner_data
 from vlmkit.cli import main
 from vlmkit.errors import ConfigError, DatasetError
-from vlmkit.eval import benches, records, runner
+from vlmkit.eval import records, runner
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -76,7 +76,7 @@ def test_resume_with_a_different_config_is_refused(tmp_path, capsys):
     spec = runner.RunSpec(
         "tiny:llava",
         "pope",
-        benches.DataOptions(str(data)),
+        runner.DataOptions(str(data)),
         str(out),
         decoding=runner.Decoding(max_new_tokens=2),
         seed=1,

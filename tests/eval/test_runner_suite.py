@@ -12,7 +12,7 @@ import vlmkit
 from tests.eval import runner_data
 from vlmkit.cli import main
 from vlmkit.errors import ConfigError
-from vlmkit.eval import benches, suite
+from vlmkit.eval import benchmarks, suite
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = "version: 1\ndefaults:\n  decoding: {strategy: greedy, max_new_tokens: 8}\n  batch_size: 4\n  seed: 0\n"
@@ -60,7 +60,7 @@ def test_shipped_suites_are_valid():
         runs = suite.runs(suite.load(path), path)
         assert runs[0].name == "baseline" and len(runs) > 1
         for run in runs:
-            assert run.settings["bench"] in benches.BENCHES and isinstance(run.version, int)
+            assert run.settings["bench"] in benchmarks.names() and isinstance(run.version, int)
             assert run.settings["decoding"]["strategy"] in ("greedy", "sample")
             for spec in run.methods:
                 vlmkit.parse_spec(spec)
@@ -76,12 +76,27 @@ def test_shipped_suites_are_valid():
         ("tasks: {pope: {version: 1, bench: pope, batch: 2}}", r"task 'pope': unknown key 'batch'"),
         ("include: missing.yaml", r"missing\.yaml \(included from .*bad\.yaml\) does not exist"),
         ("include: bad.yaml", r"includes .*bad\.yaml, which includes it back"),
+        # task names become folders under --out: nothing that leaves it
+        ("tasks: {'../../x': {version: 1, bench: pope}}", r"task name '\.\./\.\./x' cannot be a folder name under"),
+        ("tasks: {/tmp/x: {version: 1, bench: pope}}", r"task name '/tmp/x' cannot be a folder name"),
+        ("tasks: {'..': {version: 1, bench: pope}}", r"task name '\.\.' cannot be a folder name"),
+        ("tasks: {'': {version: 1, bench: pope}}", r"task name '' cannot be a folder name"),
     ],
 )
 def test_bad_suites_are_errors_naming_the_file(tmp_path, text, message):
     write(tmp_path, bad=text)
     with pytest.raises(ConfigError, match=message):
         suite.load(tmp_path / "bad.yaml")
+
+
+def test_run_names_cannot_leave_the_output_folder(tmp_path):
+    text = "tasks: {pope: {version: 1, bench: pope}}\nmethods: {'../up': []}\n"
+    budget = GRID.replace("[0.5, 0.25]", "['0.5/../../../x']").replace("include: base.yaml", "")
+    write(tmp_path, variant=text, budget=budget)
+    with pytest.raises(ConfigError, match=r"run name '\.\./up' \(method variant '\.\./up'"):
+        suite.runs(suite.load(tmp_path / "variant.yaml"), tmp_path / "variant.yaml")
+    with pytest.raises(ConfigError, match=r"run name 'fastv_keep=0.5/\.\./\.\./\.\./x'.*e\.g\. 'fastv_keep=0.5_x'"):
+        suite.runs(suite.load(tmp_path / "budget.yaml"), tmp_path / "budget.yaml")
 
 
 def test_placeholder_without_budget_is_an_error(tmp_path):
@@ -112,3 +127,9 @@ def test_suite_runs_every_variant_and_reports(tmp_path, capsys):
     capsys.readouterr()
     assert main([*args, "--method", "fastv:keep=0.5"]) == 2
     assert "--method does not combine with --suite" in capsys.readouterr().err
+
+    # a bad spec in the last variant stops the suite before its first run
+    write(tmp_path / "suites", late=GRID.replace("[0.5, 0.25]", "[0.5, 2]"))
+    late = ["eval", "--suite", str(tmp_path / "suites" / "late.yaml"), "--model", "tiny:llava"]
+    assert main([*late, "--data", str(tmp_path / "data"), "--out", str(tmp_path / "late"), "--no-progress"]) == 2
+    assert "keep=2" in capsys.readouterr().err and not (tmp_path / "late").exists()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vlmkit.errors import ConfigError, InputError
-from vlmkit.eval import video
+from vlmkit.eval.benchmarks import video
 
 OPTIONS4 = ["a red ball", "a blue cube", "two dogs", "nothing"]
 OPTIONS5 = ["the man cooks food", "he repairs a bike", "she paints a wall", "they play cards", "c cleans the kitchen"]

@@ -1,17 +1,17 @@
 """`vlmkit demo`: the main job: a patched model evaluated on the shipped model and data, as one table.
 
 With the shipped `shapes-llava` checkpoint: held-out shapes-world POPE questions (all three splits,
-written on first use), the dense model against pruning budgets through the eval runner (resumable:
-rerunning reuses finished runs), printing accuracy, F1, yes-ratio, visual tokens kept and time. With
-`--model tiny:<family>` (or when no checkpoint is shipped), the same table on a random tiny model: the
-plumbing, not the accuracy.
+written on first use into `<out>/pope`), the dense model against pruning budgets through the eval
+runner (one run folder per method under `<out>/<model>/`, resumable: rerunning reuses finished
+runs), printing accuracy, F1, yes-ratio, visual tokens kept and time. With `--model tiny:<family>`
+(or when no checkpoint is shipped), the same table on a random tiny model: the plumbing, not the
+accuracy. Every method spec is checked before the first run.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from vlmkit import zoo
+from vlmkit.commands import threads
 
 DEFAULT_MODEL = "shapes-llava"
 DEFAULT_METHODS = (
@@ -28,49 +28,62 @@ def register(subparsers) -> None:
     parser.add_argument("--model", default=None, help=f"model (default {DEFAULT_MODEL!r} when shipped, else tiny:llava)")
     parser.add_argument("--method", action="append", help="method spec to compare with the dense model (repeatable)")
     parser.add_argument("--images", type=int, default=50, help="held-out images (6 POPE questions each per split)")
-    parser.add_argument("--limit", type=int, default=None, help="first N questions only, a quick look (default: all)")
+    parser.add_argument(
+        "--limit", type=int, default=None, help="first N questions of each split only, a quick look (default: all)"
+    )
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--out", default="runs/demo", help="where data and runs go (reruns resume)")
+    parser.add_argument("--out", default="runs/demo", help="where the questions and runs go (reruns resume)")
+    threads.add_option(parser)
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
+    import vlmkit
+    from vlmkit import zoo
     from vlmkit.data.shapes_bench import write_pope
-    from vlmkit.eval.benches import DataOptions
-    from vlmkit.eval.runner import Decoding, RunSpec
+    from vlmkit.eval.runner import DataOptions, Decoding, RunSpec
     from vlmkit.eval.runner import run as run_eval
 
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     model = args.model or (DEFAULT_MODEL if DEFAULT_MODEL in zoo.available() else "tiny:llava")
     out = Path(args.out)
     data = out / "pope"
+    variants = [()] + [(spec,) for spec in (args.method or DEFAULT_METHODS)]
+    specs = [
+        RunSpec(
+            model=model,
+            bench="pope",
+            data=DataOptions(path=str(data)),
+            out=str(out / model.replace(":", "_") / _folder(methods)),
+            methods=methods,
+            decoding=Decoding(max_new_tokens=4),
+            batch_size=args.batch_size,
+            limit=args.limit,
+            progress=True,
+        )
+        for methods in variants
+    ]
+    for methods in variants:
+        for method in methods:
+            vlmkit.parse_spec(method)
     if not (data / "shapes_pope_adversarial.json").exists():
         write_pope(data, n=args.images)
-    rows = []
-    for methods in [()] + [(spec,) for spec in (args.method or DEFAULT_METHODS)]:
-        name = methods[0].replace(":", "_").replace(",", "_").replace("=", "") if methods else "dense"
-        scores = run_eval(
-            RunSpec(
-                model=model,
-                bench="pope",
-                data=DataOptions(path=str(data)),
-                out=str(out / model.replace(":", "_") / name),
-                methods=methods,
-                decoding=Decoding(max_new_tokens=4),
-                batch_size=args.batch_size,
-                limit=args.limit,
-                progress=True,
-            )
-        )
-        rows.append((methods[0] if methods else "dense", scores))
+    rows = [(spec.methods[0] if spec.methods else "dense", run_eval(spec)) for spec in specs]
     print(_table(model, rows))
     return 0
 
 
+def _folder(methods: tuple[str, ...]) -> str:
+    return methods[0].replace(":", "_").replace(",", "_").replace("=", "") if methods else "dense"
+
+
 def _table(model: str, rows) -> str:
+    from vlmkit.eval.runner import threads_label
+
+    label = " / ".join(sorted({threads_label(scores["summary"]) for _, scores in rows}))
     lines = [
         f"model: {model}; shapes-world POPE (held-out seeds), greedy\n",
-        "| method | visual tokens kept | acc random | acc popular | acc adversarial | mean F1 | yes ratio | s / 100 questions | prefill s / batch |",
+        "| method | visual tokens kept | acc random | acc popular | acc adversarial | mean F1 | yes ratio "
+        f"| s / 100 questions ({label}) | prefill s / batch |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, scores in rows:

@@ -25,7 +25,7 @@ from vlmkit.data.shapes import (
     add_noise, composite, render_background, sample_scene,
 )
 from vlmkit.errors import ConfigError
-from vlmkit.eval.prompts import MVBENCH
+from vlmkit.eval.benchmarks.video import PROMPTS
 
 EVENTS = ("appear", "disappear", "move", "color")
 DIRECTIONS = ("left", "right", "up", "down")
@@ -209,13 +209,13 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: int = 4) -> None:
 
 
 def mc_prompt(question: str, candidates: list[str]) -> str:
-    """MVBench's prompt as the eval suite writes it (`vlmkit.eval.prompts.MVBENCH`): the system text,
-    the question, the options lettered "(A) text", "Only give the best option."."""
+    """MVBench's prompt as the eval suite writes it (`vlmkit.eval.benchmarks.video.PROMPTS["mvbench"]`): the
+    system text, the question, the options lettered "(A) text", "Only give the best option."."""
     options = "\n".join(f"({'ABCD'[i]}) {c}" for i, c in enumerate(candidates))
-    return MVBENCH.template.format(question=question, options=options)
+    return PROMPTS["mvbench"].template.format(question=question, options=options)
 
 
-MC_ANSWER_PREFIX = MVBENCH.answer_prefix
+MC_ANSWER_PREFIX = PROMPTS["mvbench"].answer_prefix
 """What MVBench pre-fills in the assistant's turn: "Best option:("."""
 
 

@@ -1,8 +1,10 @@
 """``vlmkit eval``, ``vlmkit score`` and ``vlmkit report``.
 
 Examples:
-    vlmkit eval --model tiny:llava --bench pope --data data/pope --method fastv:layer=2,keep=0.25 --out runs/fastv
+    vlmkit data shapes --out data/shapes --n 100                          # benchmarks to run on, official layouts
+    vlmkit eval --model shapes-llava --bench pope --data data/shapes/pope --method fastv:layer=2,keep=0.25 --out runs/fastv
     vlmkit eval --suite eval/pope_budgets.yaml --model shapes-llava --data data/shapes --out runs/pope-budgets
+    vlmkit eval ... --rerun-errors                                        # after fixing files that failed to load
     accelerate launch --multi_gpu --num_processes 8 -m vlmkit eval ...    # one process per GPU
     torchrun --nproc_per_node 2 -m vlmkit eval ...                        # the same, on CPUs too
     vlmkit score runs/fastv --style opera
@@ -15,8 +17,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from vlmkit.commands import threads
 from vlmkit.errors import ConfigError
-from vlmkit.eval import benches
+from vlmkit.eval import benchmarks
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument(
         "--model", required=True, help="tiny:<family>, a shipped checkpoint name, or a local save_pretrained folder"
     )
-    run.add_argument("--bench", choices=benches.BENCHES, help="benchmark (not with --suite)")
+    run.add_argument("--bench", help=f"benchmark: {', '.join(benchmarks.names())} (not with --suite)")
     run.add_argument("--suite", type=Path, help="YAML suite: tasks x method x budget grid (see eval/*.yaml)")
     run.add_argument(
         "--data", required=True, help="benchmark files (with --suite: the folder the tasks' data paths are relative to)"
@@ -47,7 +50,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     run.add_argument("--batch-size", type=int, help="samples per generate() call, left-padded (default 1)")
     run.add_argument("--seed", type=int, help="global seed (default 0)")
-    run.add_argument("--limit", type=int, help="run only the first N samples")
+    run.add_argument(
+        "--limit",
+        type=int,
+        metavar="N",
+        help="a quick look: the first N samples of each split (POPE split, MME subtask, MVBench task, Video-MME "
+        "duration; CHAIR: the first N images)",
+    )
+    run.add_argument(
+        "--rerun-errors",
+        action="store_true",
+        help="generate again for samples whose media failed to load (error rows), e.g. after fixing the files",
+    )
     run.add_argument(
         "--dtype",
         choices=("auto", "float32", "bfloat16", "float16"),
@@ -58,6 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     run.add_argument("--style", help="scoring style: POPE llava|opera|vcd|lmms_eval, MME official|lmms_eval")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    threads.add_option(run)
     decoding = parser.add_argument_group("decoding")
     decoding.add_argument("--decoding", choices=("greedy", "sample"), help="default greedy")
     decoding.add_argument("--max-new-tokens", type=int, help="default per benchmark: 16 (CHAIR: 512)")
@@ -75,7 +90,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--data-seed", type=int, help="CHAIR: seed of the image draw (default 42)")
     data.add_argument("--num-frames", type=int, help="video: frames per video (default 16 for MVBench, 32 otherwise)")
     data.add_argument(
-        "--video-format", choices=benches.VIDEO_FORMATS, help="video: benchmark layout (default: from the files)"
+        "--video-format", help="video: benchmark layout, mvbench|videomme|egoschema (default: from the files)"
     )
     parser.set_defaults(func=_eval)
 
@@ -107,18 +122,24 @@ def _eval(args: argparse.Namespace) -> int:
     if args.suite is not None:
         return _eval_suite(args)
     if args.bench is None:
-        raise ConfigError("vlmkit eval needs --bench (one of " + ", ".join(benches.BENCHES) + ") or --suite FILE.")
-    settings = {key: getattr(args, key) for key in _DATA_FLAGS + _RUN_FLAGS if getattr(args, key) is not None}
-    settings["decoding"] = {
-        field: getattr(args, flag) for flag, field in _DECODING_FLAGS.items() if getattr(args, flag) is not None
-    }
+        raise ConfigError("vlmkit eval needs --bench (one of " + ", ".join(benchmarks.names()) + ") or --suite FILE.")
+    settings, decoding = _cli_settings(args)
+    settings["decoding"] = decoding
     runner.run(_spec(args, args.bench, args.data, args.out, tuple(args.method or ()), settings, args.style))
     return 0
+
+
+def _cli_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The data and run options, and the decoding options, given on the command line."""
+    settings = {key: getattr(args, key) for key in _DATA_FLAGS + _RUN_FLAGS if getattr(args, key) is not None}
+    decoding = {field: getattr(args, flag) for flag, field in _DECODING_FLAGS.items() if getattr(args, flag) is not None}
+    return settings, decoding
 
 
 def _eval_suite(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
+    import vlmkit
     from vlmkit.eval import report, runner, suite
 
     if args.method or args.bench:
@@ -127,33 +148,24 @@ def _eval_suite(args: argparse.Namespace) -> int:
             "and methods. Edit the suite, or drop --suite to run one benchmark."
         )
     loaded = suite.load(args.suite)
-    cli = {key: getattr(args, key) for key in _DATA_FLAGS + _RUN_FLAGS if getattr(args, key) is not None}
-    cli_decoding = {
-        field: getattr(args, flag) for flag, field in _DECODING_FLAGS.items() if getattr(args, flag) is not None
-    }
+    cli, cli_decoding = _cli_settings(args)
     out = Path(args.out)
-    run_dirs = []
-    for item in suite.runs(loaded, args.suite):
+    specs = []
+    for item in suite.runs(loaded, args.suite):  # every run's settings and methods are checked before the first runs
         settings = {**item.settings, **cli}
         settings["decoding"] = {**(item.settings.get("decoding") or {}), **cli_decoding}
         data = Path(args.data) / str(item.settings.get("data", "."))
-        run_dir = out / item.task / item.name
         record = {"task": item.task, "version": item.version, "run": item.name}
-        runner.run(
-            _spec(
-                args,
-                settings["bench"],
-                str(data),
-                str(run_dir),
-                item.methods,
-                settings,
-                args.style or settings.get("style"),
-                record,
-            )
+        style = args.style or settings.get("style")
+        specs.append(
+            _spec(args, settings["bench"], str(data), str(out / item.task / item.name), item.methods, settings, style, record)
         )
-        run_dirs.append(run_dir)
+        for method in item.methods:
+            vlmkit.parse_spec(method)
+    for spec in specs:
+        runner.run(spec)
     if PartialState().is_main_process:
-        report.write(run_dirs, out / "report")
+        report.write([Path(spec.out) for spec in specs], out / "report")
     return 0
 
 
@@ -161,7 +173,7 @@ def _spec(args, bench, data, out, methods, settings: dict[str, Any], style, suit
     from vlmkit.eval import runner
 
     splits = settings.get("split")
-    options = benches.DataOptions(
+    options = runner.DataOptions(
         path=data,
         media=settings.get("media"),
         annotations=settings.get("annotations"),
@@ -187,13 +199,17 @@ def _spec(args, bench, data, out, methods, settings: dict[str, Any], style, suit
         style=style,
         suite=suite_record,
         progress=not args.no_progress,
+        rerun_errors=args.rerun_errors,
     )
 
 
 def _score(args: argparse.Namespace) -> int:
-    from vlmkit.eval import runner
+    from vlmkit.eval import records, runner
 
-    runner.score_run(args.run_dir, style=args.style)
+    run_dir = Path(args.run_dir).expanduser().resolve()
+    records.read_json(run_dir / records.CONFIG, "run config")  # a folder that holds no run is an error, not locked
+    with records.lock(run_dir):
+        runner.score_run(run_dir, style=args.style)
     return 0
 
 

@@ -5,9 +5,10 @@ the output folder:
 
 * ``report.md``: one table per benchmark, a row per run: its headline metrics, the visual tokens
   that reach the end of the prefill (mean per sample, and as a share of the input), prefill
-  milliseconds per sample, decode tokens per second, samples and errors; then the plots.
+  milliseconds per sample, decode tokens per second, the CPU threads those times were taken with,
+  samples and errors; then the plots.
 * ``<bench>_accuracy_vs_tokens.png``: the benchmark's primary metric
-  (:data:`vlmkit.eval.benches.PRIMARY`) against visual tokens kept, one line per method set.
+  (its ``primary``, :mod:`vlmkit.eval.benchmarks`) against visual tokens kept, one line per method set.
 * ``<bench>_accuracy_vs_latency.png``: the same metric against prefill milliseconds per sample.
 
 Plots use matplotlib's object API (no pyplot, no global backend change).
@@ -21,9 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmkit.errors import ConfigError, DatasetError, missing_extra
-from vlmkit.eval import benches, records
-
-_METRIC_TITLES = {"pope": "POPE {} (mean over splits)", "chair": "CHAIR {}", "mme": "MME {} score", "video": "video {}"}
+from vlmkit.eval import benchmarks, records
 
 
 def load_runs(run_dirs: Sequence[str | os.PathLike]) -> list[tuple[str, dict[str, Any]]]:
@@ -80,6 +79,7 @@ def table(runs: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
             "kept %",
             "prefill ms/sample",
             "decode tok/s",
+            "threads",
             "samples (errors)",
         ]
         lines = [f"### {bench}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -95,6 +95,7 @@ def table(runs: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
                 _number(100 * tokens["kept_ratio"] if tokens.get("kept_ratio") is not None else None, 1),
                 _number(1000 * timing["prefill_s_per_sample"] if "prefill_s_per_sample" in timing else None, 2),
                 _number(timing.get("decode_tokens_per_s"), 1),
+                "–" if timing.get("threads") is None else str(timing["threads"]),
                 f"{summary['samples']} ({summary['errors']})",
             ]
             lines.append("| " + " | ".join(cells) + " |")
@@ -114,7 +115,8 @@ def plots(runs: Sequence[tuple[str, Mapping[str, Any]]], out: Path) -> list[Path
         raise missing_extra("matplotlib", "eval") from None
     written = []
     for bench in _benches(runs):
-        metric, higher = benches.PRIMARY[bench]
+        benchmark = benchmarks.get(bench)
+        metric = benchmark.primary
         points: dict[str, list[tuple[float, float, float]]] = {}
         for _, scores in runs:
             summary = scores["summary"]
@@ -128,7 +130,7 @@ def plots(runs: Sequence[tuple[str, Mapping[str, Any]]], out: Path) -> list[Path
                     scores["metrics"][metric],
                 )
             )
-        ylabel = _METRIC_TITLES[bench].format(metric) + ("" if higher else " (lower is better)")
+        ylabel = benchmark.metric_title.format(metric) + ("" if benchmark.higher_is_better else " (lower is better)")
         for axis, xlabel, name in (
             (0, "visual tokens kept (mean per sample)", "tokens"),
             (1, "prefill ms per sample", "latency"),

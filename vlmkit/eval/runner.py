@@ -7,6 +7,11 @@ process ``b % num_processes`` (``accelerate.PartialState``), so every process co
 batches and gets the same greedy outputs. Each process appends its rows to its own shard file; at the
 end process 0 merges them in sample order into ``samples.jsonl`` and scores (:func:`score_run`).
 
+What can fail without generating fails first, in this order: method specs, the benchmark's files,
+the scorer's prerequisites (CHAIR's NLTK data and synonym table), the run directory's lock (process
+0 holds ``RUN_DIR/.lock`` for the whole run), the model and whether it reads the benchmark's media
+(video needs a video processor), the recorded config.
+
 **Sample rows** (``samples.jsonl``, one JSON object per line)::
 
     {"sample_id", "index", "batch", "prompt", "target", "metadata",
@@ -15,7 +20,8 @@ end process 0 merges them in sample order into ``samples.jsonl`` and scores (:fu
      "new_tokens",                    # tokens generated for this sample (up to and including its end token)
      "visual_tokens": {"input": n,    # visual placeholder tokens of the prompt
                        "kept": {method: k}},  # kept per method, from patch.selections (empty without methods)
-     "timing": {"batch_size", "prefill_s", "decode_s", "decode_steps", "batch_wall_s"}}
+     "timing": {"batch_size", "prefill_s", "decode_s", "decode_steps", "batch_wall_s",
+                "threads"}}           # torch CPU threads the batch ran with
 
 **Timing, and what it measures.** A logits processor appended to ``generate()`` takes a timestamp
 each time logits are ready (after ``torch.cuda.synchronize()`` on CUDA). ``prefill_s`` is the time
@@ -26,11 +32,13 @@ forward passes, each producing one token per unfinished sample. Decode tokens/s 
 only real tokens (each sample's ``new_tokens - 1``; padding after a sample's end token is not
 counted) over ``decode_s``, so early-finishing samples in a batch lower it honestly.
 ``batch_wall_s`` covers the whole batch: media loading, chat template and processor, generation and
-decoding. All three are per batch: a sample's share is divided by ``batch_size``.
+decoding. All three are per batch: a sample's share is divided by ``batch_size``. Times depend on
+``threads`` (``--threads``, see :mod:`vlmkit.commands.threads`); summaries and reports say how many.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -48,9 +56,8 @@ import torch
 from tqdm import tqdm
 
 from vlmkit.errors import ConfigError, InputError, did_you_mean
-from vlmkit.eval import benches, records
-from vlmkit.eval.benches import DataOptions
-from vlmkit.eval.datasets import Sample
+from vlmkit.eval import benchmarks, records
+from vlmkit.eval.benchmarks.base import DataOptions, Sample, fingerprint, media_name
 from vlmkit.eval.media import FrameFolder, VideoFile
 
 FORMAT = "vlmkit-eval-run"
@@ -67,7 +74,7 @@ class Decoding:
     Attributes:
         strategy: ``"greedy"`` or ``"sample"``.
         max_new_tokens: Tokens to generate at most; None for the benchmark's default
-            (:data:`vlmkit.eval.benches.DEFAULT_MAX_NEW_TOKENS`).
+            (its ``max_new_tokens``: 16 for short answers, 512 for CHAIR captions).
         temperature: Sampling temperature (sample only; default 1.0).
         top_p: Nucleus mass (sample only; default 1.0, off).
         top_k: Top-k cut (sample only; default 0, off).
@@ -102,7 +109,7 @@ class Decoding:
 
     def resolved(self, bench: str) -> Decoding:
         """These settings with every default filled in (what the run records and uses)."""
-        tokens = self.max_new_tokens or benches.DEFAULT_MAX_NEW_TOKENS[bench]
+        tokens = self.max_new_tokens or benchmarks.get(bench).max_new_tokens
         if self.strategy == "greedy":
             return dataclasses.replace(self, max_new_tokens=tokens)
         return Decoding(
@@ -134,19 +141,22 @@ class RunSpec:
     Attributes:
         model: ``tiny:<family>``, a shipped checkpoint name (:func:`vlmkit.zoo.available`) or a local
             ``save_pretrained`` folder (safetensors only).
-        bench: One of :data:`vlmkit.eval.benches.BENCHES`.
+        bench: A benchmark name (:func:`vlmkit.eval.benchmarks.names`).
         data: Where the benchmark files are.
         out: The run directory.
         methods: Method specs applied together (``"fastv:layer=2,keep=0.25"``); empty for the plain model.
         decoding: Decoding settings.
         batch_size: Samples per ``generate()`` call (left-padded).
         seed: Global seed; each batch's sampling seed is derived from it and the batch index.
-        limit: Run only the first ``limit`` samples (a quick look).
+        limit: Run only the first ``limit`` samples of each split (POPE split, MME subtask, MVBench
+            task, Video-MME duration; of all samples when the benchmark has no splits): a quick look.
         dtype: ``"auto"`` (bfloat16 on CUDA, float32 on the CPU) or a torch dtype name.
         trust_remote_code: Allow modelling code stored in a local model folder.
         style: Scoring style (POPE or MME parser); None for the default.
         suite: For suite runs: ``{"task", "version", "variant"}``, recorded in the config.
         progress: Show a progress bar (on process 0).
+        rerun_errors: Generate again for samples whose row is an error (media that failed to load),
+            and accept changed media files when only such samples read them (a fixed corrupt image).
     """
 
     model: str
@@ -163,10 +173,10 @@ class RunSpec:
     style: str | None = None
     suite: Mapping[str, Any] | None = None
     progress: bool = True
+    rerun_errors: bool = False
 
     def __post_init__(self) -> None:
-        benches.check_bench(self.bench)
-        benches.check_style(self.bench, self.style)
+        benchmarks.get(self.bench).check_style(self.style)
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"--batch-size {self.batch_size!r} must be an integer >= 1.")
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
@@ -185,31 +195,53 @@ def run(spec: RunSpec) -> dict[str, Any] | None:
         On process 0 the scores (as written to ``scores.json``); None on the other processes.
 
     Raises:
-        ConfigError: Bad settings, or ``spec.out`` holds a run with a different config.
-        DatasetError: Benchmark files missing or malformed.
+        ConfigError: Bad settings, a model that cannot read the benchmark's media, or ``spec.out``
+            holds a run with a different config.
+        ConflictError: Another process is writing ``spec.out``.
+        DatasetError: Benchmark files or scorer data missing or malformed.
         UnknownMethodError: A method or parameter name is not known.
+        OSError: ``spec.out`` cannot be written (the message names the file).
     """
     from accelerate import PartialState
 
     import vlmkit
 
+    benchmark = benchmarks.get(spec.bench)
     methods = [vlmkit.parse_spec(method) for method in spec.methods]  # validate before loading anything
+    loaded = benchmark.open(spec.data)
+    samples = loaded.samples.first(spec.limit)
+    benchmark.check_ready({**loaded.paths, **loaded.choices})
     cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true") or not torch.cuda.is_available()
     # a long barrier timeout: process 0 may wait at the final barrier while others finish their batches
     state = PartialState(cpu=cpu, timeout=timedelta(hours=_BARRIER_HOURS))
     run_dir = Path(spec.out).expanduser().resolve()
     decoding = spec.decoding.resolved(spec.bench)
-    benchmark, paths, options = benches.load(spec.bench, spec.data)
-    samples = list(benchmark)[: spec.limit]
-    model, processor, model_record = load_model(spec.model, spec.dtype, state.device, spec.trust_remote_code)
-    config = build_config(spec, model_record, methods, decoding, samples, paths, options, benchmark.info)
-    if state.is_main_process:
-        records.check_or_write_config(run_dir, config)
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        records.check_or_write_config(run_dir, config)
+    with records.lock(run_dir) if state.is_main_process else contextlib.nullcontext():
+        model, processor, model_record = load_model(spec.model, spec.dtype, state.device, spec.trust_remote_code)
+        benchmark.check_model(processor, model_record)
+        config = build_config(
+            spec, model_record, methods, decoding, samples, loaded.paths, loaded.choices, loaded.samples.info
+        )
+        root = loaded.paths["data"]
+        media = {sample.sample_id: [media_name(ref, root) for ref in sample.media] for sample in samples}
+        if state.is_main_process:
+            records.check_or_write_config(run_dir, config, media, spec.rerun_errors)
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            records.check_or_write_config(run_dir, config, media, spec.rerun_errors)
+        _generate(spec, state, run_dir, model, processor, methods, decoding, samples)
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            return None
+        runtime = {"num_processes": state.num_processes, "device": str(state.device)}
+        return score_run(run_dir, style=spec.style, runtime={**runtime, "threads": torch.get_num_threads()})
 
-    done = records.finished_ids(run_dir)
+
+def _generate(spec, state, run_dir, model, processor, methods, decoding, samples) -> None:
+    """This process's batches of the samples without a row yet, appended to its shard file."""
+    import vlmkit
+
+    done = records.finished_ids(run_dir, spec.rerun_errors)
     batches = [samples[start : start + spec.batch_size] for start in range(0, len(samples), spec.batch_size)]
     mine = [
         (index, [s for s in batch if s.sample_id not in done])
@@ -239,11 +271,6 @@ def run(spec: RunSpec) -> dict[str, Any] | None:
         writer.close()
         if patch is not None:
             patch.remove()
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        return None
-    runtime = {"num_processes": state.num_processes, "device": str(state.device)}
-    return score_run(run_dir, style=spec.style, runtime=runtime)
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
@@ -264,11 +291,14 @@ def build_config(
     """The fully resolved run config written to ``config.json`` (and copied into ``scores.json``).
 
     Everything but :data:`vlmkit.eval.records.LOCATION_FIELDS` must match to resume a run.
+    ``data.files`` holds a short hash per media file (names relative to ``--data``), so a changed
+    ``data.hash`` can name the files behind it.
     """
     import transformers
 
     import vlmkit
 
+    data_hash, files = fingerprint(samples, paths["data"])
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -286,12 +316,13 @@ def build_config(
             "transformers": transformers.__version__,
         },
         "data": {
-            "hash": benches.data_hash(samples),
+            "hash": data_hash,
             "num_samples": len(samples),
             "sample_ids": [sample.sample_id for sample in samples],
             "options": _jsonable(dict(options)),
             "paths": _jsonable(dict(paths)),
             "info": _jsonable(dict(info)),
+            "files": files,
         },
     }
 
@@ -489,6 +520,7 @@ def generate_batch(
                     "decode_s": decode,
                     "decode_steps": len(clock.stamps) - 1,
                     "batch_wall_s": wall,
+                    "threads": torch.get_num_threads(),
                 },
             )
     return [rows[sample.sample_id] for sample in batch]
@@ -510,8 +542,10 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     Returns:
         ``{"samples", "errors", "visual_tokens": {"input_mean", "kept_mean": {method: mean},
         "kept_final_mean", "kept_ratio"}, "timing": {"prefill_s_per_sample", "prefill_s_per_batch",
-        "decode_tokens_per_s", "wall_s_per_sample", "new_tokens_mean", "batches"}}``. ``kept_final``
-        is what reaches the end of the prefill (the smallest per-method count; the input without methods).
+        "decode_tokens_per_s", "wall_s_per_sample", "new_tokens_mean", "batches", "threads"}}``.
+        ``kept_final`` is what reaches the end of the prefill (the smallest per-method count; the
+        input without methods). ``threads`` is the torch CPU thread count the times were taken with:
+        an int, a ``"low-high"`` range when a resumed run changed it, None for rows that predate it.
     """
     good = [row for row in rows if row.get("error") is None]
     summary: dict[str, Any] = {"samples": len(rows), "errors": len(rows) - len(good)}
@@ -544,8 +578,22 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "wall_s_per_sample": wall / n,
         "new_tokens_mean": sum(row["new_tokens"] for row in good) / n,
         "batches": round(batches),
+        "threads": _threads([row["timing"].get("threads") for row in good]),
     }
     return summary
+
+
+def _threads(counts: Sequence[int | None]) -> int | str | None:
+    known = sorted({count for count in counts if count is not None})
+    if not known:
+        return None
+    return known[0] if len(known) == 1 else f"{known[0]}-{known[-1]}"
+
+
+def threads_label(summary: Mapping[str, Any]) -> str:
+    """``"2 threads"`` (or ``"1-2 threads"``) for a run summary's timing; ``"threads unknown"`` when not recorded."""
+    threads = (summary.get("timing") or {}).get("threads")
+    return "threads unknown" if threads is None else f"{threads} thread{'' if threads == 1 else 's'}"
 
 
 def score_run(
@@ -575,7 +623,7 @@ def score_run(
     if runtime is None and (run_dir / records.SCORES).is_file():  # rescoring keeps how the run was executed
         runtime = records.read_json(run_dir / records.SCORES, "scores file").get("runtime")
     data = {**config["data"]["paths"], **config["data"]["options"]}
-    scored = benches.score(config["bench"], rows, data, style)
+    scored = benchmarks.get(config["bench"]).score_rows(rows, data, style)
     result = {
         "format": "vlmkit-eval-scores",
         "format_version": FORMAT_VERSION,
@@ -604,6 +652,7 @@ def format_scores(result: Mapping[str, Any], run_dir: Path) -> str:
     if tokens:
         lines.append(f"  {'visual tokens kept':<24}{tokens['kept_final_mean']:.1f} of {tokens['input_mean']:.1f}")
     if timing:
+        lines.append(f"  {'timing with':<24}{threads_label(summary)}")
         lines.append(f"  {'prefill ms / sample':<24}{1000 * timing['prefill_s_per_sample']:.2f}")
         rate = timing["decode_tokens_per_s"]
         lines.append(f"  {'decode tokens / s':<24}{'n/a' if rate is None else f'{rate:.1f}'}")

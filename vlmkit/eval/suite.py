@@ -18,6 +18,9 @@ A suite file (read with ``yaml.safe_load`` only) has these top-level keys:
 * ``budgets``: ``{placeholder: [values]}``. A variant runs once per combination of the placeholders
   it uses; its run is named ``<variant>`` or ``<variant>_<placeholder>=<value>...``.
 
+Task and run names become folder names, so each must be one plain name: not empty, no ``/`` or
+``\\``, not ``.`` or ``..``, no control characters (a suite cannot write outside ``--out``).
+
 Settings resolve as: ``defaults`` < the task < options given on the command line. Each run writes to
 ``<out>/<task>/<run name>/``.
 
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -63,6 +67,7 @@ DATA_KEYS = (
 )
 TASK_KEYS = ("version", "bench", "style", *DATA_KEYS, *RUN_KEYS)
 DECODING_KEYS = ("strategy", "max_new_tokens", "temperature", "top_p", "top_k")
+_NAME = re.compile(r"[^/\\\x00-\x1f\x7f]+")
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,7 @@ def runs(suite: Mapping[str, Any], path: str | os.PathLike) -> list[SuiteRun]:
                 filled = dict(zip(names, values, strict=True))
                 label = "_".join([str(variant)] + [f"{k}={v}" for k, v in filled.items()])
                 specs = tuple(t.format(**filled) for t in templates)
+                _check_name(label, f"run name {label!r} (method variant {variant!r} with budgets {filled})", path)
                 expanded.append(SuiteRun(str(task), label, spec["version"], specs, settings))
     return expanded
 
@@ -182,6 +188,7 @@ def _check(suite: Mapping[str, Any], path: Path) -> None:
     if not isinstance(tasks, Mapping) or not tasks:
         raise ConfigError(f"suite {path} has no tasks; add `tasks: {{name: {{version: 1, bench: pope, data: ...}}}}`.")
     for name, task in tasks.items():
+        _check_name(name, f"task name {name!r}", path)
         if not isinstance(task, Mapping):
             raise ConfigError(f"{path} task {name!r} must be a mapping of settings, not {type(task).__name__}.")
         _keys(task, TASK_KEYS, f"{path} task {name!r}")
@@ -201,6 +208,21 @@ def _check(suite: Mapping[str, Any], path: Path) -> None:
     budgets = suite.get("budgets") or {}
     if not isinstance(budgets, Mapping) or not all(isinstance(v, list) and v for v in budgets.values()):
         raise ConfigError(f"{path} budgets must map placeholder names to non-empty lists (e.g. keep: [0.5, 0.25]).")
+
+
+def _check_name(name: Any, what: str, path: Path) -> None:
+    """Task and run names are folder names under ``--out``: one plain name each."""
+    text = str(name)
+    if text in ("", ".", "..") or not _NAME.fullmatch(text):
+        raise ConfigError(
+            f"{path}: {what} cannot be a folder name under --out: names must be one plain name (no '/', '\\', "
+            "'.' or '..', no control characters), so that every run stays inside --out. Rename it, e.g. "
+            f"{_safe(text)!r}."
+        )
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"_+", "_", re.sub(r"[^\w.=+,-]|\.{2,}", "_", text)).strip("._") or "task"
 
 
 def _keys(mapping: Any, allowed: tuple[str, ...], where: str) -> None:

@@ -18,7 +18,7 @@ from vlmkit.data.shapes import EVAL_SEEDS, SYNONYMS, WorldConfig, render
 from vlmkit.data.shapes_bench import MME_SUBTASKS, POPE_SPLITS, _mme_pair, _qualifying, pope_questions
 from vlmkit.data.shapes_text import CHAIR_PROMPT, MME_SUFFIX, plural
 from vlmkit.data.shapes_video import MC_ANSWER_PREFIX, clip_question, mc_prompt, render_clip, sample_clip
-from vlmkit.eval.video import parse_choice
+from vlmkit.eval.benchmarks.video import parse_choice
 
 MONITOR_SEED = EVAL_SEEDS.start + 900_000_000
 """First held-out seed of training-time checks (far from the benchmarks' default seeds)."""
@@ -168,7 +168,7 @@ def mme_eval(model, processor, n_images: int = 30, seed: int = MONITOR_SEED,
 
 def mc_parse(reply: str, candidates: list[str]) -> str | None:
     """The chosen candidate of a reply to MVBench's pre-filled "Best option:(": the letter as MVBench's
-    parser reads it (`vlmkit.eval.video`), else the first candidate whose text the reply names."""
+    parser reads it (`vlmkit.eval.benchmarks.video`), else the first candidate whose text the reply names."""
     letter = parse_choice(reply, candidates, "mvbench")
     if letter is not None:
         return candidates["ABCD".index(letter)]

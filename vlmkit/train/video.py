@@ -38,8 +38,8 @@ losses of `shapes-llava` stay on the projector's output for every frame and imag
 3. **letters**: the same data plus the pointer attention and readout losses (the shipped weights
    ran it to step 1,500, resumed from a 1,000-step run; `docs/shapes.md`).
 
-The prompt is MVBench's as the eval suite writes it (`vlmkit.eval.prompts.MVBENCH`); its system
-text is mostly outside the shapes vocabulary and reads as `<unk>`.
+The prompt is MVBench's as the eval suite writes it (`vlmkit.eval.benchmarks.video.PROMPTS["mvbench"]`);
+its system text is mostly outside the shapes vocabulary and reads as `<unk>`.
 """
 from __future__ import annotations
 

@@ -1,4 +1,15 @@
-"""CHAIR (Caption Hallucination Assessment with Image Relevance), computed as the papers compute it.
+"""CHAIR (Caption Hallucination Assessment with Image Relevance): COCO images to caption, scored as papers do.
+
+**Loading** (:func:`load_chair`): a seeded draw of COCO images and their ground truth. Each sample's
+``metadata`` holds ``image_id``; score ``{"image_id": ..., "caption": reply}`` with
+:meth:`Chair.score`. Under ``vlmkit eval --bench chair``, images are in ``--media`` or
+``<data>/val2014`` or ``<data>/images``; ground truth in ``--annotations`` or ``<data>/annotations``
+(the four COCO files, or a :meth:`Chair.save_ground_truth` file); a synonym table in ``--synonyms``
+or ``<data>/synonyms.txt`` when present (else COCO's). ``--num-images`` (500) images are drawn with
+``--data-seed`` (42). Captions get 512 new tokens unless ``--max-new-tokens`` says otherwise
+(OPERA's setting). The NLTK data and the synonym table are checked before the first caption.
+
+**Scoring.**
 
 Follows Maxlinn's Python 3 port of LisaAnne/Hallucination ``utils/chair.py``, as shipped in
 shikiw/OPERA ``chair.py`` @61426efe4e2e53207f32d9112a86ba5f8364d1d9, the version behind the CHAIR
@@ -33,7 +44,7 @@ they read (``vlmkit/eval/assets/nltk_data``, unmodified, with their licences) an
 your own NLTK data (see :func:`require_nltk_data`).
 
 Example:
-    >>> from vlmkit.eval.chair import Chair
+    >>> from vlmkit.eval.benchmarks.chair import Chair
     >>> chair = Chair({1: ["dog", "person"]})
     >>> chair.score([{"image_id": 1, "caption": "A man walks a puppy next to a car."}])["overall"]["CHAIRs"]
     1.0
@@ -43,6 +54,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
@@ -50,6 +63,18 @@ from typing import Any, NamedTuple
 
 from vlmkit.errors import ConfigError, DatasetError, InputError, did_you_mean, missing_extra
 from vlmkit.eval._common import divide, read_json
+from vlmkit.eval.benchmarks.base import (
+    Benchmark,
+    DataOptions,
+    Loaded,
+    Prompt,
+    Sample,
+    SampleSet,
+    check_files,
+    first_dir,
+    template_of,
+)
+from vlmkit.eval.media import ImageFile
 
 COCO_ANNOTATION_FILES = (
     "instances_train2014.json",
@@ -60,6 +85,9 @@ COCO_ANNOTATION_FILES = (
 """The four COCO 2014 annotation files :meth:`Chair.from_coco` reads (``annotations_trainval2014.zip``)."""
 
 GROUND_TRUTH_FORMAT = "vlmkit-chair-ground-truth"
+
+PROMPTS = {"opera": Prompt("Please describe this image in detail.", source="shikiw/OPERA chair_eval.py")}
+"""The captioning prompt (OPERA's, the papers' CHAIR setting)."""
 
 _COCO_DOUBLE_WORDS = (
     "motor bike",
@@ -99,7 +127,7 @@ _NLTK_RESOURCES = (
     ("wordnet", None),
 )
 _nltk_checked = False
-PACKAGED_NLTK_DATA = Path(__file__).with_name("assets") / "nltk_data"
+PACKAGED_NLTK_DATA = Path(__file__).parents[1] / "assets" / "nltk_data"
 """The NLTK data subset shipped with vlmkit; searched after every folder of ``nltk.data.path``."""
 
 
@@ -448,3 +476,136 @@ def _image_key(image_id: Any) -> Any:
     if isinstance(image_id, str) and image_id.strip().isdigit():
         return int(image_id)
     return image_id
+
+
+def load_chair(
+    image_dir: str | os.PathLike,
+    ground_truth: str | os.PathLike,
+    num_images: int | None = 500,
+    seed: int = 42,
+    image_ids: Iterable[int] | None = None,
+    prompt: Prompt | str = PROMPTS["opera"],
+) -> SampleSet:
+    """Load a seeded subset of COCO images for CHAIR captioning.
+
+    Args:
+        image_dir: Folder of COCO images (``COCO_val2014_000000123456.jpg`` or ``000000123456.jpg``).
+        ground_truth: The COCO annotation folder (the four files :meth:`Chair.from_coco` reads) or a
+            ground-truth file from :meth:`Chair.save_ground_truth`; with a file, only images it
+            covers are eligible.
+        num_images: How many images to draw (papers use 500); None for all.
+        seed: Seed of the draw: ``random.Random(seed).sample`` over the eligible ids sorted.
+        image_ids: Use exactly these images instead of drawing (e.g. a released 500-image list).
+        prompt: Prompt or template; default OPERA's "Please describe this image in detail."
+
+    Returns:
+        The samples; ``info["image_ids"]`` is the chosen id list, in sample order, for the runner to save.
+
+    Raises:
+        DatasetError: Missing folder, annotation files, images, or too few images.
+    """
+    images = Path(image_dir)
+    if not images.is_dir():
+        raise DatasetError(f"CHAIR image folder {images} does not exist; pass the COCO val2014 image folder.")
+    truth = Path(ground_truth)
+    if truth.is_dir():
+        check_files(
+            COCO_ANNOTATION_FILES,
+            lambda name: (truth / name).is_file(),
+            "COCO annotation files",
+            truth,
+            "unzip annotations_trainval2014.zip there, or pass a ground-truth file from Chair.save_ground_truth",
+        )
+        covered = None
+    else:
+        covered = set(Chair.from_ground_truth(truth).image_ids)
+    available: dict[int, Path] = {}
+    for file in sorted(images.iterdir()):
+        match = re.search(r"(\d+)\.(?:jpg|jpeg|png)$", file.name, re.IGNORECASE)
+        if match and (covered is None or int(match.group(1)) in covered):
+            available.setdefault(int(match.group(1)), file)
+    if image_ids is not None:
+        chosen = [int(i) for i in image_ids]
+        check_files(
+            chosen,
+            lambda i: i in available,
+            "CHAIR images" + ("" if covered is None else " with ground truth"),
+            images,
+            "use ids of images present in image_dir (and in the ground-truth file)",
+        )
+    elif num_images is None:
+        chosen = sorted(available)
+    else:
+        if num_images > len(available):
+            raise DatasetError(
+                f"CHAIR: num_images={num_images} but {images} has only {len(available)} eligible images; "
+                f"pass num_images<={len(available)} or num_images=None for all."
+            )
+        chosen = random.Random(seed).sample(sorted(available), num_images)
+    template = template_of(prompt)
+    samples = [
+        Sample(
+            sample_id=str(i),
+            prompt=template.format(),
+            target=None,
+            media=(ImageFile(available[i]),),
+            metadata={"image_id": i},
+        )
+        for i in chosen
+    ]
+    info = {
+        "image_ids": chosen,
+        "image_dir": str(images),
+        "ground_truth": str(truth),
+        "seed": seed,
+        "num_images": num_images,
+    }
+    return SampleSet("chair", samples, info=info)
+
+
+def _load(root: Path, media: Path | None, splits: list[str] | None, options: DataOptions) -> Loaded:
+    images = media or first_dir(root, ("val2014", "images")) or root
+    truth = Path(options.annotations).expanduser().resolve() if options.annotations else root / "annotations"
+    synonyms = options.synonyms or (root / "synonyms.txt" if (root / "synonyms.txt").is_file() else None)
+    samples = load_chair(images, truth, num_images=options.num_images, seed=options.data_seed)
+    paths = {
+        "media": str(images),
+        "annotations": str(truth),
+        "synonyms": str(Path(synonyms).resolve()) if synonyms else None,
+    }
+    return Loaded(samples, paths, {"num_images": options.num_images, "data_seed": options.data_seed})
+
+
+def _synonyms(data: Mapping[str, Any]) -> Path | None:
+    return Path(data["synonyms"]) if data.get("synonyms") else None
+
+
+def _check(data: Mapping[str, Any]) -> None:
+    require_nltk_data()
+    _read_synonyms(_synonyms(data))
+
+
+def _score_rows(rows, data, style, warnings):
+    truth = Path(data["annotations"])
+    image_ids = [row["metadata"]["image_id"] for row in rows]
+    if truth.is_dir():
+        chair = Chair.from_coco(truth, image_ids=image_ids, synonyms=_synonyms(data))
+    else:
+        chair = Chair.from_ground_truth(truth, synonyms=_synonyms(data))
+    details = chair.score([{"image_id": row["metadata"]["image_id"], "caption": row["response"]} for row in rows])
+    details.pop("sentences", None)  # per-caption details are in samples.jsonl already
+    return dict(details["overall"]), details
+
+
+BENCHMARK = Benchmark(
+    name="chair",
+    summary="CHAIR object hallucination in image captions (COCO); CHAIR_s, CHAIR_i, recall",
+    load=_load,
+    score=_score_rows,
+    prompts=PROMPTS,
+    max_new_tokens=512,
+    primary="CHAIRs",
+    higher_is_better=False,
+    metric_title="CHAIR {}",
+    check=_check,
+)
