@@ -1,49 +1,100 @@
-"""`vlmkit methods`: the registered methods with their sites and parameters (from the registry)."""
+"""`vlmkit methods`: the registered methods with their sites and parameters (from the registry).
+
+The built-in methods' manifests are read from `vlmkit/commands/methods_manifest.py`, generated from
+the registry (`make readme`, i.e. `vlmkit methods --update-readme README.md`; a test keeps it
+current), so listing them imports no torch. Plugin methods are read from the registry.
+"""
 from __future__ import annotations
 
+import pprint
 from pathlib import Path
+from typing import Any
 
-from vlmkit.registry import list_methods
+MANIFEST = Path(__file__).with_name("methods_manifest.py")
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("methods", help="list the available methods and their parameters")
     parser.add_argument("name", nargs="?", help="show one method in detail")
     parser.add_argument("--markdown", action="store_true", help="print the table the README embeds")
-    parser.add_argument("--update-readme", metavar="PATH", help="write the table into PATH's methods-table block")
+    parser.add_argument(
+        "--update-readme",
+        metavar="PATH",
+        help="write the table into PATH's methods-table block (and regenerate the shipped method manifest)",
+    )
     parser.set_defaults(func=run)
 
 
 def markdown_table() -> str:
     """The methods table of the README, generated from the registry."""
     lines = ["| method | family | site | what it does | parameters (defaults) |", "|---|---|---|---|---|"]
-    for info in list_methods():
-        params = ", ".join(f"`{p.name}={p.default!r}`" for p in info.params)
-        name = f"[`{info.name}`]({info.paper})" if info.paper else f"`{info.name}`"
-        lines.append(f"| {name} | {info.family} | {info.site} | {info.summary} | {params} |")
+    for info in _live():
+        params = ", ".join(f"`{name}={default}`" for name, _, default, _ in info["params"])
+        name = f"[`{info['name']}`]({info['paper']})" if info["paper"] else f"`{info['name']}`"
+        lines.append(f"| {name} | {info['family']} | {info['site']} | {info['summary']} | {params} |")
     return "\n".join(lines)
+
+
+def manifest_source() -> str:
+    """The text of `methods_manifest.py` for the methods registered now."""
+    shipped = tuple(info for info in _live() if info["origin"] == "builtin")
+    return (
+        '"""Manifests of the built-in methods, for `vlmkit methods` without importing them.\n\n'
+        "Generated from the registry by `vlmkit methods --update-readme README.md` (`make readme`); do not edit.\n"
+        '"""\n\n'
+        f"METHODS = {pprint.pformat(shipped, width=120, sort_dicts=False)}\n"
+    )
 
 
 def run(args) -> int:
     if args.update_readme:
         path = Path(args.update_readme)
         path.write_text(fill_block(path.read_text(), "methods-table", markdown_table()))
+        MANIFEST.write_text(manifest_source())
         return 0
     if args.markdown:
         print(markdown_table())
         return 0
-    infos = list_methods()
+    infos = _manifests()
     if args.name:
-        infos = [info for info in infos if info.name == args.name] or [_unknown(args.name)]
+        infos = [info for info in infos if info["name"] == args.name] or [_unknown(args.name)]
     for info in infos:
-        print(f"{info.name:<12} {info.family:<8} site={info.site:<8} {info.summary}")
+        print(f"{info['name']:<12} {info['family']:<8} site={info['site']:<8} {info['summary']}")
         if args.name:
-            if info.paper:
-                print(f"  paper: {info.paper}")
-            print(f"  origin: {info.origin}")
-            for param in info.params:
-                print(f"  {param.name}={param.default!r} ({param.type}): {param.help}")
+            if info["paper"]:
+                print(f"  paper: {info['paper']}")
+            print(f"  origin: {info['origin']}")
+        for name, kind, default, help_text in info["params"]:
+            print(f"  {name}={default} ({kind}){f': {help_text}' if args.name else ''}")
     return 0
+
+
+def _manifest(info) -> dict[str, Any]:
+    params = tuple((p.name, p.type, repr(p.default), p.help) for p in info.params)
+    return {
+        "name": info.name,
+        "family": info.family,
+        "site": info.site,
+        "summary": info.summary,
+        "paper": info.paper,
+        "params": params,
+        "origin": info.origin,
+    }
+
+
+def _live() -> list[dict[str, Any]]:
+    from vlmkit.registry import list_methods
+
+    return [_manifest(info) for info in list_methods()]
+
+
+def _manifests() -> list[dict[str, Any]]:
+    """Every method's manifest: built-ins from the shipped file, the others from the registry."""
+    from vlmkit.commands.methods_manifest import METHODS
+    from vlmkit.registry import REGISTRY
+
+    shipped = {info["name"]: info for info in METHODS}
+    return [shipped[name] if name in shipped else _manifest(REGISTRY.info(name)) for name in REGISTRY.names()]
 
 
 def _unknown(name: str):

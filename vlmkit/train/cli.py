@@ -11,8 +11,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-import torch
-
+from vlmkit.commands import threads
 from vlmkit.errors import ConfigError
 
 
@@ -27,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "tower) or shapes-video")
     shapes.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, log.jsonl, final/)")
     shapes.add_argument("--restart", action="store_true", help="start over instead of resuming")
-    shapes.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    threads.add_option(shapes)
     shapes.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe field, e.g. --set chat_steps=2000 (repeatable)")
     shapes.add_argument("--checkpoint-every", type=int, default=100)
@@ -37,12 +36,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     shapes.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     shapes.set_defaults(func=_run)
     check = inner.add_parser("evaluate", help="measure a shapes model on held-out seeds (POPE, CHAIR, MME, video MC)")
-    check.add_argument("--model", required=True, help="a save_pretrained folder (e.g. a run's final/)")
+    check.add_argument(
+        "--model", required=True, help="a shipped checkpoint name or a local save_pretrained folder (e.g. a run's final/)"
+    )
     check.add_argument("--bench", default="pope,chair,mme,video",
                        help="comma-separated subset of pope,chair,mme,video")
     check.add_argument("--n", type=int, default=200, help="images (clips) per bench; 30 per MME subtask")
     check.add_argument("--seed", type=int, default=None, help="first held-out seed (default: the benchmarks' own)")
-    check.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    threads.add_option(check)
     check.add_argument("--out", type=Path, default=None, help="also write the results here as JSON")
     check.set_defaults(func=_evaluate)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
@@ -64,14 +65,11 @@ def _overrides(config, pairs: list[str]):
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
+    from vlmkit import zoo
     from vlmkit.data.shapes import EVAL_SEEDS, WorldConfig
     from vlmkit.train import evaluate
 
-    torch.set_num_threads(args.threads)
-    model = AutoModelForImageTextToText.from_pretrained(args.model).eval()
-    processor = AutoProcessor.from_pretrained(args.model)
+    model, processor = zoo.load(args.model)  # local files and safetensors only
     size = getattr(model.config.vision_config, "image_size", None) or 112
     seed = EVAL_SEEDS.start if args.seed is None else args.seed
     world = WorldConfig(image_size=size)
@@ -95,6 +93,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import torch
+
     from vlmkit.train.trainer import train
 
     if args.model == "llava":
@@ -107,11 +107,8 @@ def _run(args: argparse.Namespace) -> int:
         from vlmkit.train.video import VideoRecipe as recipe_cls
         from vlmkit.train.video import VideoRecipeConfig as config_cls
 
-    if args.threads < 1:
-        raise ConfigError(f"--threads {args.threads} must be >= 1.")
     if args.workers < 0:
         raise ConfigError(f"--workers {args.workers} must be >= 0.")
-    torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     config = _overrides(config_cls(), args.set)
     args.out.mkdir(parents=True, exist_ok=True)
