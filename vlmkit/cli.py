@@ -17,6 +17,7 @@ from vlmkit.errors import VlmkitError
 _COMMAND_MODULES = (
     "vlmkit.commands.methods",
     "vlmkit.commands.demo",
+    "vlmkit.commands.calibrate",
     "vlmkit.data.cli",
     "vlmkit.eval.cli",
     "vlmkit.train.cli",

@@ -29,6 +29,9 @@ _BUILTIN_TARGETS = {
     "dola": "vlmkit.methods.decode.dola:DoLa",
     "lol": "vlmkit.methods.decode.lol:LOL",
     "debias": "vlmkit.methods.decode.debias:Debias",
+    "shortv": "vlmkit.methods.depth.shortv:ShortV",
+    "vtw": "vlmkit.methods.depth.vtw:VTW",
+    "mod": "vlmkit.methods.depth.mod:MoD",
 }
 
 

@@ -1,13 +1,8 @@
-"""Decoding branches through stock generate(), on real forward passes of the tiny models.
-
-- neutral parameters give exactly the plain generation (greedy, sampling, beam search);
-- KV-cached generation (branch rows batched with the main rows, beams reordered) equals recomputing
-  every branch in full at each step;
-- a left-padded batch equals its samples run one by one (branches of different lengths included);
-- `remove()` restores the instance exactly;
-- decoding settings, returned caches and bad uses.
-
-Registering a decoding method enrolls it here (the matrix is built from `list_methods()`).
+"""Decoding branches through stock generate(), on real forward passes of the tiny models: what the
+registry-driven invariants (`tests/engine/test_invariants.py`: neutral settings, cached = recompute,
+padded batch = singles, SDPA = eager, `remove()`, for every decoding method on every family) leave
+out: `num_return_sequences`, the hooks a decoding method installs, returned caches and outputs,
+bad uses, the tokenizer of a saved checkpoint, AnyRes and video inputs.
 """
 from __future__ import annotations
 
@@ -18,33 +13,9 @@ import vlmkit
 from tests.conftest import photos
 from tests.engine.models import QUESTIONS, generate, inputs, model
 from vlmkit.errors import ConfigError, ConflictError
+from vlmkit.registry import REGISTRY
 
-FAMILIES = ["llava", "qwen2_vl"]
 DECODING = sorted(info.name for info in vlmkit.list_methods() if info.family == "decode")
-# a setting that really changes the output, per method
-ACTIVE = {
-    "vcd": "vcd",
-    "icd": "icd",
-    "m3id": "m3id:decay=0.5",
-    "ritual": "ritual:alpha_neg=1",
-    "dola": "dola:layers='low'",
-    "lol": "lol",
-    "debias": "debias:mode='sample'",
-}
-# parameters that turn each method off (DoLa has none: the layer contrast is the method)
-NEUTRAL = {
-    "vcd": "vcd:alpha=0",
-    "icd": "icd:alpha=0",
-    "m3id": "m3id:decay=0",
-    "ritual": "ritual:alpha_pos=0",
-    "lol": "lol:alpha=0,omega=0",
-    "debias": "debias:mode='sample',alpha=0",
-}
-SETTINGS = {
-    "greedy": dict(do_sample=False),
-    "sampling": dict(do_sample=True, top_k=20),
-    "beam2": dict(num_beams=2, do_sample=False),
-}
 
 
 def batch(family, count=2):
@@ -56,55 +27,6 @@ def run(tiny, processor, data, seed=0, **kwargs):
     torch.manual_seed(seed)
     kwargs.setdefault("max_new_tokens", 4)
     return generate(tiny, data, tokenizer=processor.tokenizer, **kwargs)
-
-
-def test_every_decoding_method_is_in_the_matrix():
-    assert set(ACTIVE) == set(DECODING)
-    assert set(NEUTRAL) == set(DECODING) - {"dola"}
-
-
-# the Qwen2-VL rows cover M-RoPE positions, stacked-patch pixels and its chat template on fewer methods
-MATRIX = [("llava", method) for method in DECODING] + [("qwen2_vl", method) for method in ("vcd", "icd", "m3id", "dola")]
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("setting", list(SETTINGS))
-def test_neutral_parameters_give_the_plain_generation(family, setting):
-    tiny, processor, data = batch(family)
-    plain = run(tiny, processor, data, **SETTINGS[setting])
-    specs = NEUTRAL.values() if family == "llava" else [NEUTRAL["vcd"], NEUTRAL["icd"]]
-    for spec in specs:
-        with vlmkit.apply(tiny, spec):
-            assert torch.equal(run(tiny, processor, data, **SETTINGS[setting]), plain), spec
-
-
-@pytest.mark.parametrize(("family", "method"), MATRIX)
-def test_cached_generation_equals_recompute(family, method):
-    """Batched branch rows, merged caches and beam reordering against full recomputation."""
-    tiny, processor, data = batch(family)
-    plain = run(tiny, processor, data)
-    with vlmkit.apply(tiny, ACTIVE[method]) as patch:
-        for name in ("greedy", "beam2") if family == "llava" else ("beam2",):
-            cached = run(tiny, processor, data, **SETTINGS[name])
-            with patch.reuse_selections():
-                recomputed = run(tiny, processor, data, use_cache=False, **SETTINGS[name])
-            assert torch.equal(cached, recomputed), name
-            if name == "greedy":
-                assert not torch.equal(cached, plain), "the active setting must change the output"
-
-
-@pytest.mark.parametrize(("family", "spec"), [("llava", "icd"), ("llava", "m3id:decay=0.5"), ("llava", "dola:layers='low'"), ("qwen2_vl", "vcd")])
-def test_padded_batch_equals_single_runs(family, spec):
-    tiny, processor = model(family)
-    questions = ["What is shown?", "Is there a cat in the image? Answer yes or no.", "Describe it in detail."]
-    images = photos()[:3]
-    with vlmkit.apply(tiny, spec):
-        data = inputs(processor, images, questions)
-        assert (data["attention_mask"] == 0).any(), "the batch must be padded"
-        together = run(tiny, processor, data)
-        for row in range(3):
-            alone = run(tiny, processor, inputs(processor, [images[row]], [questions[row]]))
-            assert torch.equal(alone[0], together[row][: alone.shape[1]]), row
 
 
 def test_num_return_sequences_and_beams_with_a_batch():
@@ -133,7 +55,7 @@ def test_remove_restores_exactly():
         tiny(**data, output_hidden_states=True)
     hooks = hook_snapshot(tiny)
     for method in DECODING:
-        patch = vlmkit.apply(tiny, ACTIVE[method])
+        patch = vlmkit.apply(tiny, f"{method}:{REGISTRY.get(method).example}" if REGISTRY.get(method).example else method)
         assert {"generate", "_get_logits_processor", "_reorder_cache"} <= set(tiny.__dict__)
         assert [hook.split(":", 1)[1] for hook in patch.hooks] == [
             "logits:generate", "logits:processors", "logits:reorder", "logits:rows", "logits:split", "logits:lm_head", "copy"]
@@ -167,7 +89,7 @@ def test_bad_uses_are_clear_errors():
         vlmkit.apply(tiny, "vcd", "m3id")
     with vlmkit.apply(tiny, "icd"):
         with pytest.raises(ConfigError, match="tokenizer=processor.tokenizer"):
-            generate(tiny, data)
+            generate(tiny, data, tokenizer=None)
         with pytest.raises(ConfigError, match="prefill_chunk_size"):
             run(tiny, processor, data, prefill_chunk_size=8)
     text_only = processor.tokenizer(["Hello there"], return_tensors="pt")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 
@@ -10,10 +11,19 @@ from vlmkit import zoo
 QUESTIONS = ["What is shown?", "Describe the image.", "Is there a cat in the image?", "What colour is it?"]
 
 
-@functools.lru_cache(maxsize=None)
 def model(family: str, attn: str = "sdpa"):
+    """The cached tiny model of `family` with attention `attn`, and its processor."""
+    return _model(family, attn)
+
+
+@functools.lru_cache(maxsize=None)
+def _model(family: str, attn: str):
     tiny_model, processor = zoo.tiny(family, attn_implementation=attn)
+    TOKENIZERS[tiny_model] = processor.tokenizer
     return tiny_model.eval(), processor
+
+
+TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def prompt(processor, question: str, modality: str = "image") -> str:
@@ -30,7 +40,10 @@ def inputs(processor, images, questions, modality: str = "image"):
 
 
 def generate(model, batch, **kwargs):
+    """Greedy continuation tokens (6 by default); the model's tokenizer goes along (decoding methods
+    that encode text read it)."""
     kwargs.setdefault("max_new_tokens", 6)
+    kwargs.setdefault("tokenizer", TOKENIZERS.get(model))
     kwargs.setdefault("do_sample", False)
     with torch.no_grad():
         out = model.generate(**batch, **kwargs)

@@ -186,37 +186,51 @@ class Adapter:
         layer: nn.Module,
         hidden: torch.Tensor,
         query_rows: torch.Tensor,
+        query_valid: torch.Tensor,
         *,
         attention_mask,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         past_key_values=None,
-        **kwargs: Any,
     ) -> torch.Tensor:
         """One decoder layer run for a subset of its tokens: every token's key and value are computed
-        (and cached), only the rows `query_rows` (B, Q) get a query, attention and the MLP.
+        (and cached), only the rows `query_rows` (B, Q) (where `query_valid`) get a query, attention
+        and the MLP; the other rows leave the layer unchanged.
 
         The same arithmetic as the layer's own forward (pre-norm, rotary, the model's attention
-        implementation, residuals, MLP). Returns the new states of the query rows, (B, Q, D).
+        implementation, residuals, MLP). The layer is called as a module, so its hooks (output
+        capturing for `output_hidden_states` among them) see the call and its (B, L, D) output.
         """
         attention = self.attention_module(layer)
-        batch, _, width = hidden.shape
-        index = query_rows[..., None].expand(-1, -1, width)
-        residual = hidden.gather(1, index)
-        normed = layer.input_layernorm(hidden)
-        cos, sin = position_embeddings
-        rows = query_rows[..., None].expand(-1, -1, cos.shape[-1])
-        query = attention.q_proj(normed.gather(1, index)).view(batch, query_rows.shape[1], -1, attention.head_dim).transpose(1, 2)
-        key = attention.k_proj(normed).view(batch, hidden.shape[1], -1, attention.head_dim).transpose(1, 2)
-        value = attention.v_proj(normed).view(batch, hidden.shape[1], -1, attention.head_dim).transpose(1, 2)
-        query = rotate(query, cos.gather(-2, rows), sin.gather(-2, rows))
-        key = rotate(key, cos, sin)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, attention.layer_idx)
-        interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.attention_implementation, eager_attention_forward)
-        output, _ = interface(attention, query, key, value, attention_mask, dropout=0.0, scaling=attention.scaling)
-        output = attention.o_proj(output.reshape(batch, query_rows.shape[1], -1).contiguous())
-        states = residual + output
-        return states + layer.mlp(layer.post_attention_layernorm(states))
+
+        def forward(hidden_states, **_):
+            batch, _, width = hidden_states.shape
+            index = query_rows[..., None].expand(-1, -1, width)
+            residual = hidden_states.gather(1, index)
+            normed = layer.input_layernorm(hidden_states)
+            cos, sin = (table.expand(batch, -1, -1) for table in position_embeddings)
+            rows = query_rows[..., None].expand(-1, -1, cos.shape[-1])
+            query = attention.q_proj(normed.gather(1, index)).view(batch, query_rows.shape[1], -1, attention.head_dim).transpose(1, 2)
+            key = attention.k_proj(normed).view(batch, hidden_states.shape[1], -1, attention.head_dim).transpose(1, 2)
+            value = attention.v_proj(normed).view(batch, hidden_states.shape[1], -1, attention.head_dim).transpose(1, 2)
+            query = rotate(query, cos.gather(-2, rows), sin.gather(-2, rows))
+            key = rotate(key, cos, sin)
+            if past_key_values is not None:
+                key, value = past_key_values.update(key, value, attention.layer_idx)
+            interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.attention_implementation, eager_attention_forward)
+            output, _ = interface(attention, query, key, value, attention_mask, dropout=0.0, scaling=attention.scaling)
+            states = residual + attention.o_proj(output.reshape(batch, query_rows.shape[1], -1).contiguous())
+            states = states + layer.mlp(layer.post_attention_layernorm(states))
+            updated = hidden_states.clone()
+            batch_rows = torch.arange(batch, device=query_rows.device)[:, None].expand_as(query_rows)
+            updated[batch_rows[query_valid], query_rows[query_valid]] = states[query_valid]
+            return updated
+
+        layer.forward = forward  # for this call only: the module's hooks run around it
+        try:
+            return layer(hidden, attention_mask=attention_mask, position_embeddings=position_embeddings,
+                         past_key_values=past_key_values)
+        finally:
+            del layer.forward
 
     @property
     def rope_deltas(self) -> torch.Tensor | None:
@@ -241,9 +255,11 @@ class Adapter:
         return layer.self_attn
 
     def probe_projections(
-        self, layer: nn.Module, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], keys: bool
+        self, layer: nn.Module, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], keys: bool,
+        all_queries: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The last token's rotated query (B, H, 1, d), and all rotated keys (B, H_kv, L, d) when `keys`.
+        """The last token's rotated query (B, H, 1, d) (every token's, (B, H, L, d), with `all_queries`),
+        and all rotated keys (B, H_kv, L, d) when `keys`.
 
         Recomputes only the projections needed from the layer's input, exactly as its attention does.
         """
@@ -251,8 +267,9 @@ class Adapter:
         normed = layer.input_layernorm(hidden)
         cos, sin = rotary
         batch, length, _ = hidden.shape
-        query = attention.q_proj(normed[:, -1:]).view(batch, 1, -1, attention.head_dim).transpose(1, 2)
-        query = rotate(query, cos[..., -1:, :], sin[..., -1:, :])
+        rows = length if all_queries else 1
+        query = attention.q_proj(normed[:, -rows:]).view(batch, rows, -1, attention.head_dim).transpose(1, 2)
+        query = rotate(query, cos[..., -rows:, :], sin[..., -rows:, :])
         if not keys:
             return query, None
         key = attention.k_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)

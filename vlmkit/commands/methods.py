@@ -27,7 +27,7 @@ def register(subparsers) -> None:
 
 def markdown_table() -> str:
     """The methods table of the README, generated from the registry."""
-    lines = ["| method | family | site | what it does | parameters (defaults) |", "|---|---|---|---|---|"]
+    lines = ["| method | family | sites | what it does | parameters (defaults) |", "|---|---|---|---|---|"]
     for info in _live():
         params = ", ".join(f"`{name}={default}`" for name, _, default, _ in info["params"])
         name = f"[`{info['name']}`]({info['paper']})" if info["paper"] else f"`{info['name']}`"
@@ -59,7 +59,7 @@ def run(args) -> int:
     if args.name:
         infos = [info for info in infos if info["name"] == args.name] or [_unknown(args.name)]
     for info in infos:
-        print(f"{info['name']:<12} {info['family']:<8} site={info['site']:<8} {info['summary']}")
+        print(f"{info['name']:<12} {info['family']:<8} sites={info['site']:<14} {info['summary']}")
         if args.name:
             if info["paper"]:
                 print(f"  paper: {info['paper']}")

@@ -498,7 +498,6 @@ class TextStackRunner:
             resting[row, visual.slots[running]] = False
         gather, query_valid, _ = pack(stream.valid & ~resting)
         rows = torch.arange(batch, device=gather.device)[:, None].expand_as(gather)
-        hidden = stream.hidden.clone()
         if route.mode == "freeze":
             # every token keeps its key and value; queries are the running rows (padding rows point at
             # the last token, always real, and are discarded)
@@ -508,8 +507,8 @@ class TextStackRunner:
             layout = self._layout(run, index, stream)
             queries = stream.hidden.gather(1, query_rows[..., None].expand(-1, -1, stream.hidden.shape[-1]))
             mask = self._mask(run, index, layout, queries, stream, query_rows)
-            output = self.adapter.run_layer_queries(
-                layer, stream.hidden, query_rows, attention_mask=mask, position_embeddings=rotary,
+            hidden = self.adapter.run_layer_queries(
+                layer, stream.hidden, query_rows, query_valid, attention_mask=mask, position_embeddings=rotary,
                 past_key_values=run.cache,
             )
             self._count(run, query_valid.sum(dim=1), stream.valid.sum(dim=1), stream.valid.sum(dim=1))
@@ -529,7 +528,8 @@ class TextStackRunner:
                 past_key_values=run.cache, use_cache=use_cache, **kwargs,
             )
             self._count(run, query_valid.sum(dim=1), query_valid.sum(dim=1), query_valid.sum(dim=1))
-        hidden[rows[query_valid], gather[query_valid]] = output[query_valid]
+            hidden = stream.hidden.clone()
+            hidden[rows[query_valid], gather[query_valid]] = output[query_valid]
         if run.cache is not None:
             run.cache.layers[index].record(layout, run.length)
         return hidden

@@ -1,0 +1,44 @@
+"""Calibration files of the layer-skipping methods: what they hold and how a method checks them.
+
+`vlmkit calibrate shortv|vtw` (`vlmkit.analysis.depth`) writes one JSON file per model:
+``{"method", "model_hash", "num_layers", ...}``, plus ``"ranking"`` and ``"contribution"`` for
+ShortV and ``"layer"`` and ``"kl"`` for VTW. A method given such a file refuses a model whose
+weights hash differs (the layers were measured on other weights).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from vlmkit.errors import ConfigError
+from vlmkit.hashing import state_dict_hash
+
+
+def layer_list(method: str, name: str, layers: Iterable[int] | int) -> tuple[int, ...]:
+    """`layers` as a sorted tuple of distinct ints (a single int is one layer)."""
+    values = (layers,) if isinstance(layers, int) and not isinstance(layers, bool) else layers
+    try:
+        values = tuple(values)
+    except TypeError:
+        raise ConfigError(f"{method}: {name}={layers!r} must be a list of decoder layer indices, e.g. {name}=(4, 5)") from None
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ConfigError(f"{method}: {name}={layers!r} must hold integers (decoder layer indices)")
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{method}: {name}={layers!r} names a layer twice")
+    return tuple(sorted(values))
+
+
+def check_calibration(method: str, path: str, calibration: dict, adapter) -> None:
+    """Raise a ConfigError unless `calibration` was measured on this model's weights."""
+    expected = calibration.get("model_hash")
+    layers = len(adapter.decoder_layers)
+    if calibration.get("num_layers") != layers:
+        raise ConfigError(
+            f"{method}: {path} was calibrated on a model with {calibration.get('num_layers')} decoder layers; this one "
+            f"has {layers}. Run `vlmkit calibrate {method}` on this model"
+        )
+    actual = state_dict_hash(adapter.model)
+    if expected != actual:
+        raise ConfigError(
+            f"{method}: {path} was calibrated on another model (weights hash {str(expected)[:12]}, this model's is "
+            f"{actual[:12]}). Run `vlmkit calibrate {method}` on this model"
+        )
