@@ -148,7 +148,8 @@ class Adapter:
             query_rows: (B, Q) long, the key index of each query when the queries are a subset of
                 the keys (a frozen route), else None.
             extra: a further mask function `(batch, head, query, key) -> bool` to combine with the
-                causal one (the attention site).
+                causal one (the attention site); `query` indexes this call's queries (0 .. Q-1) and
+                `key` the keys (0 .. K-1).
 
         Raises:
             ConfigError: the attention implementation has no registered mask function.
@@ -160,8 +161,8 @@ class Adapter:
             function, offset = causal_mask_function, physical_past
         else:
             function, offset = (lambda b, h, q, kv: kv <= query_rows[b, q]), 0
-        if extra is not None:
-            function = and_masks(function, extra)
+        if extra is not None:  # `extra` takes the query's index among this call's queries
+            function = and_masks(function, lambda b, h, q, kv: extra(b, h, q - offset, kv))
         return ALL_MASK_ATTENTION_FUNCTIONS[implementation](
             batch_size=hidden.shape[0],
             q_length=hidden.shape[1],

@@ -357,7 +357,7 @@ class DecodeSession:
 
     def _prepare_branches(self) -> None:
         """Each branch's prompt inputs, prepared as generate() prepares the main rows'."""
-        model, base = self.model, self.adapter.base_model
+        model, adapter = self.model, self.adapter
         for call in self.calls:
             kwargs = dict(call.kwargs)
             input_ids = kwargs.pop("input_ids")
@@ -365,11 +365,10 @@ class DecodeSession:
             kwargs["attention_mask"] = mask
             encoded: dict = {}
             with self.state.branch_scope(encoded, prune=self.method.prune_branches):
-                # Qwen2-VL's position helper caches `rope_deltas` on the model: keep the main call's
-                rope_deltas = getattr(base, "rope_deltas", None)
+                # Qwen2-VL's position helper caches its M-RoPE deltas on the model: keep the main call's
+                deltas = adapter.rope_deltas
                 kwargs["position_ids"] = model._prepare_position_ids_for_generation(input_ids, {**kwargs, "input_ids": input_ids})
-                if hasattr(base, "rope_deltas"):
-                    base.rope_deltas = rope_deltas
+                adapter.rope_deltas = deltas
                 if bool(mask.all()):
                     kwargs["attention_mask"] = None  # as generate() does: no padding, no mask
                 visual = any(key not in ("attention_mask", "position_ids", *TOKEN_KEYS) for key in kwargs)
@@ -454,10 +453,12 @@ class DecodeSession:
             if self.compact:
                 key = tuple(p.layout for p in parts)
                 if key not in joined:
+                    visual = [p.layout.visual for p in parts]
                     joined[key] = SlotLayout(
                         torch.cat([_pad_left(p.layout.valid, length, dim=-1) for p in parts]),
                         torch.cat([_pad_left(p.layout.slot, length, dim=-1, value=-1) for p in parts]),
                         torch.cat([p.layout.shift for p in parts]),
+                        None if any(v is None for v in visual) else [row for rows in visual for row in rows],
                     )
                 merged.layout = joined[key]
             cache.layers[index] = merged
@@ -491,7 +492,7 @@ class DecodeSession:
         self.expanded = True
 
     def _layer_logits(self, hidden: list[tuple[torch.Tensor, ...]]) -> dict[int, torch.Tensor]:
-        head, norm = self.model.get_output_embeddings(), self.adapter.text_model.norm
+        head, norm = self.model.get_output_embeddings(), self.adapter.final_norm
         final = len(hidden[0]) - 1  # hidden_states[-1] already went through the final norm
         logits = {}
         for layer in self.layers:

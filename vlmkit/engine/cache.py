@@ -27,23 +27,27 @@ class SlotLayout:
         slot: (B, S) long, the caller-layout position of that token (-1 where none).
         shift: (B,) per row, what the layer subtracts from the caller's positions of later tokens
             (the `reindex` policy, position methods).
+        visual: per row, the visual tokens of the prefill that filled the cache, their `slots` in the
+            caller's layout (what attention and cache methods read at decoding steps), or None.
     """
 
     valid: torch.Tensor
     slot: torch.Tensor
     shift: torch.Tensor
+    visual: list | None = None
 
     def extended(self, valid: torch.Tensor, slot: torch.Tensor) -> "SlotLayout":
         """The layout after appending slots (a decoding step's tokens)."""
-        return SlotLayout(torch.cat([self.valid, valid], dim=1), torch.cat([self.slot, slot], dim=1), self.shift)
+        return SlotLayout(torch.cat([self.valid, valid], dim=1), torch.cat([self.slot, slot], dim=1), self.shift, self.visual)
 
     def rows(self, index: torch.Tensor) -> "SlotLayout":
         """The layout of the rows `index` (reordered, repeated or selected)."""
         index = index.to(self.valid.device)
-        return SlotLayout(self.valid[index], self.slot[index], self.shift[index])
+        visual = None if self.visual is None else [self.visual[row] for row in index.tolist()]
+        return SlotLayout(self.valid[index], self.slot[index], self.shift[index], visual)
 
     def cropped(self, physical: int) -> "SlotLayout":
-        return SlotLayout(self.valid[:, :physical], self.slot[:, :physical], self.shift)
+        return SlotLayout(self.valid[:, :physical], self.slot[:, :physical], self.shift, self.visual)
 
 
 class CompactLayer(DynamicLayer):

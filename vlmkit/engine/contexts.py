@@ -6,7 +6,7 @@ order); the engine owns the mapping to stream rows, masks, positions and the cac
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -114,13 +114,13 @@ class CacheContext:
         valid: per decoder layer, (B, S) bool, which cache slots hold a token.
         slots: per decoder layer, (B, S) long, the caller-layout position of each slot (-1: none).
         visual: per sample, the prefill's visual tokens (caller-layout positions in `slots`).
-        step: decoding steps done (0 right after the prefill).
-        extras: room for a method's own state across the steps of one call.
+        prefill: True right after the prefill, False after a decoding step.
+        logical_length: tokens the caller has sent so far (prompt and generated).
     """
 
     keys: list[torch.Tensor]
     valid: list[torch.Tensor]
     slots: list[torch.Tensor]
     visual: list[VisualTokens] | None
-    step: int
-    extras: dict = field(default_factory=dict)
+    prefill: bool
+    logical_length: int

@@ -100,6 +100,7 @@ class Pass:
     no_shift: torch.Tensor
     masks: dict
     layouts: dict  # a decoding step: old layout -> extended layout (shared by the layers that shared it)
+    visual: list[VisualTokens] | None  # the prefill's visual tokens, caller-layout slots
     flops: torch.Tensor  # (B,) float64 LLM FLOPs of this call
 
 
@@ -176,6 +177,7 @@ class TextStackRunner:
         run = Pass(
             cache=past_key_values, logical_past=logical_past, length=length, prefill=visual is not None,
             shift=zero, no_shift=zero, masks={}, layouts={}, flops=torch.zeros(batch, dtype=torch.float64, device=device),
+            visual=self._caller_visual(stream),
         )
         if run.prefill:
             self.state.start_prefill()
@@ -223,7 +225,7 @@ class TextStackRunner:
             previous = (layer_input, stream.hidden, stream.visual)
 
         if run.cache is not None and self.plan.cache is not None:
-            self._edit_cache(run.cache, stream)
+            self._edit_cache(run)
         if run.prefill:
             self.state.finish_prefill(run.flops, run.cache, self.num_layers)
         hidden = stream.hidden
@@ -311,7 +313,7 @@ class TextStackRunner:
             for layout in stream.fresh_layouts:
                 if torch.equal(layout.shift, run.shift):
                     return layout
-            layout = SlotLayout(stream.valid, slot, run.shift)
+            layout = SlotLayout(stream.valid, slot, run.shift, run.visual)
             stream.fresh_layouts.append(layout)
             return layout
         previous = run.cache.layers[index].layout
@@ -330,9 +332,7 @@ class TextStackRunner:
             if self.plan.attention is not None:
                 rows = query_rows if query_rows is not None else torch.arange(hidden.shape[1], device=hidden.device) + physical_past
                 query_slots = layout.slot.gather(1, rows.expand(hidden.shape[0], -1))
-                extra = self.plan.attention.mask_function(
-                    AttentionContext(index, layout.slot, query_slots, self._caller_visual(stream))
-                )
+                extra = self.plan.attention.mask_function(AttentionContext(index, layout.slot, query_slots, layout.visual))
             run.masks[key] = self.adapter.mask(hidden, layout.valid, physical_past, query_rows, extra)
         return run.masks[key]
 
@@ -556,16 +556,13 @@ class TextStackRunner:
         if stream.layer_positions is not None:
             stream.layer_positions = positions if positions.ndim == 2 else stream.layer_positions
 
-    def _edit_cache(self, cache, stream: Stream) -> None:
+    def _edit_cache(self, run: Pass) -> None:
         """After the prefill or a decoding step: let the cache method remove slots."""
-        layers = cache.layers[: self.num_layers]
-        steps = getattr(cache, "vlmkit_steps", -1) + 1
-        cache.vlmkit_steps = steps
-        if steps == 0:
-            cache.vlmkit_visual = self._caller_visual(stream)
+        layers = run.cache.layers[: self.num_layers]
         context = CacheContext(
             keys=[layer.keys for layer in layers], valid=[layer.layout.valid for layer in layers],
-            slots=[layer.layout.slot for layer in layers], visual=getattr(cache, "vlmkit_visual", None), step=steps,
+            slots=[layer.layout.slot for layer in layers], visual=layers[0].layout.visual,
+            prefill=run.prefill, logical_length=layers[0].logical_length,
         )
         edits = self.plan.cache.edit_cache(context) or {}
         rebuilt: dict = {}
@@ -580,5 +577,5 @@ class TextStackRunner:
             if key not in rebuilt:
                 gather, valid, _ = pack(keep)
                 slot = layer.layout.slot.gather(1, gather).masked_fill(~valid, -1)
-                rebuilt[key] = SlotLayout(valid, slot, layer.layout.shift)
+                rebuilt[key] = SlotLayout(valid, slot, layer.layout.shift, layer.layout.visual)
             layer.keep_slots(keep, rebuilt[key])
