@@ -72,7 +72,9 @@ def test_eval_runs_and_scores_each_bench(bench, method, data, tmp_path):
         assert row["visual_tokens"]["input"] == per_sample
         assert row["visual_tokens"]["kept"] == ({"fastv": round(per_sample * 0.25)} if method else {})
         assert row["timing"]["prefill_s"] > 0 and row["timing"]["batch_size"] >= 1
+        assert row["cost"]["llm_flops"] > 0 and row["cost"]["kv_bytes"] > 0
     assert set(scores["metrics"]) == METRICS[bench]
+    assert scores["summary"]["cost"]["llm_flops"] == pytest.approx(sum(r["cost"]["llm_flops"] for r in rows) / len(rows))
     assert scores["summary"]["samples"] == len(rows) and scores["summary"]["errors"] == 0
     assert scores["summary"]["visual_tokens"]["kept_final_mean"] == (per_sample // 4 if method else per_sample)
 
@@ -204,3 +206,23 @@ def test_video_task_set_from_a_data_list(tmp_path):
     assert config["data"]["sample_ids"] == ["object_appear/0", "object_appear/1"]
     assert config["data"]["paths"]["data_list"] == str(data / "data_list.json")
     assert [row["metadata"]["task_type"] for row in rows_of(tmp_path / "run")] == ["object_appear"] * 2
+
+
+def test_rows_record_the_prefill_cost_the_engine_counted(data, tmp_path):
+    """Dense rows carry the dense prefill, pruned rows what the engine counted: the numbers
+    `vlmkit.zoo.flops` gives for what ran (FastV before layer 2 keeping a quarter of 144 tokens)."""
+    from vlmkit import zoo
+
+    assert evaluate("pope", data["pope"], tmp_path / "dense") == 0
+    assert evaluate("pope", data["pope"], tmp_path / "fastv", "--method", FASTV) == 0
+    model, _ = zoo.tiny("llava")
+    config = model.config.text_config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token_and_layer = 2 * config.num_key_value_heads * head_dim * 4  # keys and values, float32
+    for dense, pruned in zip(rows_of(tmp_path / "dense"), rows_of(tmp_path / "fastv")):
+        length = dense["cost"]["kv_bytes"] / (per_token_and_layer * config.num_hidden_layers)
+        assert length == int(length)
+        text = int(length) - 144
+        assert dense["cost"]["llm_flops"] == pytest.approx(zoo.flops(model, text, 144))
+        assert pruned["cost"]["llm_flops"] == pytest.approx(zoo.flops(model, text, [144, 144, 36, 36]))
+        assert pruned["cost"]["kv_bytes"] == pytest.approx((2 * length + 2 * (text + 36)) * per_token_and_layer)

@@ -20,6 +20,9 @@ the scorer's prerequisites (CHAIR's NLTK data and synonym table), the run direct
      "new_tokens",                    # tokens generated for this sample (up to and including its end token)
      "visual_tokens": {"input": n,    # visual placeholder tokens of the prompt
                        "kept": {method: k}},  # kept per method, from patch.selections (empty without methods)
+     "cost": {"llm_flops", "kv_bytes"},  # the prefill's decoder FLOPs and the KV-cache bytes it left:
+                                      # counted by the engine from what ran (patch.cost), or, without
+                                      # methods, vlmkit.zoo.flops and the cache of the whole prompt
      "timing": {"batch_size", "prefill_s", "decode_s", "decode_steps", "batch_wall_s",
                 "threads"}}           # torch CPU threads the batch ran with
 
@@ -56,6 +59,7 @@ import torch
 from tqdm import tqdm
 
 from vlmkit.errors import ConfigError, InputError, did_you_mean
+from vlmkit.hashing import state_dict_hash
 from vlmkit.eval import benchmarks, records
 from vlmkit.eval.benchmarks.base import DataOptions, Sample, fingerprint, media_name
 from vlmkit.eval.media import FrameFolder, VideoFile
@@ -351,7 +355,7 @@ def load_model(spec: str, dtype: str, device: torch.device, trust_remote_code: b
     if spec.startswith("tiny:"):
         model, processor = zoo.tiny(spec.split(":", 1)[1])
         model = model.to(dtype=torch_dtype)
-        record = {"spec": spec, "source": "tiny", "path": None, "weights_sha256": _state_dict_hash(model)}
+        record = {"spec": spec, "source": "tiny", "path": None, "weights_sha256": state_dict_hash(model)}
     else:
         shipped = spec in zoo.available()
         model, processor = zoo.load(spec, trust_remote_code=trust_remote_code, dtype=torch_dtype)
@@ -387,14 +391,6 @@ def _torch_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if torch.device(device).type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
-
-
-def _state_dict_hash(model: torch.nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _files_hash(files: Sequence[Path]) -> str:
@@ -504,6 +500,7 @@ def generate_batch(
         new = output[:, inputs["input_ids"].shape[1] :].cpu()
         replies = processor.batch_decode(new, skip_special_tokens=True)
         kept = {name: [len(keep) for keep in keeps] for name, keeps in (patch.selections if patch else {}).items()}
+        cost = _prefill_cost(model, patch, inputs["attention_mask"].sum(-1).tolist(), visual)
         counts = _new_token_counts(new, generation.eos_token_id, pad)
         prefill = clock.stamps[0] - clock.start
         decode = clock.stamps[-1] - clock.stamps[0]
@@ -514,6 +511,7 @@ def generate_batch(
                 error=None,
                 new_tokens=counts[row_index],
                 visual_tokens={"input": visual[row_index], "kept": {name: k[row_index] for name, k in kept.items()}},
+                cost={name: values[row_index] for name, values in cost.items()},
                 timing={
                     "batch_size": len(ready),
                     "prefill_s": prefill,
@@ -524,6 +522,23 @@ def generate_batch(
                 },
             )
     return [rows[sample.sample_id] for sample in batch]
+
+
+def _prefill_cost(model, patch, lengths: Sequence[int], visual: Sequence[int]) -> dict[str, list[float]]:
+    """Per sample, the prefill's LLM FLOPs and KV bytes: the engine's count when a stack method ran
+    it, else the dense prefill of the whole prompt (`vlmkit.zoo.flops`, every layer caching every token)."""
+    if patch is not None and patch.cost.get("llm_flops") and len(patch.cost["llm_flops"]) == len(lengths):
+        return dict(patch.cost)
+    config = model.config.get_text_config()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    per_token = 2 * heads * head_dim * model.dtype.itemsize * config.num_hidden_layers
+    from vlmkit.zoo.flops import flops
+
+    return {
+        "llm_flops": [flops(model, length - count, count) for length, count in zip(lengths, visual)],
+        "kv_bytes": [float(length * per_token) for length in lengths],
+    }
 
 
 def _new_token_counts(new: torch.Tensor, eos: int | Sequence[int] | None, pad: int | None) -> list[int]:
@@ -570,6 +585,9 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         prefill += timing["prefill_s"] / timing["batch_size"]
         decode += timing["decode_s"] / timing["batch_size"]
         wall += timing["batch_wall_s"] / timing["batch_size"]
+    costs = [row["cost"] for row in good if row.get("cost")]
+    if costs:
+        summary["cost"] = {name: sum(cost[name] for cost in costs) / len(costs) for name in ("llm_flops", "kv_bytes")}
     decode_tokens = sum(max(row["new_tokens"] - 1, 0) for row in good)
     summary["timing"] = {
         "prefill_s_per_sample": prefill / n,
