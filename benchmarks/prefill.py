@@ -1,4 +1,5 @@
-"""Prefill time, decode speed and peak memory: dense vs FastV vs VisionZip vs pool at 50 / 25 / 11 %.
+"""Prefill time, decode speed and peak memory: dense vs pruning (FastV, VisionZip, pool at 50 / 25 / 11 %)
+vs layer skipping (ShortV, VTW, MoD-style routing at three budgets each).
 
 The model is a geometry twin: LLaVA-1.5's 576 visual tokens per image (a small CLIP-shaped tower, since
 the tower's cost is the same for every method) in front of the real Qwen2-0.5B language model geometry
@@ -9,7 +10,8 @@ Measured per configuration, interleaved (dense, then each method, repeated), med
 - full prefill: the whole forward (tower + projector + LLM), i.e. time to first token;
 - decode: tokens/s of the next 16 tokens with the KV cache;
 - peak memory: the process's peak resident set during the prefill (Linux VmHWM, reset per run);
-- FLOPs-ideal speedup of the LLM prefill (`vlmkit.zoo.flops`), and measured / ideal;
+- FLOPs-ideal speedup of the LLM prefill: dense FLOPs (`vlmkit.zoo.flops`) over the FLOPs the engine
+  counted for what the method ran (`patch.cost`), and measured / ideal;
 - length-matched: the unpatched language model run on a prompt as long as the pruned one (64 text +
   kept visual tokens). It is the speedup the hardware gives for that many tokens (weights are read
   once per forward whatever the length, so short prompts fall short of the FLOPs ratio on any
@@ -20,7 +22,7 @@ processes inflate wall time but not the work this process does; with one thread 
 the two agree. `--clock wall` measures wall time instead.
 
 Usage:
-    python -m benchmarks.prefill [--repeats 3] [--threads 1] [--clock cpu|wall] [--out benchmarks/results/prefill]
+    python -m benchmarks.prefill [--repeats 3] [--threads 1] [--clock cpu|wall] [--only NAME ...] [--out benchmarks/results/prefill]
 
 (run as a module: as a script, `benchmarks/` would shadow top-level packages such as `kernels`)
 """
@@ -41,6 +43,7 @@ from vlmkit.zoo import flops
 from benchmarks._twin_model import TEXT_TOKENS, VISUAL_TOKENS, build_inputs, build_model
 
 BUDGETS = (0.5, 0.25, 0.11)
+LAYERS = 24  # Qwen2-0.5B
 
 
 def configurations() -> list[tuple[str, tuple[str, ...]]]:
@@ -51,6 +54,12 @@ def configurations() -> list[tuple[str, tuple[str, ...]]]:
             (f"visionzip {keep:.0%}", (f"visionzip:tokens={round(VISUAL_TOKENS * keep)}",)),
             (f"pool {keep:.0%}", (f"pool:keep={keep}",)),
         ]
+    for frozen in (8, 12, 16):  # the last layers, where ShortV's rankings put the least contribution
+        configs.append((f"shortv {frozen}/{LAYERS} layers", (f"shortv:layers={tuple(range(LAYERS - frozen, LAYERS))}",)))
+    for layer in (16, 12, 8):
+        configs.append((f"vtw K={layer}", (f"vtw:layer={layer}",)))
+    for name, spec in (("prd", "mod"), ("prd floor 0.05", "mod:floor=0.05"), ("prd start 1.0", "mod:start=1.0,floor=0.05")):
+        configs.append((f"mod {name}", (spec,)))
     return configs
 
 
@@ -83,7 +92,8 @@ def measure(model, inputs, specs) -> dict[str, float]:
             full = clock() - begin
             peak = peak_memory_mb()
             prefill_llm = llm["stop"] - llm["start"]
-            kept = min(len(k) for kept in patch.selections.values() for k in kept) if patch else VISUAL_TOKENS
+            kept = min((len(k) for kept in patch.selections.values() for k in kept), default=VISUAL_TOKENS)
+            counted = patch.cost["llm_flops"][0] if patch else flops(model.config, TEXT_TOKENS, VISUAL_TOKENS)
             begin = clock()
             model.generate(**inputs, max_new_tokens=1, do_sample=False)
             one = clock() - begin
@@ -96,7 +106,7 @@ def measure(model, inputs, specs) -> dict[str, float]:
         if patch:
             patch.remove()
     return {"llm_prefill_s": prefill_llm, "prefill_s": full, "decode_tok_s": 16 / max(seventeen - one, 1e-9),
-            "peak_mb": peak, "visual_tokens": kept}
+            "peak_mb": peak, "visual_tokens": kept, "llm_flops": counted}
 
 
 def measure_length(model, tokens: int) -> float:
@@ -109,19 +119,13 @@ def measure_length(model, tokens: int) -> float:
         return clock() - begin
 
 
-def ideal_flops(model, name: str, kept: int) -> float:
-    layers = model.config.text_config.num_hidden_layers
-    if name.startswith("fastv"):
-        per_layer = [VISUAL_TOKENS] * 2 + [kept] * (layers - 2)
-        return flops(model.config, TEXT_TOKENS, per_layer)
-    return flops(model.config, TEXT_TOKENS, kept)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu", help="cpu: thread CPU time (needs --threads 1)")
+    parser.add_argument("--only", nargs="*", default=None, metavar="NAME",
+                        help="run dense and the configurations whose name starts with one of these (e.g. shortv vtw mod)")
     parser.add_argument("--out", default="benchmarks/results/prefill")
     args = parser.parse_args()
     if args.clock == "cpu" and args.threads != 1:
@@ -130,10 +134,11 @@ def main() -> None:
     clock = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
     model, inputs = build_model(), build_inputs()
-    configs = configurations()
+    configs = [c for c in configurations() if c[0] == "dense" or args.only is None or c[0].startswith(tuple(args.only))]
     measure(model, inputs, ())  # warm-up
     runs: dict[str, list[dict[str, float]]] = {name: [] for name, _ in configs}
-    lengths = sorted({TEXT_TOKENS + VISUAL_TOKENS} | {TEXT_TOKENS + round(VISUAL_TOKENS * keep) for keep in BUDGETS})
+    lengths = sorted({TEXT_TOKENS + VISUAL_TOKENS} | {TEXT_TOKENS + round(VISUAL_TOKENS * keep) for keep in BUDGETS}
+                     if any(name.startswith(("visionzip", "pool")) for name, _ in configs) else {TEXT_TOKENS + VISUAL_TOKENS})
     matched: dict[int, list[float]] = {length: [] for length in lengths}
     for _ in range(args.repeats):
         for name, specs in configs:
@@ -146,12 +151,13 @@ def main() -> None:
     rows = []
     for name, specs in configs:
         kept = int(median(name, "visual_tokens"))
-        ideal = dense_flops / ideal_flops(model, name, kept)
+        ideal = dense_flops / median(name, "llm_flops")
         speedup = median("dense", "llm_prefill_s") / median(name, "llm_prefill_s")
         length = min(matched_s, key=lambda n: abs(n - (TEXT_TOKENS + kept)))
-        length_matched = None if name.startswith("fastv") else matched_s[TEXT_TOKENS + VISUAL_TOKENS] / matched_s[length]
+        before_the_llm = name.startswith(("visionzip", "pool"))  # one shorter prompt: a length-matched run exists
+        length_matched = matched_s[TEXT_TOKENS + VISUAL_TOKENS] / matched_s[length] if before_the_llm or name == "dense" else None
         rows.append({
-            "config": name, "specs": list(specs), "visual_tokens": kept,
+            "config": name, "specs": list(specs), "visual_tokens": kept, "llm_flops": median(name, "llm_flops"),
             "llm_prefill_s": median(name, "llm_prefill_s"), "prefill_s": median(name, "prefill_s"),
             "llm_prefill_speedup": speedup,
             "ttft_speedup": median("dense", "prefill_s") / median(name, "prefill_s"),

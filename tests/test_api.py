@@ -1,6 +1,8 @@
 """`vlmkit.apply`, specs, the registry and every error a user can meet, with its message."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -129,3 +131,29 @@ def test_method_objects_validate_their_types():
         VisionZip(FastV().config)
     with pytest.raises(ConfigError, match="at least one method spec"):
         vlmkit.apply(tiny_llava())
+
+
+def test_a_deep_copy_of_a_patched_model_computes_with_its_own_weights():
+    from vlmkit import zoo
+
+    original, processor = zoo.tiny("llava")
+    batch = inputs(processor, photos()[:1], QUESTIONS[:1])
+    patch = vlmkit.apply(original, "fastv:layer=2,keep=0.5")
+    with torch.no_grad():
+        before = original(**batch).logits
+    clone = copy.deepcopy(original)
+    clone_patch = vlmkit.patch_of(clone)
+    assert clone_patch is not None and clone_patch is not patch and clone_patch.model is clone
+    with torch.no_grad():
+        assert torch.equal(clone(**batch).logits, before)
+        for parameter in clone.model.language_model.layers.parameters():
+            parameter.zero_()
+        assert not torch.equal(clone(**batch).logits, before)  # the copy reads its own (zeroed) layers
+        assert torch.equal(original(**batch).logits, before)  # and the original is untouched
+        assert [len(k) for k in clone_patch.selections["fastv"]] == [72]
+    patch.remove()
+    assert vlmkit.patch_of(original) is None and vlmkit.patch_of(clone) is clone_patch
+    with vlmkit.apply(original, "pool:keep=0.5"):  # the original can be patched again
+        pass
+    clone_patch.remove()
+    assert "forward" not in clone.model.language_model.__dict__ and "__deepcopy__" not in clone.__dict__

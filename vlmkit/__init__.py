@@ -13,7 +13,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from vlmkit.api import Patch, apply, parse_spec
+    from vlmkit.api import Patch, apply, parse_spec, patch_of
     from vlmkit.registry import list_methods, register_method
     from vlmkit.zoo import load as load_model
 
@@ -23,12 +23,13 @@ _LAZY = {
     "Patch": ("vlmkit.api", "Patch"),
     "apply": ("vlmkit.api", "apply"),
     "parse_spec": ("vlmkit.api", "parse_spec"),
+    "patch_of": ("vlmkit.api", "patch_of"),
     "list_methods": ("vlmkit.registry", "list_methods"),
     "register_method": ("vlmkit.registry", "register_method"),
     "load_model": ("vlmkit.zoo", "load"),
 }
 
-__all__ = ["Patch", "__version__", "apply", "list_methods", "load_model", "parse_spec", "register_method"]
+__all__ = ["Patch", "__version__", "apply", "list_methods", "load_model", "parse_spec", "patch_of", "register_method"]
 
 
 def __getattr__(name: str) -> Any:
