@@ -95,7 +95,7 @@ _TWINS: dict[str, _Twin] = {
     # max_position_embeddings 32768 is the Instruct model's context (no shape depends on it).
     # Layer -1, anyres_max_9 and the 36 pinpoints from 384 to 2304 are LlavaOnevisionConfig's
     # defaults, which the conversion keeps. The count, 893,675,552, is computed from this
-    # geometry (no stored safetensors index of this checkpoint was found to cross-check it).
+    # geometry (not cross-checked against a safetensors index of this checkpoint).
     "llava-onevision-qwen2-0.5b": _Twin(
         hub_id="llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
         family="llava_onevision",
@@ -138,8 +138,8 @@ _TWINS: dict[str, _Twin] = {
     # heads, vocab 151936, tied embeddings, rope_theta 1e6 with mrope_section [16, 24, 24],
     # rms_norm_eps 1e-6, max_position_embeddings 32768; vision depth 32, embed_dim 1280, 16 heads,
     # mlp_ratio 4, patch 14, spatial merge 2, temporal patch 2, output 1536. Processor range
-    # min_pixels 3136 / max_pixels 12845056 from its preprocessor_config.json (restated by many
-    # stored projects as the Qwen2-VL defaults). Parameter count: Qwen2-VL-2B's
+    # min_pixels 3136 / max_pixels 12845056 from its preprocessor_config.json (the values public
+    # code commonly uses as the Qwen2-VL defaults). Parameter count: Qwen2-VL-2B's
     # model.safetensors.index.json (GitHub whalefal1/ASR-LLM-TTS-Pipeline-with-live2d,
     # models/qwen_vl/qwen/Qwen2-VL-2B/) total_size 4417971200 bytes of bf16 = 2,208,985,600.
     "qwen2-vl-2b": _Twin(
@@ -192,7 +192,7 @@ def _spec(name: str) -> _Twin:
 
 
 def published_parameters(name: str) -> int:
-    """Parameter count of the checkpoint `name` twins: from its safetensors index where one was found,
+    """Parameter count of the checkpoint `name` twins: from its safetensors index where one is cited,
     else computed from its config (the sources are cited in this module)."""
     return _spec(name).parameters
 
