@@ -58,7 +58,8 @@ def configurations() -> list[tuple[str, tuple[str, ...]]]:
         configs.append((f"shortv {frozen}/{LAYERS} layers", (f"shortv:layers={tuple(range(LAYERS - frozen, LAYERS))}",)))
     for layer in (16, 12, 8):
         configs.append((f"vtw K={layer}", (f"vtw:layer={layer}",)))
-    for name, spec in (("prd", "mod"), ("prd floor 0.05", "mod:floor=0.05"), ("prd start 1.0", "mod:start=1.0,floor=0.05")):
+    for name, spec in (("prd", "mod"), ("prd update", "mod:score='update'"), ("prd floor 0.05", "mod:floor=0.05"),
+                       ("prd start 1.0", "mod:start=1.0,floor=0.05")):
         configs.append((f"mod {name}", (spec,)))
     return configs
 
@@ -92,7 +93,8 @@ def measure(model, inputs, specs) -> dict[str, float]:
             full = clock() - begin
             peak = peak_memory_mb()
             prefill_llm = llm["stop"] - llm["start"]
-            kept = min((len(k) for kept in patch.selections.values() for k in kept), default=VISUAL_TOKENS)
+            selections = patch.selections.values() if patch else ()
+            kept = min((len(k) for kept in selections for k in kept), default=VISUAL_TOKENS)
             counted = patch.cost["llm_flops"][0] if patch else flops(model.config, TEXT_TOKENS, VISUAL_TOKENS)
             begin = clock()
             model.generate(**inputs, max_new_tokens=1, do_sample=False)
