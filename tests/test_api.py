@@ -157,3 +157,20 @@ def test_a_deep_copy_of_a_patched_model_computes_with_its_own_weights():
         pass
     clone_patch.remove()
     assert "forward" not in clone.model.language_model.__dict__ and "__deepcopy__" not in clone.__dict__
+
+
+def test_booleans_are_not_budgets():
+    for spec in ("fastv:keep=True", "pool:tokens=True", "visionzip:keep=False"):
+        with pytest.raises(ConfigError, match="must be a number in|must be an integer|out of range"):
+            vlmkit.api.parse_spec(spec)
+
+
+def test_embeddings_without_ids_are_refused_where_visual_tokens_must_be_found():
+    """With a method on the decoder stack, vlmkit finds each image's tokens from input_ids: a prefill
+    given only inputs_embeds would silently skip the method, so it is an error naming the fix."""
+    tiny, processor = model("llava")
+    batch = inputs(processor, photos()[:1], QUESTIONS[:1])
+    with torch.no_grad():
+        embeds = tiny.get_input_embeddings()(batch["input_ids"])
+    with vlmkit.apply(tiny, "fastv:keep=0.5"), pytest.raises(ConfigError, match="pass input_ids .* instead of inputs_embeds"):
+        tiny(inputs_embeds=embeds, attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"])
