@@ -7,7 +7,9 @@ weights hash differs (the layers were measured on other weights).
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
+from pathlib import Path
 
 from vlmkit.errors import ConfigError
 from vlmkit.hashing import state_dict_hash
@@ -27,8 +29,23 @@ def layer_list(method: str, name: str, layers: Iterable[int] | int) -> tuple[int
     return tuple(sorted(values))
 
 
-def check_calibration(method: str, path: str, calibration: dict, adapter) -> None:
-    """Raise a ConfigError unless `calibration` was measured on this model's weights."""
+def read_calibration(method: str, path: str | None, field: str) -> dict | None:
+    """The calibration file at `path` (None when no path), checked to be `method`'s and to hold `field`."""
+    if path is None:
+        return None
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{method}: calibration file {file} does not exist; write one with `vlmkit calibrate {method}`")
+    calibration = json.loads(file.read_text())
+    if calibration.get("method") != method or field not in calibration:
+        raise ConfigError(f"{method}: {file} is not a `vlmkit calibrate {method}` file (method {calibration.get('method')!r})")
+    return calibration
+
+
+def check_calibration(method: str, path: str, calibration: dict | None, adapter) -> None:
+    """Raise a ConfigError unless `calibration` (if any) was measured on this model's weights."""
+    if calibration is None:
+        return
     expected = calibration.get("model_hash")
     layers = len(adapter.decoder_layers)
     if calibration.get("num_layers") != layers:

@@ -23,16 +23,14 @@ against the frozen softmax). Deviations, and why:
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from vlmkit.engine.contexts import Route, RouteContext
 from vlmkit.errors import ConfigError
 from vlmkit.methods.base import MethodConfig, Router
-from vlmkit.methods.depth.calibration import check_calibration, layer_list
+from vlmkit.methods.depth.calibration import check_calibration, layer_list, read_calibration
 from vlmkit.registry import register_method
 
 DEFAULT_FRACTION = 0.6  # ShortV freezes 19 of LLaVA-1.5-7B's 32 layers
@@ -73,18 +71,10 @@ class ShortV(Router):
 
     def __init__(self, config=None, **params):
         super().__init__(config, **params)
-        self.calibration = None
-        if self.config.calibration is not None:
-            path = Path(self.config.calibration)
-            if not path.is_file():
-                raise ConfigError(f"shortv: calibration file {path} does not exist; write one with `vlmkit calibrate shortv`")
-            self.calibration = json.loads(path.read_text())
-            if self.calibration.get("method") != "shortv" or "ranking" not in self.calibration:
-                raise ConfigError(f"shortv: {path} is not a `vlmkit calibrate shortv` file (method {self.calibration.get('method')!r})")
+        self.calibration = read_calibration("shortv", self.config.calibration, "ranking")
 
     def check_adapter(self, adapter) -> None:
-        if self.calibration is not None:
-            check_calibration("shortv", self.config.calibration, self.calibration, adapter)
+        check_calibration("shortv", self.config.calibration, self.calibration, adapter)
 
     def routed_layers(self, num_layers: int) -> tuple[int, ...]:
         if self.config.layers is not None:

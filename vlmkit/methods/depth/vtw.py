@@ -19,16 +19,14 @@ the model's weights hash.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from vlmkit.engine.selection import SampleSelection, Selection, SelectionContext
 from vlmkit.errors import ConfigError
 from vlmkit.methods.base import MethodConfig, TokenSelector
-from vlmkit.methods.depth.calibration import check_calibration
+from vlmkit.methods.depth.calibration import check_calibration, read_calibration
 from vlmkit.registry import register_method
 
 
@@ -57,20 +55,12 @@ class VTW(TokenSelector):
 
     def __init__(self, config=None, **params):
         super().__init__(config, **params)
-        self.calibration = None
-        if self.config.calibration is not None:
-            path = Path(self.config.calibration)
-            if not path.is_file():
-                raise ConfigError(f"vtw: calibration file {path} does not exist; write one with `vlmkit calibrate vtw`")
-            self.calibration = json.loads(path.read_text())
-            if self.calibration.get("method") != "vtw" or "layer" not in self.calibration:
-                raise ConfigError(f"vtw: {path} is not a `vlmkit calibrate vtw` file (method {self.calibration.get('method')!r})")
-            if self.calibration["layer"] is None:
-                raise ConfigError(f"vtw: {path} records no layer within eta={self.calibration.get('eta')}; give layer=K")
+        self.calibration = read_calibration("vtw", self.config.calibration, "layer")
+        if self.calibration is not None and self.calibration["layer"] is None:
+            raise ConfigError(f"vtw: {self.config.calibration} records no layer within eta={self.calibration.get('eta')}; give layer=K")
 
     def check_adapter(self, adapter) -> None:
-        if self.calibration is not None:
-            check_calibration("vtw", self.config.calibration, self.calibration, adapter)
+        check_calibration("vtw", self.config.calibration, self.calibration, adapter)
 
     def selection_layers(self, num_layers: int) -> tuple[int, ...]:
         return (self.config.layer if self.calibration is None else int(self.calibration["layer"]),)
