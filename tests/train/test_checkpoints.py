@@ -16,7 +16,8 @@ from vlmkit.train.evaluate import chair_eval, mme_eval, pope_eval, video_eval
 CHECKPOINTS = Path(zoo.__file__).parent / "checkpoints"
 MAX_BYTES = 25 * 1024 * 1024
 SUBSET_SEED = EVAL_SEEDS.start + 500_000  # held out, and apart from the README's eval images
-SHIPPED = ["shapes-llava", "shapes-video"]
+SHIPPED = ["shapes-llava", "shapes-llava-deep", "shapes-video"]
+LLAVAS = ["shapes-llava", "shapes-llava-deep"]
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +29,12 @@ def shapes_video():
 @pytest.fixture(scope="module")
 def shapes_llava():
     folder = CHECKPOINTS / "shapes-llava"
+    return LlavaForConditionalGeneration.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def shapes_llava_deep():
+    folder = CHECKPOINTS / "shapes-llava-deep"
     return LlavaForConditionalGeneration.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
 
 
@@ -56,20 +63,24 @@ def test_zoo_load_equals_from_pretrained(name, request):
     assert all(value.equal(reference[key]) for key, value in model.state_dict().items())
 
 
-def test_shapes_llava_pope_subset(shapes_llava):
-    assert shapes_llava[0].config.image_seq_length >= 144
+@pytest.mark.parametrize("name", LLAVAS)
+def test_shapes_llava_pope_subset(name, request):
+    model = request.getfixturevalue(name.replace("-", "_"))
+    assert model[0].config.image_seq_length >= 144
     # 1,800 questions a split: the gap's standard error is under one point (at 180 it is about 2.5)
-    result = pope_eval(*shapes_llava, n_images=300, seed=SUBSET_SEED, config=WorldConfig(image_size=96))
+    result = pope_eval(*model, n_images=300, seed=SUBSET_SEED, config=WorldConfig(image_size=96))
     assert result["random"]["accuracy"] >= 0.88, result
     # a real, prior-driven hallucination gap: co-occurring negatives fool it more often
     assert result["adversarial"]["accuracy"] <= result["random"]["accuracy"] - 0.03, result
 
 
-def test_shapes_llava_mme_and_chair_subset(shapes_llava):
-    mme = mme_eval(*shapes_llava, 10, SUBSET_SEED, WorldConfig(image_size=96))
+@pytest.mark.parametrize("name", LLAVAS)
+def test_shapes_llava_mme_and_chair_subset(name, request):
+    model = request.getfixturevalue(name.replace("-", "_"))
+    mme = mme_eval(*model, 10, SUBSET_SEED, WorldConfig(image_size=96))
     for subtask in ("existence", "count", "color", "position"):
         assert mme[subtask]["accuracy"] >= 0.75, mme
-    chair = chair_eval(*shapes_llava, 40, SUBSET_SEED, WorldConfig(image_size=96))
+    chair = chair_eval(*model, 40, SUBSET_SEED, WorldConfig(image_size=96))
     assert 0.03 <= chair["chair_i"] <= 0.30, chair
 
 

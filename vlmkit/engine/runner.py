@@ -80,13 +80,6 @@ class Stream:
             return expanded.gather(2, gather[None].expand(tensor.shape[0], -1, -1))
         return tensor.expand(batch, length).gather(1, gather)
 
-    def visual_rows(self) -> torch.Tensor:
-        """(B, L) bool, True on the rows of visual tokens."""
-        rows = torch.zeros_like(self.valid)
-        for row, visual in enumerate(self.visual or []):
-            rows[row, visual.slots] = True
-        return rows
-
 
 @dataclass
 class Pass:
