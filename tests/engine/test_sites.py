@@ -10,6 +10,7 @@ import torch
 import vlmkit
 from tests.conftest import photos
 from tests.engine.models import QUESTIONS, generate, inputs, model
+from tests.engine.test_positions import rotary_positions
 from vlmkit.adapters import adapter_for
 from vlmkit.engine.runner import TextStackRunner
 from vlmkit.engine.sites import SITES
@@ -88,17 +89,6 @@ def test_one_conflict_rule_per_site():
         vlmkit.apply(tiny, "shortv:layers=(3,)", "mod:ratios=(1.0, 1.0, 1.0, 0.5)")
     with vlmkit.apply(tiny, "shortv:layers=(1,)", "mod:ratios=(1.0, 1.0, 0.5, 1.0)", "pool:keep=0.5", "fastv:layer=2"):
         pass  # different layers, different sites: they compose
-
-
-def rotary_positions(tiny, run):
-    seen = []
-    rotary = tiny.model.language_model.rotary_emb
-    handle = rotary.register_forward_pre_hook(lambda module, args: seen.append(args[1].clone()))
-    try:
-        run()
-    finally:
-        handle.remove()
-    return seen
 
 
 def test_position_site_sets_float_positions_and_decoding_continues_after_them():
