@@ -32,6 +32,7 @@ _BUILTIN_TARGETS = {
     "shortv": "vlmkit.methods.depth.shortv:ShortV",
     "vtw": "vlmkit.methods.depth.vtw:VTW",
     "mod": "vlmkit.methods.depth.mod:MoD",
+    "v2pe": "vlmkit.methods.position.v2pe:V2PE",
 }
 
 

@@ -149,6 +149,9 @@ def build_plan(methods: list[Method], adapter: "Adapter", supported_families: tu
             if site in sites:
                 claim(site, None, method)
                 setattr(plan, attribute, method)
+    if plan.position is not None:
+        for selector in dict.fromkeys(plan.selectors.values()):
+            selector.position_policy(adapter.mrope, plan.position.name)
     plan.vision_layers.sort()
     return plan
 

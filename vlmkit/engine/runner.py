@@ -429,7 +429,7 @@ class TextStackRunner:
 
         gather, new_valid, rank = pack(keep)
         positions, layer_positions = stream.take(stream.positions, gather), stream.take(stream.layer_positions, gather)
-        if selector.position_policy(self.adapter.mrope) == "reindex":
+        if selector.position_policy(self.adapter.mrope, self.plan.position and self.plan.position.name) == "reindex":
             reindexed = (new_valid.long().cumsum(dim=1) - 1).clamp(min=0).to(positions.dtype)
             run.shift = run.shift + positions[..., -1] - reindexed[:, -1]
             positions = reindexed

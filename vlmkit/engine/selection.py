@@ -24,6 +24,8 @@ class VisualTokens:
         frame, row, col: (n,) grid coordinates within that image (frame 0 for still images).
         crop: (n,) AnyRes crop the token came from (0 = the base view), 0 where not applicable.
         grids: per image, its (frames, rows, cols) token grid.
+        spans: per image, (first slot, placeholder count) of its placeholder run in the prefill's
+            layout, structural tokens (image newlines) included.
         modality: per image, "image" or "video".
         probes: per image, vision-tower probe results for its tokens (before any pruning), or None.
     """
@@ -36,6 +38,7 @@ class VisualTokens:
     col: torch.Tensor
     crop: torch.Tensor
     grids: list[tuple[int, int, int]] = field(default_factory=list)
+    spans: list[tuple[int, int]] = field(default_factory=list)
     modality: list[str] = field(default_factory=list)
     probes: list[dict[str, torch.Tensor] | None] = field(default_factory=list)
 
@@ -50,7 +53,7 @@ class VisualTokens:
         pick = lambda t: t[index]  # noqa: E731
         return VisualTokens(
             pick(self.slots), pick(self.origin), pick(self.image), pick(self.frame), pick(self.row),
-            pick(self.col), pick(self.crop), list(self.grids), list(self.modality),
+            pick(self.col), pick(self.crop), list(self.grids), list(self.spans), list(self.modality),
         )
 
     def image_index(self, image: int) -> torch.Tensor:

@@ -224,6 +224,7 @@ def _visual_tokens(parts, device: torch.device) -> VisualTokens:
         image=torch.cat(image).to(device),
         frame=coords_t[:, 0], row=coords_t[:, 1], col=coords_t[:, 2], crop=coords_t[:, 3],
         grids=[meta.grid for _, meta in parts],
+        spans=[(start, meta.num_tokens) for start, meta in parts],
         modality=[meta.modality for _, meta in parts],
         probes=probes,
     )

@@ -135,19 +135,28 @@ class PositionPolicy:
     #: the paper's position policy, used for positions="auto" on 1-D rotary models
     natural_positions: ClassVar[str] = "reindex"
 
-    def position_policy(self, mrope: bool) -> str:
+    def position_policy(self, mrope: bool, position_method: str | None = None) -> str:
         """The effective position policy: 'keep' or 'reindex'.
 
+        Under M-RoPE, or when a position method (`position_method`, its name) set the positions, the
+        kept tokens keep theirs ('auto' is 'keep').
+
         Raises:
-            ConfigError: 'reindex' under M-RoPE, where positions are 3-D grid coordinates.
+            ConfigError: 'reindex' under M-RoPE, where positions are 3-D grid coordinates, or with a
+                position method, whose positions re-indexing would overwrite.
         """
         policy = getattr(self.config, "positions", "auto")
         if policy == "auto":
-            return "keep" if mrope else self.natural_positions
+            return "keep" if mrope or position_method else self.natural_positions
         if policy == "reindex" and mrope:
             raise ConfigError(
                 f"{self.name}: positions='reindex' is defined for 1-D rotary positions only; M-RoPE (Qwen2-VL) "
                 "keeps each token's 3-D grid position: use positions='keep' or 'auto'"
+            )
+        if policy == "reindex" and position_method:
+            raise ConfigError(
+                f"{self.name}: positions='reindex' would overwrite the positions {position_method} sets; use "
+                "positions='keep' or 'auto' (the kept tokens keep their positions)"
             )
         return policy
 

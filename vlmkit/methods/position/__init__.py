@@ -1,0 +1,1 @@
+"""Multimodal position encodings: V2PE (variable visual position increments)."""
