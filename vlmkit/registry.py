@@ -33,6 +33,7 @@ _BUILTIN_TARGETS = {
     "vtw": "vlmkit.methods.depth.vtw:VTW",
     "mod": "vlmkit.methods.depth.mod:MoD",
     "v2pe": "vlmkit.methods.position.v2pe:V2PE",
+    "cca": "vlmkit.methods.position.cca:CCA",
 }
 
 

@@ -1,5 +1,6 @@
-"""V2PE on real forward passes: positions against a hand computation (two images with text between
-them, through decoding), composition with pruning, the training draws and the errors. The
+"""V2PE and CCA on real forward passes: positions and masks against hand computations (V2PE: two
+images with text between them, through decoding; CCA: ring tables, AnyRes crops, the mask the layers
+receive against a dense one built by loops), composition with pruning, and the errors. The
 registry-driven invariants (neutral delta = 1, remove, cached = recompute, batch = singles, SDPA =
 eager) run in tests/engine/test_invariants.py."""
 from __future__ import annotations
@@ -16,7 +17,8 @@ from tests.engine.test_positions import rotary_positions
 from tests.engine.test_sites import HalfVisualPositions, local
 from vlmkit.engine.contexts import PositionContext
 from vlmkit.engine.selection import VisualTokens
-from vlmkit.errors import ConfigError, ConflictError, UnsupportedModelError
+from vlmkit.errors import ConfigError, ConflictError, UnknownMethodError, UnsupportedModelError
+from vlmkit.methods.position.cca import CCA, rings
 from vlmkit.methods.position.v2pe import TRAINING_DELTAS, V2PE
 
 
@@ -133,3 +135,130 @@ def test_v2pe_errors_name_the_valid_choices():
     with pytest.raises(ConflictError, match="'half' and 'v2pe' both claim the position site"):
         vlmkit.apply(tiny, local(HalfVisualPositions, "half", ("position",))(), "v2pe")
     assert vlmkit.api.patch_of(tiny) is None
+
+
+# ---------------------------------------------------------------- CCA
+def centre_out_rings(size: int) -> torch.Tensor:
+    """The paper's ring table for an even square grid, built from the centre out: the central 2 x 2
+    cells get size/2 - 1, each frame around them one less, the border 0."""
+    table = torch.zeros(size, size, dtype=torch.long)
+    top, left, bottom, right = size // 2 - 1, size // 2 - 1, size // 2, size // 2
+    for ring in range(size // 2 - 1, -1, -1):
+        table[top : bottom + 1, left] = table[top : bottom + 1, right] = ring
+        table[top, left : right + 1] = table[bottom, left : right + 1] = ring
+        top, left, bottom, right = top - 1, left - 1, bottom + 1, right + 1
+    return table
+
+
+def grid_rings(height: int, width: int) -> torch.Tensor:
+    row, col = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    return rings(row, col, height, width)
+
+
+def test_ring_positions_by_hand_on_small_odd_oblong_and_llava_grids():
+    assert grid_rings(1, 1).tolist() == [[0]]
+    assert grid_rings(3, 3).tolist() == [[0, 0, 0], [0, 1, 0], [0, 0, 0]]
+    assert grid_rings(4, 4).tolist() == [[0, 0, 0, 0], [0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]]
+    assert grid_rings(5, 7).tolist() == [
+        [0, 0, 0, 0, 0, 0, 0],
+        [0, 1, 1, 1, 1, 1, 0],
+        [0, 1, 2, 2, 2, 1, 0],
+        [0, 1, 1, 1, 1, 1, 0],
+        [0, 0, 0, 0, 0, 0, 0],
+    ]
+    assert torch.equal(grid_rings(24, 24), centre_out_rings(24))
+    assert int(grid_rings(24, 24).max()) == 11  # LLaVA-1.5's 576 tokens take 12 positions
+
+
+def test_anyres_crops_each_get_their_rings_one_after_another():
+    # text 0..1, then one image: a 2 x 2 base view, a newline, two 2 x 2 tiles side by side in the big
+    # grid (rows 0-1, cols 0-3) laid out row by row with a newline after each row, then text
+    base = [(0, 0, 0), (0, 1, 0), (1, 0, 0), (1, 1, 0)]
+    tiles = [(0, 0, 1), (0, 1, 1), (0, 2, 2), (0, 3, 2), (1, 0, 1), (1, 1, 1), (1, 2, 2), (1, 3, 2)]
+    slots = [2, 3, 4, 5] + [7, 8, 9, 10, 12, 13, 14, 15]  # newlines at 6, 11 and 16
+    coords = torch.tensor(base + tiles)
+    n = len(slots)
+    zeros = torch.zeros(n, dtype=torch.long)
+    visual = VisualTokens(torch.tensor(slots), torch.arange(n), zeros, zeros, coords[:, 0], coords[:, 1], coords[:, 2],
+                          grids=[(1, 2, 2)], spans=[(2, 15)], modality=["image"])
+    context = PositionContext(torch.arange(19)[None], [visual], torch.ones(1, 19, dtype=torch.bool))
+    positions = CCA().positions(context)[0].tolist()
+    # each 2 x 2 crop is all ring 0 and takes one position: base 2, tile 1 at 3, tile 2 at 4;
+    # newlines take the outer ring of the crop they close; the text resumes at 5
+    assert positions == [0, 1, 2, 2, 2, 2, 2, 3, 3, 4, 4, 4, 3, 3, 4, 4, 4, 5, 6]
+
+
+def dense_cca_mask(ids: list[int], image_id: int, side: int) -> torch.Tensor:
+    """The concentric causal mask written out: causal, except that image tokens see exactly the
+    image tokens of rings <= their own (one image, a side x side grid, row-major)."""
+    ring_table = grid_rings(side, side).flatten().tolist()
+    image = [i for i, token in enumerate(ids) if token == image_id]
+    ring_of = {slot: ring_table[k] for k, slot in enumerate(image)}
+    allowed = torch.zeros(len(ids), len(ids), dtype=torch.bool)
+    for q in range(len(ids)):
+        for k in range(len(ids)):
+            if q in ring_of and k in ring_of:
+                allowed[q, k] = ring_of[k] <= ring_of[q]
+            else:
+                allowed[q, k] = k <= q
+    return allowed
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_cca_mask_reaching_the_layers_equals_the_dense_mask_built_by_hand(attn):
+    tiny, processor = model("llava", attn)
+    batch = inputs(processor, photos()[:1], QUESTIONS[:1])
+    seen = []
+    layer = tiny.model.language_model.layers[1]
+    handle = layer.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["attention_mask"]), with_kwargs=True)
+    try:
+        with vlmkit.apply(tiny, "cca"), torch.no_grad():
+            tiny(**batch)
+    finally:
+        handle.remove()
+    mask = seen[0][0, 0]
+    allowed = mask if mask.dtype == torch.bool else mask == 0
+    side = int(math.isqrt(int((batch["input_ids"][0] == tiny.config.image_token_id).sum())))
+    assert torch.equal(allowed, dense_cca_mask(batch["input_ids"][0].tolist(), tiny.config.image_token_id, side))
+
+
+def test_cca_positions_survive_pruning_and_decoding():
+    tiny, processor = model("llava")
+    batch = inputs(processor, photos()[:2], QUESTIONS[:2])
+    with vlmkit.apply(tiny, "cca"):
+        full = rotary_positions(tiny, lambda: generate(tiny, batch, max_new_tokens=3, min_new_tokens=3))
+    with vlmkit.apply(tiny, "fastv:layer=2,keep=0.25", "cca") as patch:
+        pruned = rotary_positions(tiny, lambda: generate(tiny, batch, max_new_tokens=3, min_new_tokens=3))
+        kept = patch.selections["fastv"]
+    compact = [p for p in pruned if p.shape[-1] > 1][-1]
+    side = 12
+    for row in range(2):
+        ids = batch["input_ids"][row]
+        visual = torch.nonzero(ids == tiny.config.image_token_id).flatten()
+        valid = batch["attention_mask"][row].bool()
+        first = int(visual[0]) - int((~valid).sum())  # the image's first position
+        assert torch.equal(full[0][row, visual], first + grid_rings(side, side).flatten())
+        text = torch.nonzero(valid & (ids != tiny.config.image_token_id)).flatten()
+        after = text[text > visual[-1]]
+        assert full[0][row, after].tolist() == list(range(first + side // 2, first + side // 2 + after.numel()))
+        slots = torch.sort(torch.cat([visual[kept[row]], text])).values
+        assert torch.equal(compact[row, compact.shape[1] - slots.numel():], full[0][row, slots])
+        last = int(full[0][row, -1])
+        assert [int(step[row]) for step in full[1:]] == [last + 1, last + 2]
+    assert torch.equal(torch.stack(pruned[-2:]), torch.stack(full[-2:]))
+
+
+def test_cca_errors_name_the_valid_choices():
+    class FlashAdapter:
+        attention_implementation = "flash_attention_2"
+
+    with pytest.raises(ConfigError, match="attn_implementation= one of sdpa, eager"):
+        CCA().check_adapter(FlashAdapter())
+    tiny, _ = model("qwen2_5_vl")
+    with pytest.raises(UnsupportedModelError, match="M-RoPE.*It runs on: llava, llava_next, llava_onevision"):
+        vlmkit.apply(tiny, "cca")
+    tiny, _ = model("llava")
+    with pytest.raises(ConflictError, match="both claim the position site"):
+        vlmkit.apply(tiny, "cca", "v2pe")
+    with pytest.raises(UnknownMethodError, match="Valid parameters: \\(none\\)"):
+        vlmkit.apply(tiny, "cca:rings=3")

@@ -138,6 +138,7 @@ class Adapter:
         physical_past: int,
         query_rows: torch.Tensor | None = None,
         extra: Callable | None = None,
+        replace_causal: bool = False,
     ):
         """The attention mask of one layer, in the format its attention implementation expects.
 
@@ -150,6 +151,8 @@ class Adapter:
             extra: a further mask function `(batch, head, query, key) -> bool` to combine with the
                 causal one (the attention site); `query` indexes this call's queries (0 .. Q-1) and
                 `key` the keys (0 .. K-1).
+            replace_causal: `extra` is the whole structure (it says itself which earlier and later
+                keys each query sees); only padding is added to it.
 
         Raises:
             ConfigError: the attention implementation has no registered mask function.
@@ -162,7 +165,8 @@ class Adapter:
         else:
             function, offset = (lambda b, h, q, kv: kv <= query_rows[b, q]), 0
         if extra is not None:  # `extra` takes the query's index among this call's queries
-            function = and_masks(function, lambda b, h, q, kv: extra(b, h, q - offset, kv))
+            shifted = lambda b, h, q, kv: extra(b, h, q - offset, kv)  # noqa: E731
+            function = shifted if replace_causal else and_masks(function, shifted)
         return ALL_MASK_ATTENTION_FUNCTIONS[implementation](
             batch_size=hidden.shape[0],
             q_length=hidden.shape[1],

@@ -3,7 +3,14 @@
 Generated from the registry by `vlmkit methods --update-readme README.md` (`make readme`); do not edit.
 """
 
-METHODS = ({'name': 'debias',
+METHODS = ({'name': 'cca',
+  'family': 'position',
+  'site': 'position, attention',
+  'summary': 'Concentric ring positions for visual tokens and the concentric causal mask (outer rings first).',
+  'paper': 'https://arxiv.org/abs/2410.15926',
+  'params': (),
+  'origin': 'builtin'},
+ {'name': 'debias',
   'family': 'decode',
   'site': 'logits',
   'summary': 'Calibrate answers (or contrast tokens) against the image-absent prediction.',

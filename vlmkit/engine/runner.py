@@ -326,7 +326,8 @@ class TextStackRunner:
                 rows = query_rows if query_rows is not None else torch.arange(hidden.shape[1], device=hidden.device) + physical_past
                 query_slots = layout.slot.gather(1, rows.expand(hidden.shape[0], -1))
                 extra = self.plan.attention.mask_function(AttentionContext(index, layout.slot, query_slots, layout.visual))
-            run.masks[key] = self.adapter.mask(hidden, layout.valid, physical_past, query_rows, extra)
+            replace = extra is not None and self.plan.attention.replaces_causal
+            run.masks[key] = self.adapter.mask(hidden, layout.valid, physical_past, query_rows, extra, replace)
         return run.masks[key]
 
     @staticmethod

@@ -221,8 +221,12 @@ class AttentionMethod(Method):
 
     `mask_function(context)` returns a function `(batch, head, query, key) -> bool` over the indices
     of one layer's queries and keys (as `transformers.masking_utils` mask functions), combined with
-    the causal and padding mask for both SDPA and eager attention; None leaves the mask alone.
+    the causal and padding mask for both SDPA and eager attention; None leaves the mask alone. A
+    method that sets `replaces_causal` returns the whole structure instead (which earlier and later
+    keys each query sees, e.g. from the key and query slots); the engine adds only padding.
     """
+
+    replaces_causal: ClassVar[bool] = False
 
     def mask_function(self, context: "AttentionContext"):
         raise NotImplementedError
