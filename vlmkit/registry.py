@@ -34,6 +34,7 @@ _BUILTIN_TARGETS = {
     "mod": "vlmkit.methods.depth.mod:MoD",
     "v2pe": "vlmkit.methods.position.v2pe:V2PE",
     "cca": "vlmkit.methods.position.cca:CCA",
+    "hope": "vlmkit.methods.position.hope:HoPE",
 }
 
 

@@ -1,6 +1,7 @@
-"""V2PE and CCA on real forward passes: positions and masks against hand computations (V2PE: two
-images with text between them, through decoding; CCA: ring tables, AnyRes crops, the mask the layers
-receive against a dense one built by loops), composition with pruning, and the errors. The
+"""V2PE, CCA and HoPE on real forward passes: positions, masks and rotary tables against hand
+computations (V2PE: two images with text between them, through decoding; CCA: ring tables, AnyRes
+crops, the mask the layers receive against a dense one built by loops; HoPE: the hybrid table, an
+image and a video), decoding after them, composition with pruning, and the errors. The
 registry-driven invariants (neutral delta = 1, remove, cached = recompute, batch = singles, SDPA =
 eager) run in tests/engine/test_invariants.py."""
 from __future__ import annotations
@@ -19,6 +20,7 @@ from vlmkit.engine.contexts import PositionContext
 from vlmkit.engine.selection import VisualTokens
 from vlmkit.errors import ConfigError, ConflictError, UnknownMethodError, UnsupportedModelError
 from vlmkit.methods.position.cca import CCA, rings
+from vlmkit.methods.position.hope import TRAINING_SCALES, HoPE, hybrid_tables
 from vlmkit.methods.position.v2pe import TRAINING_DELTAS, V2PE
 
 
@@ -262,3 +264,115 @@ def test_cca_errors_name_the_valid_choices():
         vlmkit.apply(tiny, "cca", "v2pe")
     with pytest.raises(UnknownMethodError, match="Valid parameters: \\(none\\)"):
         vlmkit.apply(tiny, "cca:rings=3")
+
+
+# ---------------------------------------------------------------- HoPE
+def test_hope_tables_against_a_hand_built_table():
+    tiny, _ = model("qwen2_vl")
+    module = tiny.model.language_model.rotary_emb
+    assert module.mrope_section == [2, 3, 3] and module.inv_freq.numel() == 8
+    positions = torch.tensor([[[0.0, 1, 2, 7.5]], [[0.0, 3, -1, 9]], [[0.0, 5, 4, 2.25]]])  # (3, 1, 4): t, h, w
+    hidden = torch.zeros(1, 4, 16)
+    cos, sin = hybrid_tables(module, hidden, positions)
+    expected_cos, expected_sin = torch.ones(1, 4, 16), torch.zeros(1, 4, 16)
+    for token in range(4):
+        for pair in range(6):  # pairs 0..5 alternate height (even) and width (odd); 6 and 7 (temporal) stay unrotated
+            angle = float(positions[1 if pair % 2 == 0 else 2, 0, token]) * float(module.inv_freq[pair])
+            for half in (0, 8):
+                expected_cos[0, token, half + pair] = math.cos(angle)
+                expected_sin[0, token, half + pair] = math.sin(angle)
+    assert torch.allclose(cos, expected_cos, atol=1e-6) and torch.allclose(sin, expected_sin, atol=1e-6)
+    stock = module(hidden, positions)
+    with vlmkit.apply(tiny, "hope") as patch:
+        assert torch.equal(module(hidden, positions)[0], cos)  # every call of the rotary embedding
+        patch.remove()
+    assert torch.equal(module(hidden, positions)[0], stock[0])
+
+
+def qwen_positions(pieces) -> tuple[torch.Tensor, list[tuple[int, int]], list[tuple[int, int, int]]]:
+    """M-RoPE's own positions for text runs (ints) and visual items ((T, H, W) grids), as Qwen2-VL's
+    `get_rope_index`: an item starts at p, its token (f, i, j) is at (p + f, p + i, p + j), the text
+    after it at the maximum + 1."""
+    columns, spans, grids, current = [], [], [], -1
+    for piece in pieces:
+        if isinstance(piece, int):
+            columns += [[current + k] * 3 for k in range(1, piece + 1)]
+            current += piece
+            continue
+        frames, height, width = piece
+        spans.append((len(columns), frames * height * width))
+        grids.append(piece)
+        for f in range(frames):
+            for i in range(height):
+                for j in range(width):
+                    columns.append([current + 1 + f, current + 1 + i, current + 1 + j])
+        current += max(piece)
+    return torch.tensor(columns).T[:, None], spans, grids
+
+
+def hope_by_hand(pieces, scale: float) -> list[list[float]]:
+    """HoPE's (t, h, w) written out: an item at p has t = p + s * f, h = t + i - (H - 1) // 2,
+    w = t + j - (W - 1) // 2; the text after it resumes at max(t) + 1."""
+    columns, current = [], -1.0
+    for piece in pieces:
+        if isinstance(piece, int):
+            columns += [[current + k] * 3 for k in range(1, piece + 1)]
+            current += piece
+            continue
+        frames, height, width = piece
+        for f in range(frames):
+            t = current + 1 + scale * f
+            for i in range(height):
+                for j in range(width):
+                    columns.append([t, t + i - (height - 1) // 2, t + j - (width - 1) // 2])
+        current = current + 1 + scale * (frames - 1)
+    return [list(axis) for axis in zip(*columns)]
+
+
+def test_hope_positions_by_hand_for_an_image_and_a_video():
+    pieces = [3, (1, 3, 4), 2, (3, 2, 2), 2]
+    stock, spans, grids = qwen_positions(pieces)
+    n = sum(count for _, count in spans)
+    image = torch.cat([torch.full((count,), k) for k, (_, count) in enumerate(spans)])
+    slots = torch.cat([torch.arange(start, start + count) for start, count in spans])
+    zeros = torch.zeros(n, dtype=torch.long)
+    visual = VisualTokens(slots, torch.arange(n), image, zeros, zeros, zeros, zeros, grids=grids, spans=spans)
+    context = PositionContext(stock, [visual], torch.ones(1, stock.shape[-1], dtype=torch.bool))
+    positions = HoPE(scale=0.75).positions(context)
+    assert positions[:, 0].tolist() == hope_by_hand(pieces, 0.75)
+    # the image's 3 x 4 grid: t = 3 for all, h = 3 + i - 1, w = 3 + j - 1; the text after resumes at 4
+    assert positions[:, 0, 3:15].tolist()[1][:4] == [2.0, 2.0, 2.0, 2.0] and positions[0, 0, 15].item() == 4.0
+    assert torch.equal(HoPE(scale=1, allocation="mrope", layout="mrope").positions(context), stock.float())
+
+
+def test_hope_decodes_after_the_last_prompt_position_on_every_axis():
+    tiny, processor = model("qwen2_vl")
+    batch = inputs(processor, photos()[:2], QUESTIONS[:2])
+    with vlmkit.apply(tiny, "hope:scale=0.5"):
+        seen = rotary_positions(tiny, lambda: generate(tiny, batch, max_new_tokens=4, min_new_tokens=4))
+    prompt, steps = seen[0], seen[1:]
+    assert prompt.dtype == torch.float32 and len(steps) == 3
+    for row in range(2):
+        last = prompt[:, row, -1]
+        assert bool((last == last[0]).all())  # the prompt ends in text: the three axes agree
+        assert [step[:, row, 0].tolist() for step in steps] == [[float(last[0]) + k] * 3 for k in (1, 2, 3)]
+        ids = batch["input_ids"][row]
+        visual = torch.nonzero(ids == tiny.config.image_token_id).flatten()
+        assert bool((prompt[0, row, visual] == prompt[0, row, visual[0]]).all())  # an image is one temporal position
+        assert float(prompt[0, row, visual[-1] + 1]) == float(prompt[0, row, visual[0]]) + 1  # vision_end right after
+
+
+def test_hope_training_draws_and_errors():
+    first = HoPE(train=True, seed=5)
+    draws = [first.item_scale() for _ in range(100)]
+    assert set(draws) == set(TRAINING_SCALES) == {0.5, 0.75, 1.0, 1.25, 1.5}
+    again = HoPE(train=True, seed=5)
+    assert [again.item_scale() for _ in range(100)] == draws
+    for scale in (0, -1, True):
+        with pytest.raises(ConfigError, match="scale=.*> 0"):
+            HoPE(scale=scale)
+    with pytest.raises(ConfigError, match="allocation='none' is not one of hybrid, mrope"):
+        HoPE(allocation="none")
+    tiny, _ = model("llava_onevision")
+    with pytest.raises(UnsupportedModelError, match="1-D rotary.*It runs on: qwen2_vl, qwen2_5_vl"):
+        vlmkit.apply(tiny, "hope")

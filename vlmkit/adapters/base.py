@@ -119,9 +119,14 @@ class Adapter:
         """Token embeddings (the text model's input)."""
         return self.text_model.embed_tokens(input_ids)
 
+    @property
+    def rotary_module(self) -> nn.Module:
+        """The text model's rotary embedding (called as `module(hidden, positions) -> (cos, sin)`)."""
+        return self.text_model.rotary_emb
+
     def rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotary (cos, sin) for `positions`: (B, L) or (3, B, L) for M-RoPE, integer or float."""
-        return self.text_model.rotary_emb(hidden, positions)
+        return self.rotary_module(hidden, positions)
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.text_model.norm(hidden)

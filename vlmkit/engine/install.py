@@ -167,11 +167,24 @@ def install(patch: "Patch", plan: Plan) -> None:
             runner = TextStackRunner(patch.adapter, patch.state, plan)
             names = ",".join(dict.fromkeys(m.name for m in patch.methods if STACK_SITES & set(m.sites)))
             patch._set_instance_attr(f"{names}:stack", patch.adapter.text_model, "forward", runner.bind())
+        if plan.position is not None and type(plan.position).rotary_tables is not PositionMethod.rotary_tables:
+            _install_rotary_tables(patch, plan.position)
         if plan.decoder is not None:
             branches.install(patch, plan.decoder)
     except BaseException:
         patch.remove()
         raise
+
+
+def _install_rotary_tables(patch: "Patch", method: PositionMethod) -> None:
+    """Every call of the text model's rotary embedding returns the position method's tables."""
+
+    def tables(module, args, output):
+        replaced = method.rotary_tables(module, args[0], args[1])
+        return output if replaced is None else replaced
+
+    handle = patch.adapter.rotary_module.register_forward_hook(tables)
+    patch._record(f"{method.name}:rotary", handle.remove)
 
 
 def _install_visual_tracking(patch: "Patch", vision_layers: list[int]) -> None:

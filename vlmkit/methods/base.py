@@ -215,6 +215,15 @@ class PositionMethod(Method):
     def positions(self, context: "PositionContext") -> "torch.Tensor":
         raise NotImplementedError
 
+    def rotary_tables(self, module, hidden: "torch.Tensor", positions: "torch.Tensor"):
+        """(cos, sin) the rotary embedding `module` gives for `positions`, or None for its own.
+
+        A method that changes how positions become rotations (frequency allocation) overrides this;
+        the engine then routes every call of the model's rotary embedding through it, with or
+        without visual tokens.
+        """
+        return None
+
 
 class AttentionMethod(Method):
     """A method that restricts which keys each query may attend to (site "attention").

@@ -1,1 +1,1 @@
-"""Multimodal position encodings: V2PE (variable visual position increments), CCA (concentric rings and mask)."""
+"""Multimodal position encodings: V2PE (variable visual position increments), CCA (concentric rings and mask), HoPE (hybrid frequency allocation for M-RoPE)."""
