@@ -376,3 +376,17 @@ def test_hope_training_draws_and_errors():
     tiny, _ = model("llava_onevision")
     with pytest.raises(UnsupportedModelError, match="1-D rotary.*It runs on: qwen2_vl, qwen2_5_vl"):
         vlmkit.apply(tiny, "hope")
+
+
+@pytest.mark.parametrize("family,spec", [("llava", "v2pe"), ("llava_next", "cca"), ("qwen2_vl", "hope")])
+def test_contrastive_branches_get_the_position_method_too(family, spec):
+    """With VCD, the noised-image branch's prefill gets the same positions as the main rows'."""
+    tiny, processor = model(family)
+    batch = inputs(processor, photos()[:2], QUESTIONS[:2])
+    with vlmkit.apply(tiny, spec):
+        alone = rotary_positions(tiny, lambda: generate(tiny, batch, max_new_tokens=3, min_new_tokens=3))
+    with vlmkit.apply(tiny, spec, "vcd:alpha=1"):
+        seen = rotary_positions(tiny, lambda: generate(tiny, batch, max_new_tokens=3, min_new_tokens=3))
+    prompts = [p for p in seen if p.shape[-1] > 1]
+    assert len(prompts) == 2  # the main rows' prefill and the branch's
+    assert torch.equal(prompts[0], alone[0]) and torch.equal(prompts[1], alone[0])
