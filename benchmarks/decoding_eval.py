@@ -55,14 +55,15 @@ def collect(runs: Path) -> dict[str, dict[str, dict[str, Any]]]:
     return found
 
 
-def write_page(path: Path, tables: str) -> None:
-    """Put `tables` between the quality markers of `path` (a new page holding only them if absent)."""
-    page = path.read_text() if path.is_file() else f"# Hallucination-mitigating decoding\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in page or END not in page:
-        raise SystemExit(f"decoding_eval: {path} lacks the markers {BEGIN} ... {END}")
-    head, _, rest = page.partition(BEGIN)
-    _, _, tail = rest.partition(END)
-    path.write_text(f"{head}{BEGIN}\n{tables}{END}{tail}")
+def write_between(path: Path, begin: str, end: str, text: str, new_page: str | None = None) -> None:
+    """Put `text` between the markers `begin` and `end` of `path` (a README or docs page generated
+    blocks live in); `new_page` is the page to start from when `path` does not exist."""
+    page = path.read_text() if path.is_file() or new_page is None else new_page
+    if begin not in page or end not in page:
+        raise SystemExit(f"{path} lacks the markers {begin} ... {end}")
+    head, _, rest = page.partition(begin)
+    _, _, tail = rest.partition(end)
+    path.write_text(f"{head}{begin}\n{text}{end}{tail}")
 
 
 def _tokens_per_s(result: dict[str, Any]) -> str:
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"decoding_eval: no finished runs under {args.runs}", file=sys.stderr)
         return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_page(args.out, report(found))
+    write_between(args.out, BEGIN, END, report(found), new_page=f"# Hallucination-mitigating decoding\n\n{BEGIN}\n{END}\n")
     print(f"wrote {args.out}")
     return 0
 

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.decoding_eval import collect
+from benchmarks.decoding_eval import collect, write_between
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "eval" / "depth_budgets.yaml"
@@ -101,15 +101,6 @@ def draw(table: list[dict[str, Any]], dense: dict[str, Any], path: Path) -> None
     plt.close(figure)
 
 
-def write_block(path: Path, text: str) -> None:
-    page = path.read_text()
-    if BEGIN not in page or END not in page:
-        raise SystemExit(f"depth_eval: {path} lacks the markers {BEGIN} ... {END}")
-    head, _, rest = page.partition(BEGIN)
-    _, _, tail = rest.partition(END)
-    path.write_text(f"{head}{BEGIN}\n{text}{END}{tail}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="shapes-llava-deep")
@@ -132,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"depth_eval: no finished dense POPE run under {args.runs}", file=sys.stderr)
         return 2
     text = report(found, args.plot)
-    write_block(args.readme, text)
+    write_between(args.readme, BEGIN, END, text)
     print(text)
     return 0
 

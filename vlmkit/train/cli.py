@@ -1,8 +1,11 @@
-"""`vlmkit train shapes`: train a shapes model on the procedural world (seeded, resumable).
+"""`vlmkit train shapes`: train a shapes model on the procedural world (seeded, resumable);
+`vlmkit train finetune`: continue one with a method applied, or the control run without it.
 
 Example:
     nohup vlmkit train shapes --model llava --out runs/shapes-llava > runs/shapes-llava.log 2>&1 &
     vlmkit train shapes --model llava --out runs/shapes-llava   # resumes where it stopped
+    vlmkit train finetune --from shapes-llava --method cca --out runs/ft/cca
+    vlmkit train finetune --from shapes-llava --method none --out runs/ft/control
 """
 from __future__ import annotations
 
@@ -35,6 +38,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="processes that build batches ahead of the training step (default 0)")
     shapes.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     shapes.set_defaults(func=_run)
+    tune = inner.add_parser("finetune", help="fine-tune a shapes model with a method applied (or the control run)",
+                            description="Fine-tune a shapes model with a vlmkit method applied during training; "
+                            "--method none is the control run (the same steps and batches without it).")
+    tune.add_argument("--from", dest="base", default="shapes-llava",
+                      help="a shipped shapes checkpoint or a save_pretrained folder (default shapes-llava)")
+    tune.add_argument("--method", required=True, help="a method spec, e.g. cca or v2pe:train=True; none: the control")
+    tune.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, log.jsonl, final/)")
+    tune.add_argument("--restart", action="store_true", help="start over instead of resuming")
+    threads.add_option(tune)
+    tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a fine-tune field (steps, batch, lr, seed, eval_every, eval_images, name)")
+    tune.add_argument("--checkpoint-every", type=int, default=100)
+    tune.add_argument("--device", default="cpu", help="where to train: cpu (default) or cuda")
+    tune.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    tune.set_defaults(func=_finetune)
     check = inner.add_parser("evaluate", help="measure a shapes model on held-out seeds (POPE, CHAIR, MME, video MC)")
     check.add_argument(
         "--model", required=True, help="a shipped checkpoint name or a local save_pretrained folder (e.g. a run's final/)"
@@ -89,6 +107,27 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(json.dumps({bench: results[bench]}), flush=True)
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+
+    from vlmkit.train.finetune import FinetuneConfig, FinetuneRecipe
+    from vlmkit.train.trainer import train
+
+    torch.set_flush_denormal(True)
+    config = _overrides(dataclasses.replace(FinetuneConfig(), base=args.base, method=args.method), args.set)
+    args.out.mkdir(parents=True, exist_ok=True)
+    recorded = args.out / "recipe.json"
+    if recorded.is_file() and not args.restart and json.loads(recorded.read_text()) != config.to_dict():
+        raise ConfigError(f"{args.out} holds a fine-tune with other settings ({recorded}); use another --out or --restart")
+    recorded.write_text(json.dumps(config.to_dict(), indent=1))
+    final = train(FinetuneRecipe(config), args.out, resume=not args.restart, checkpoint_every=args.checkpoint_every,
+                  progress=not args.no_progress, device=args.device)
+    print(f"final model: {final}")
     return 0
 
 
