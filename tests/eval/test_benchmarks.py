@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_each_module_is_one_benchmark_named_by_its_file():
-    assert benchmarks.names() == ["chair", "mme", "pope", "video"]
+    assert benchmarks.names() == ["chair", "mme", "multi", "pope", "video"]
     for name in benchmarks.names():
         benchmark = benchmarks.get(name)
         assert benchmark.name == name and benchmarks.origin(name) == "builtin"
@@ -35,6 +35,7 @@ def test_each_module_is_one_benchmark_named_by_its_file():
         "chair": ("CHAIRs", False, 512, (), None, "image"),
         "mme": ("perception", True, 16, ("official", "lmms_eval"), "official", "image"),
         "video": ("accuracy", True, 16, (), None, "video"),
+        "multi": ("accuracy", True, 16, (), None, "image"),
     }
 
 
@@ -44,11 +45,11 @@ def test_listing_imports_no_benchmark():
         "print(sorted(m for m in sys.modules if m.startswith('vlmkit.eval.benchmarks.')))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
-    assert done.stdout.splitlines() == ["['chair', 'mme', 'pope', 'video']", "[]"]
+    assert done.stdout.splitlines() == ["['chair', 'mme', 'multi', 'pope', 'video']", "[]"]
 
 
 def test_unknown_and_conflicting_names_are_errors():
-    with pytest.raises(ConfigError, match=r"'popee' is not a benchmark; choose one of chair, mme, pope, video\. "
+    with pytest.raises(ConfigError, match=r"'popee' is not a benchmark; choose one of chair, mme, multi, pope, video\. "
                                           r"Did you mean 'pope'\?"):
         benchmarks.get("popee")
     with pytest.raises(ConfigError, match="not a pope scoring style; allowed: one of llava, opera, vcd, lmms_eval"):
@@ -102,3 +103,26 @@ def test_a_new_benchmark_is_one_object(tmp_path, monkeypatch):
     assert list(json.loads((tmp_path / "run" / "config.json").read_text())["data"]["files"]) == [
         f"images/COCO_val2014_{k:012d}.jpg" for k in range(3)
     ]
+
+
+def test_multi_image_needle_test_runs_end_to_end_and_scores_per_image_count(tmp_path):
+    from vlmkit.cli import main
+    from vlmkit.data.shapes import WorldConfig
+    from vlmkit.data.shapes_bench import write_multi
+
+    questions = write_multi(tmp_path / "multi", n=2, counts=(1, 3), pool=6, config=WorldConfig(image_size=32))
+    rows = [json.loads(line) for line in questions.read_text().splitlines()]
+    truth = {json.loads(line)["image"]: {o["category"] for o in json.loads(line)["objects"]}
+             for line in (tmp_path / "multi" / "ground_truth.jsonl").read_text().splitlines()}
+    for row in rows:  # the needle is in exactly its image (yes) or in none (no)
+        holding = [i for i, name in enumerate(row["images"]) if row["category"] in truth[name]]
+        assert holding == ([row["needle"]] if row["label"] == "yes" else [])
+    assert [(r["num_images"], r["label"]) for r in rows] == [(1, "yes"), (1, "no"), (3, "yes"), (3, "no")]
+    out = tmp_path / "run"
+    assert main(["eval", "--model", "tiny:llava", "--bench", "multi", "--data", str(tmp_path / "multi"),
+                 "--out", str(out), "--max-new-tokens", "2", "--batch-size", "2"]) == 0
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["visual_tokens"]["input"] for s in samples] == [144, 144, 432, 432]
+    scores = json.loads((out / "scores.json").read_text())
+    assert set(scores["metrics"]) == {"accuracy", "accuracy@1", "accuracy@3"}
+    assert scores["metrics"]["accuracy"] == pytest.approx((scores["metrics"]["accuracy@1"] + scores["metrics"]["accuracy@3"]) / 2)

@@ -10,10 +10,10 @@ import json
 from pathlib import Path
 
 from vlmkit.data.shapes import EVAL_SEEDS, TRAIN_SEEDS, WorldConfig
-from vlmkit.data.shapes_bench import BENCHES, write_chair, write_mme, write_pope, write_train, write_video
+from vlmkit.data.shapes_bench import BENCHES, write_chair, write_mme, write_multi, write_pope, write_train, write_video
 from vlmkit.errors import ConfigError, did_you_mean
 
-_DEFAULT_N = {"pope": 500, "chair": 500, "mme": 30, "video": 200, "train": 1000}
+_DEFAULT_N = {"pope": 500, "chair": 500, "mme": 30, "video": 200, "multi": 50, "train": 1000}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     shapes.add_argument("--out", required=True, type=Path, help="output folder (one sub-folder per bench)")
     shapes.add_argument("--n", type=int, default=None,
-                        help="images (clips) per bench; per subtask for mme. Defaults: "
+                        help="images (clips) per bench; per subtask for mme; per image count for multi. Defaults: "
                         + ", ".join(f"{k} {v}" for k, v in _DEFAULT_N.items()))
     shapes.add_argument("--seed", type=int, default=None,
                         help=f"first scene seed; evaluation benches need [{EVAL_SEEDS.start}, "
@@ -59,7 +59,7 @@ def _run_shapes(args: argparse.Namespace) -> int:
             written[bench] = write_video(out, n, seed, config, num_frames=args.frames)
         else:
             config = WorldConfig(image_size=args.image_size)
-            writer = {"pope": write_pope, "chair": write_chair, "mme": write_mme,
+            writer = {"pope": write_pope, "chair": write_chair, "mme": write_mme, "multi": write_multi,
                       "train": write_train}[bench]
             written[bench] = writer(out, n, seed, config)
     print(json.dumps({k: str(v) if not isinstance(v, dict) else {s: str(p) for s, p in v.items()}

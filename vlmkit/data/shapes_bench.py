@@ -15,6 +15,9 @@ files laid out exactly like the real benchmark, so the loaders in
   `<name>.png` + `<name>.txt` (two `question\\tYes|No` lines, Yes first).
 * `write_video`: MVBench-style `json/<task>.json` lists of `{video, question, candidates,
   answer}` and `video/shapes/*.mp4`.
+* `write_multi`: many images in one prompt (1 to 16) and one POPE existence question whose object
+  is in exactly one of them or in none, `shapes_multi.jsonl` rows `{question_id, images, text,
+  label, num_images, needle, category}` (a long-context needle test; no official counterpart).
 * `write_train`: a LLaVA-style instruction file (`{id, image, conversations}`) from training seeds.
 
 Every writer also leaves a `ground_truth.jsonl` with the exact scene of each image.
@@ -43,7 +46,8 @@ from vlmkit.errors import ConfigError
 
 POPE_SPLITS = ("random", "popular", "adversarial")
 MME_SUBTASKS = ("existence", "count", "position", "color")
-BENCHES = ("pope", "chair", "mme", "video", "train")
+BENCHES = ("pope", "chair", "mme", "video", "multi", "train")
+MULTI_COUNTS = (1, 2, 4, 8, 16)
 _SCAN_LIMIT = 200
 """Scenes scanned per kept image at most, before a writer gives up."""
 
@@ -354,6 +358,57 @@ def write_video(out: str | Path, n: int = 200, seed: int = EVAL_SEEDS.start,
 # --------------------------------------------------------------------------------------------
 # Training set (static)
 # --------------------------------------------------------------------------------------------
+
+
+def write_multi(out: str | Path, n: int = 50, seed: int = EVAL_SEEDS.start, config: WorldConfig | None = None,
+                counts: tuple[int, ...] = MULTI_COUNTS, pool: int = 200) -> Path:
+    """Write the multi-image needle test: for each image count k in `counts`, `n` prompts of k
+    held-out images and POPE's existence question ("Is there a star in the image?"), alternately
+    about a category present in exactly one of the k images (label yes; `needle` is its index) and
+    about one present in none (label no), drawn uniformly among the categories that qualify.
+
+    Args:
+        out: folder to create; gets `images/`, `shapes_multi.jsonl` and `ground_truth.jsonl`.
+        n: prompts per image count.
+        seed: first scene seed (in `EVAL_SEEDS`); the images come from a pool of `pool` scenes.
+        config: the world.
+        counts: image counts per prompt.
+        pool: scenes the prompts draw their images from.
+
+    Returns:
+        The question file.
+    """
+    if not counts or min(counts) < 1 or max(counts) > pool:
+        raise ConfigError(f"multi: image counts {counts} must lie in 1..{pool} (the image pool)")
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    config = config or WorldConfig()
+    scenes = list(_qualifying(seed, pool, lambda s: True, config))
+    names = [f"shapes_{s.seed:010d}.png" for s in scenes]
+    for scene, name in zip(tqdm(scenes, desc="multi images", leave=False), names):
+        _save_image(scene, out / "images" / name)
+    _write_jsonl(out / "ground_truth.jsonl", [{"image": name, **s.to_json()} for name, s in zip(names, scenes)])
+    present = [set(s.categories()) for s in scenes]
+    rng = np.random.default_rng(seed)
+    rows = []
+    for k in counts:
+        for index in range(n):
+            label = "yes" if index % 2 == 0 else "no"
+            for _ in range(_SCAN_LIMIT):
+                chosen = [int(i) for i in rng.choice(pool, size=k, replace=False)]
+                needle = int(rng.integers(k)) if label == "yes" else -1
+                others = set().union(*(present[i] for j, i in enumerate(chosen) if j != needle))
+                candidates = sorted((present[chosen[needle]] if label == "yes" else set(CATEGORIES)) - others)
+                if candidates:
+                    break
+            else:
+                raise ConfigError(f"multi: found no {label} question for {k} images in {_SCAN_LIMIT} draws; use a larger pool")
+            category = candidates[int(rng.integers(len(candidates)))]
+            rows.append({"question_id": len(rows), "images": [names[i] for i in chosen], "text": pope_question(category),
+                         "label": label, "num_images": k, "needle": needle, "category": category})
+    path = out / "shapes_multi.jsonl"
+    _write_jsonl(path, rows)
+    return path
 
 
 def write_train(out: str | Path, n: int = 1000, seed: int = TRAIN_SEEDS.start,

@@ -15,12 +15,14 @@ Built in:
   four answer parsers;
 * :mod:`~vlmkit.eval.benchmarks.chair`: CHAIR captioning on COCO (OPERA's ``chair.py``);
 * :mod:`~vlmkit.eval.benchmarks.mme`: MME (the official ``calculation.py``);
-* :mod:`~vlmkit.eval.benchmarks.video`: MVBench, Video-MME and EgoSchema multiple choice.
+* :mod:`~vlmkit.eval.benchmarks.video`: MVBench, Video-MME and EgoSchema multiple choice;
+* :mod:`~vlmkit.eval.benchmarks.multi`: the shapes world's multi-image needle test (accuracy
+  against the number of images in one prompt).
 
 Example:
     >>> from vlmkit.eval import benchmarks
     >>> benchmarks.names()[:4]
-    ['chair', 'mme', 'pope', 'video']
+    ['chair', 'mme', 'multi', 'pope']
     >>> benchmarks.get("chair").primary
     'CHAIRs'
 """
