@@ -33,6 +33,7 @@ from vlmkit.engine.contexts import AttentionContext, PositionContext
 from vlmkit.engine.selection import VisualTokens
 from vlmkit.errors import ConfigError
 from vlmkit.methods.base import AttentionMethod, MethodConfig, PositionMethod
+from vlmkit.methods.position.layout import sequential_positions
 from vlmkit.registry import register_method
 
 MASKED_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -86,37 +87,23 @@ class CCA(PositionMethod, AttentionMethod):
             )
 
     def positions(self, context: PositionContext) -> torch.Tensor:
-        default = context.positions.expand(*context.valid.shape)
-        result = default.clone()
-        for row, visual in enumerate(context.visual):
-            valid = context.valid[row]
+        def place(row: int, item: int, start: int, count: int, first: float) -> tuple[torch.Tensor, float]:
+            visual = context.visual[row]
             group, ring, size = crop_rings(visual)
-            position = result[row]
-            current = int(default[row, int(valid.long().argmax())]) - 1  # the last position used
-            cursor = 0
-            for image, (start, count) in enumerate(visual.spans):
-                text = valid[cursor:start].long().cumsum(0)
-                position[cursor:start] = current + text
-                current += int(text[-1]) if text.numel() else 0
-                mine = visual.image == image
-                groups = torch.unique(group[mine])
-                sizes = torch.zeros(int(group.max()) + 1, dtype=torch.long).scatter_(0, group, size)[groups]
-                group_start = current + 1 + torch.cumsum(sizes, 0) - sizes
-                starts = group_start[torch.searchsorted(groups, group[mine])]
-                position[visual.slots[mine]] = starts + ring[mine]
-                # structural tokens (image newlines) take the outer ring of the crop they close
-                span = torch.arange(start, start + count)
-                owner = torch.full((count,), -1, dtype=torch.long)
-                owner[visual.slots[mine] - start] = torch.arange(int(mine.sum()))
-                owner = torch.cummax(owner, 0).values.clamp(min=0)
-                structural = torch.ones(count, dtype=torch.bool)
-                structural[visual.slots[mine] - start] = False
-                position[span[structural]] = starts[owner[structural]]
-                current += int(sizes.sum())
-                cursor = start + count
-            position[cursor:] = current + valid[cursor:].long().cumsum(0)
-            result[row] = torch.where(valid, position, default[row])
-        return result
+            mine = visual.image == item
+            groups = torch.unique(group[mine])
+            sizes = torch.zeros(int(group.max()) + 1, dtype=torch.long).scatter_(0, group, size)[groups]
+            group_start = int(first) + torch.cumsum(sizes, 0) - sizes  # each crop after the previous ones' rings
+            starts = group_start[torch.searchsorted(groups, group[mine])]
+            inside = visual.slots[mine] - start
+            # structural tokens (image newlines) take the outer ring of the crop they close
+            owner = torch.full((count,), -1, dtype=torch.long)
+            owner[inside] = torch.arange(inside.numel())
+            span = starts[torch.cummax(owner, 0).values.clamp(min=0)]
+            span[inside] = starts + ring[mine]
+            return span, first - 1 + float(sizes.sum())
+
+        return sequential_positions(context, place, dtype=context.positions.dtype)
 
     def mask_function(self, context: AttentionContext):
         if context.visual is None:

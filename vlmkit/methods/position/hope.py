@@ -33,6 +33,7 @@ import torch
 from vlmkit.engine.contexts import PositionContext
 from vlmkit.errors import ConfigError
 from vlmkit.methods.base import MethodConfig, PositionMethod
+from vlmkit.methods.position.layout import sequential_positions
 from vlmkit.registry import register_method
 
 TRAINING_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)
@@ -105,29 +106,21 @@ class HoPE(PositionMethod):
 
     def positions(self, context: PositionContext) -> torch.Tensor:
         stock = context.positions.expand(3, *context.valid.shape)
-        result = stock.to(torch.float32).clone()
-        for row, visual in enumerate(context.visual):
-            valid = context.valid[row]
-            position = result[:, row]
-            current = float(stock[0, row, int(valid.long().argmax())]) - 1  # the last position used
-            cursor = 0
-            for item, (start, count) in enumerate(visual.spans):
-                text = valid[cursor:start].long().cumsum(0).to(torch.float32)
-                position[:, cursor:start] = current + text
-                current += float(text[-1]) if text.numel() else 0.0
-                slots = visual.slots[visual.image == item]
-                relative = (stock[:, row, slots] - stock[0, row, slots[0]]).to(torch.float32)  # (t, i, j) from the item's start
-                first = current + 1
-                t = first + relative[0] * self.item_scale()
-                if self.config.layout == "hope":
-                    _, height, width = visual.grids[item]
-                    h, w = t + relative[1] - (height - 1) // 2, t + relative[2] - (width - 1) // 2
-                    current = float(t.max())
-                else:
-                    h, w = first + relative[1], first + relative[2]
-                    current = float(torch.stack([t, h, w]).max())
-                position[:, slots] = torch.stack([t, h, w])
-                cursor = start + count
-            position[:, cursor:] = current + valid[cursor:].long().cumsum(0).to(torch.float32)
-            result[:, row] = torch.where(valid, position, stock[:, row].to(torch.float32))
-        return result
+
+        def place(row: int, item: int, start: int, count: int, first: float) -> tuple[torch.Tensor, float]:
+            visual = context.visual[row]
+            slots = visual.slots[visual.image == item]
+            relative = (stock[:, row, slots] - stock[0, row, slots[0]]).to(torch.float32)  # (t, i, j) from its start
+            t = first + relative[0] * self.item_scale()
+            if self.config.layout == "hope":
+                _, height, width = visual.grids[item]
+                h, w = t + relative[1] - (height - 1) // 2, t + relative[2] - (width - 1) // 2
+                last = float(t.max())
+            else:
+                h, w = first + relative[1], first + relative[2]
+                last = float(torch.stack([t, h, w]).max())
+            span = stock[:, row, start : start + count].to(torch.float32).clone()
+            span[:, slots - start] = torch.stack([t, h, w])
+            return span, last
+
+        return sequential_positions(context, place)

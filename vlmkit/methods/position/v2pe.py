@@ -32,6 +32,7 @@ import torch
 from vlmkit.engine.contexts import PositionContext
 from vlmkit.errors import ConfigError
 from vlmkit.methods.base import MethodConfig, PositionMethod
+from vlmkit.methods.position.layout import sequential_positions
 from vlmkit.registry import register_method
 
 #: the strides `v2pe_rnd` draws from, over 256 image tokens: delta in {1, 1/2, ..., 1/256}
@@ -76,25 +77,9 @@ class V2PE(PositionMethod):
         return TRAINING_DELTAS[int(torch.randint(len(TRAINING_DELTAS), (1,), generator=self._generator))]
 
     def positions(self, context: PositionContext) -> torch.Tensor:
-        default = context.positions.expand(*context.valid.shape)
-        result = default.to(torch.float32).clone()
-        for row, visual in enumerate(context.visual):
-            valid = context.valid[row]
-            first = int(valid.long().argmax())
-            last = float(default[row, first]) - 1  # the position before the first token
-            cursor = first
-            for start, count in visual.spans:
-                last = self._text(result[row], valid, cursor, start, last)
-                delta = self.image_delta()
-                result[row, start : start + count] = torch.linspace(last, last + delta * count, count + 1)[1:]
-                last = math.ceil(float(result[row, start + count - 1]))
-                cursor = start + count
-            self._text(result[row], valid, cursor, valid.numel(), last)
-        return torch.where(context.valid, result, default.to(torch.float32))
+        def place(row: int, item: int, start: int, count: int, first: float) -> tuple[torch.Tensor, float]:
+            before, delta = first - 1, self.image_delta()
+            span = torch.linspace(before, before + delta * count, count + 1)[1:]
+            return span, float(math.ceil(float(span[-1])))
 
-    @staticmethod
-    def _text(positions: torch.Tensor, valid: torch.Tensor, start: int, end: int, last: float) -> float:
-        """Text tokens `start:end` advance by 1 from `last`; returns the last position written."""
-        steps = valid[start:end].long().cumsum(0)
-        positions[start:end] = last + steps.to(torch.float32)
-        return last + float(steps[-1]) if steps.numel() else last
+        return sequential_positions(context, place)
