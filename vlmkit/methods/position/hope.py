@@ -33,7 +33,7 @@ import torch
 from vlmkit.engine.contexts import PositionContext
 from vlmkit.errors import ConfigError
 from vlmkit.methods.base import MethodConfig, PositionMethod
-from vlmkit.methods.position.layout import sequential_positions
+from vlmkit.methods.position.layout import ItemDraws, sequential_positions
 from vlmkit.registry import register_method
 
 TRAINING_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)
@@ -93,13 +93,8 @@ class HoPE(PositionMethod):
 
     def __init__(self, config=None, **params):
         super().__init__(config, **params)
-        self._generator = torch.Generator().manual_seed(self.config.seed)
-
-    def item_scale(self) -> float:
-        """s for the next image or video: the configured one, or a training draw."""
-        if not self.config.train:
-            return float(self.config.scale)
-        return TRAINING_SCALES[int(torch.randint(len(TRAINING_SCALES), (1,), generator=self._generator))]
+        # s for the next image or video: the configured one, or a training draw.
+        self.item_scale = ItemDraws(self.config.scale, TRAINING_SCALES, self.config.train, self.config.seed)
 
     def rotary_tables(self, module, hidden, positions):
         return hybrid_tables(module, hidden, positions) if self.config.allocation == "hybrid" else None

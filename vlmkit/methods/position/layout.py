@@ -39,3 +39,17 @@ def _text(position: torch.Tensor, valid: torch.Tensor, start: int, end: int, las
     steps = valid[start:end].long().cumsum(0)
     position[..., start:end] = (last + steps).to(position.dtype)
     return last + float(steps[-1]) if steps.numel() else last
+
+
+class ItemDraws:
+    """The value each visual item gets: the configured one, or in training a seeded uniform draw
+    from `choices` per item (V2PE's stride, HoPE's temporal scale)."""
+
+    def __init__(self, value: float, choices: tuple[float, ...], train: bool, seed: int):
+        self.value, self.choices, self.train = float(value), choices, train
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self) -> float:
+        if not self.train:
+            return self.value
+        return self.choices[int(torch.randint(len(self.choices), (1,), generator=self._generator))]

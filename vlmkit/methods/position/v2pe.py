@@ -32,7 +32,7 @@ import torch
 from vlmkit.engine.contexts import PositionContext
 from vlmkit.errors import ConfigError
 from vlmkit.methods.base import MethodConfig, PositionMethod
-from vlmkit.methods.position.layout import sequential_positions
+from vlmkit.methods.position.layout import ItemDraws, sequential_positions
 from vlmkit.registry import register_method
 
 #: the strides `v2pe_rnd` draws from, over 256 image tokens: delta in {1, 1/2, ..., 1/256}
@@ -68,13 +68,8 @@ class V2PE(PositionMethod):
 
     def __init__(self, config=None, **params):
         super().__init__(config, **params)
-        self._generator = torch.Generator().manual_seed(self.config.seed)
-
-    def image_delta(self) -> float:
-        """delta for the next image: the configured one, or a training draw."""
-        if not self.config.train:
-            return float(self.config.delta)
-        return TRAINING_DELTAS[int(torch.randint(len(TRAINING_DELTAS), (1,), generator=self._generator))]
+        # delta for the next image: the configured one, or a training draw.
+        self.image_delta = ItemDraws(self.config.delta, TRAINING_DELTAS, self.config.train, self.config.seed)
 
     def positions(self, context: PositionContext) -> torch.Tensor:
         def place(row: int, item: int, start: int, count: int, first: float) -> tuple[torch.Tensor, float]:
