@@ -1,0 +1,116 @@
+"""CCA and V2PE fine-tunes against their control: the README table and the long-context plot.
+
+Reads the eval runs under --runs (one folder per fine-tune: `control`, `cca`, `v2pe`, ...; inside,
+one run folder per benchmark: `pope`, `chair`, `multi`) and writes the table between the README's
+`position-finetunes` markers and `docs/v2pe_multi.png` (multi-image needle accuracy against the
+number of images in the prompt).
+
+Usage (after the fine-tunes, see eval/finetune_cca.yaml and eval/finetune_v2pe.yaml):
+    vlmkit eval --model runs/ft/control/final --bench pope --data data/shapes/pope --out runs/ft_eval/control/pope
+    vlmkit eval --model runs/ft/cca/final --method cca --bench pope --data data/shapes/pope --out runs/ft_eval/cca/pope
+    ... chair (--num-images 500 --data-seed 42 --max-new-tokens 64) and multi likewise
+    python -m benchmarks.position_finetunes --runs runs/ft_eval
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks.decoding_eval import write_between
+
+ROOT = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- position-finetunes:begin (benchmarks/position_finetunes.py) -->", "<!-- position-finetunes:end -->"
+
+
+def scores(folder: Path) -> dict[str, dict[str, Any]]:
+    """{benchmark: scores.json} of one fine-tune's finished runs."""
+    return {run.parent.name: json.loads(run.read_text()) for run in sorted(folder.glob("*/scores.json"))}
+
+
+def label(found: dict[str, Any]) -> tuple[str, str]:
+    """(the method the model was fine-tuned with, the methods applied at test, changed parameters shown)."""
+    import dataclasses
+
+    from vlmkit.registry import REGISTRY
+
+    config = next(iter(found.values()))["config"]
+    training = json.loads((Path(config["model"]["path"]) / "training.json").read_text())
+    tuned = training["config"]["finetune"]["method"]
+    applied = []
+    for method in config["methods"]:
+        defaults = dataclasses.asdict(REGISTRY.get(method["name"]).Config())
+        changed = ",".join(f"{k}={v}" for k, v in method["params"].items() if defaults.get(k) != v)
+        applied.append(f"`{method['name']}{':' + changed if changed else ''}`")
+    return ("control (none)" if tuned == "none" else f"`{tuned}`"), ", ".join(applied) or "none"
+
+
+def table(runs: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "| fine-tune (800 steps) | applied at test | POPE acc rand / pop / adv | CHAIR_s / CHAIR_i | multi-image accuracy at 1 / 2 / 4 / 8 / 16 images |",
+        "|---|---|---|---|---|",
+    ]
+    for name, found in runs.items():
+        pope = found.get("pope")
+        splits = "-" if pope is None else " / ".join(
+            f"{100 * pope['scores']['splits'][s]['accuracy']:.1f}" for s in ("random", "popular", "adversarial"))
+        chair = found.get("chair")
+        hallucination = "-" if chair is None else f"{100 * chair['metrics']['CHAIRs']:.1f} / {100 * chair['metrics']['CHAIRi']:.1f}"
+        multi = found.get("multi")
+        counts = "-" if multi is None else " / ".join(
+            f"{100 * multi['metrics'][f'accuracy@{k}']:.0f}" for k in (1, 2, 4, 8, 16) if f"accuracy@{k}" in multi["metrics"])
+        tuned, applied = label(found)
+        lines.append(f"| {tuned} | {applied} | {splits} | {hallucination} | {counts} |")
+    return "\n".join(lines) + "\n"
+
+
+def draw(runs: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 3.6))
+    for name, found in runs.items():
+        multi = found.get("multi")
+        if multi is None:
+            continue
+        counts = sorted(int(k.split("@")[1]) for k in multi["metrics"] if k.startswith("accuracy@"))
+        tuned, applied = label(found)
+        axis.plot(counts, [100 * multi["metrics"][f"accuracy@{k}"] for k in counts], "o-",
+                  label=f"fine-tuned with {tuned}, {applied} at test".replace("`", ""))
+    axis.axhline(50, color="grey", linewidth=0.8, linestyle=":", label="chance")
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("images in the prompt (144 tokens each)")
+    axis.set_ylabel("needle accuracy (%)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, default=Path("runs/ft_eval"))
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "v2pe_multi.png")
+    args = parser.parse_args(argv)
+    order = lambda folder: (folder.name != "control", folder.name)  # noqa: E731
+    runs = {folder.name: scores(folder) for folder in sorted(args.runs.iterdir(), key=order) if folder.is_dir()}
+    runs = {name: found for name, found in runs.items() if found}
+    if "control" not in runs:
+        print(f"position_finetunes: no finished control runs under {args.runs}", file=sys.stderr)
+        return 2
+    draw(runs, args.plot)
+    text = table(runs) + f"\n![needle accuracy against images in the prompt]({args.plot.relative_to(ROOT).as_posix()})\n"
+    write_between(args.readme, BEGIN, END, text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
