@@ -80,9 +80,11 @@ def draw(runs: dict[str, dict[str, Any]], path: Path) -> None:
         counts = sorted(int(k.split("@")[1]) for k in multi["metrics"] if k.startswith("accuracy@"))
         tuned, applied = label(found)
         axis.plot(counts, [100 * multi["metrics"][f"accuracy@{k}"] for k in counts], "o-",
-                  label=f"fine-tuned with {tuned}, {applied} at test".replace("`", ""))
+                  label=(f"{'control fine-tune' if tuned.startswith('control') else 'fine-tuned with ' + tuned}, "
+                         f"{applied} at test").replace("`", ""))
     axis.axhline(50, color="grey", linewidth=0.8, linestyle=":", label="chance")
     axis.set_xscale("log", base=2)
+    axis.set_xticks(counts, [str(k) for k in counts])
     axis.set_xlabel("images in the prompt (144 tokens each)")
     axis.set_ylabel("needle accuracy (%)")
     axis.grid(alpha=0.3)
