@@ -55,6 +55,18 @@ def collect(runs: Path) -> dict[str, dict[str, dict[str, Any]]]:
     return found
 
 
+def save_plot(figure, axis, path: Path, legend_size: int = 8) -> None:
+    """Grid, legend and a tight layout, then write `figure` to `path` (a PNG in docs/) and close it."""
+    import matplotlib.pyplot as plt
+
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=legend_size)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def write_between(path: Path, begin: str, end: str, text: str, new_page: str | None = None) -> None:
     """Put `text` between the markers `begin` and `end` of `path` (a README or docs page generated
     blocks live in); `new_page` is the page to start from when `path` does not exist."""

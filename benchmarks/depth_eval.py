@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.decoding_eval import collect, write_between
+from benchmarks.decoding_eval import collect, save_plot, write_between
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "eval" / "depth_budgets.yaml"
@@ -93,12 +93,7 @@ def draw(table: list[dict[str, Any]], dense: dict[str, Any], path: Path) -> None
     axis.axhline(98 * dense["pope"], color="grey", linewidth=0.8, linestyle=":", label="98% of dense")
     axis.set_xlabel("LLM prefill FLOPs (share of dense)")
     axis.set_ylabel("POPE mean accuracy (%)")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_plot(figure, axis, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.decoding_eval import write_between
+from benchmarks.decoding_eval import save_plot, write_between
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- position-finetunes:begin (benchmarks/position_finetunes.py) -->", "<!-- position-finetunes:end -->"
@@ -87,12 +87,7 @@ def draw(runs: dict[str, dict[str, Any]], path: Path) -> None:
     axis.set_xticks(counts, [str(k) for k in counts])
     axis.set_xlabel("images in the prompt (144 tokens each)")
     axis.set_ylabel("needle accuracy (%)")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=7)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_plot(figure, axis, path, legend_size=7)
 
 
 def main(argv: list[str] | None = None) -> int:
