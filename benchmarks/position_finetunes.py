@@ -5,10 +5,23 @@ one run folder per benchmark: `pope`, `chair`, `multi`) and writes the table bet
 `position-finetunes` markers and `docs/v2pe_multi.png` (multi-image needle accuracy against the
 number of images in the prompt).
 
-Usage (after the fine-tunes, see eval/finetune_cca.yaml and eval/finetune_v2pe.yaml):
-    vlmkit eval --model runs/ft/control/final --bench pope --data data/shapes/pope --out runs/ft_eval/control/pope
-    vlmkit eval --model runs/ft/cca/final --method cca --bench pope --data data/shapes/pope --out runs/ft_eval/cca/pope
-    ... chair (--num-images 500 --data-seed 42 --max-new-tokens 64) and multi likewise
+Usage (POPE 3 x 600 questions, CHAIR 500 images at 64 tokens, the multi-image needle test):
+    vlmkit train finetune --from shapes-llava --method none --out runs/ft/control
+    vlmkit train finetune --from shapes-llava --method cca --out runs/ft/cca
+    vlmkit train finetune --from shapes-llava --method v2pe:train=True --out runs/ft/v2pe
+    vlmkit data shapes --out data/shapes --n 100 --bench pope
+    vlmkit data shapes --out data/shapes --n 500 --bench chair
+    vlmkit data shapes --out data/shapes --n 50 --bench multi
+    E="vlmkit eval --batch-size 8"; C="--num-images 500 --data-seed 42 --max-new-tokens 64"
+    $E --model runs/ft/control/final --bench pope --data data/shapes/pope --out runs/ft_eval/control/pope
+    $E --model runs/ft/control/final --bench chair --data data/shapes/chair $C --out runs/ft_eval/control/chair
+    $E --model runs/ft/control/final --bench multi --data data/shapes/multi --out runs/ft_eval/control/multi
+    $E --model runs/ft/control/final --method v2pe:delta=0.0625 --bench multi --data data/shapes/multi --out runs/ft_eval/control-v2pe16/multi
+    $E --model runs/ft/cca/final --method cca --bench pope --data data/shapes/pope --out runs/ft_eval/cca/pope
+    $E --model runs/ft/cca/final --method cca --bench chair --data data/shapes/chair $C --out runs/ft_eval/cca/chair
+    $E --model runs/ft/v2pe/final --method v2pe --bench pope --data data/shapes/pope --out runs/ft_eval/v2pe/pope
+    $E --model runs/ft/v2pe/final --method v2pe --bench multi --data data/shapes/multi --out runs/ft_eval/v2pe/multi
+    $E --model runs/ft/v2pe/final --method v2pe:delta=0.0625 --bench multi --data data/shapes/multi --out runs/ft_eval/v2pe16/multi
     python -m benchmarks.position_finetunes --runs runs/ft_eval
 """
 from __future__ import annotations
