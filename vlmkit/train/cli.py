@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `train` command and its `shapes` sub-command."""
     parser = subparsers.add_parser("train", help="train the shipped shapes models")
     inner = parser.add_subparsers(dest="train_command", metavar="WHAT")
-    shapes = inner.add_parser("shapes", help="train shapes-llava or shapes-video",
+    shapes = inner.add_parser("shapes", help="train shapes-llava, shapes-llava-deep or shapes-video",
                               description=__doc__.splitlines()[0])
     shapes.add_argument("--model", choices=("llava", "llava-deep", "video"), required=True,
                         help="shapes-llava, shapes-llava-deep (12 decoder layers on shapes-llava's vision "
