@@ -128,9 +128,6 @@ def test_v2pe_errors_name_the_valid_choices():
     for delta in (0, -0.25, 1.5, True):
         with pytest.raises(ConfigError, match=r"delta=.*in \(0, 1\]"):
             V2PE(delta=delta)
-    tiny, _ = model("qwen2_vl")
-    with pytest.raises(UnsupportedModelError, match="M-RoPE.*It runs on: llava, llava_next, llava_onevision"):
-        vlmkit.apply(tiny, "v2pe")
     tiny, _ = model("llava")
     with pytest.raises(ConfigError, match="reindex.*v2pe"):
         vlmkit.apply(tiny, "pool:keep=0.25,positions=reindex", "v2pe")
@@ -256,9 +253,6 @@ def test_cca_errors_name_the_valid_choices():
 
     with pytest.raises(ConfigError, match="attn_implementation= one of sdpa, eager"):
         CCA().check_adapter(FlashAdapter())
-    tiny, _ = model("qwen2_5_vl")
-    with pytest.raises(UnsupportedModelError, match="M-RoPE.*It runs on: llava, llava_next, llava_onevision"):
-        vlmkit.apply(tiny, "cca")
     tiny, _ = model("llava")
     with pytest.raises(ConflictError, match="both claim the position site"):
         vlmkit.apply(tiny, "cca", "v2pe")
@@ -373,9 +367,6 @@ def test_hope_training_draws_and_errors():
             HoPE(scale=scale)
     with pytest.raises(ConfigError, match="allocation='none' is not one of hybrid, mrope"):
         HoPE(allocation="none")
-    tiny, _ = model("llava_onevision")
-    with pytest.raises(UnsupportedModelError, match="1-D rotary.*It runs on: qwen2_vl, qwen2_5_vl"):
-        vlmkit.apply(tiny, "hope")
 
 
 @pytest.mark.parametrize("family,spec", [("llava", "v2pe"), ("llava_next", "cca"), ("qwen2_vl", "hope")])
@@ -390,3 +381,15 @@ def test_contrastive_branches_get_the_position_method_too(family, spec):
     prompts = [p for p in seen if p.shape[-1] > 1]
     assert len(prompts) == 2  # the main rows' prefill and the branch's
     assert torch.equal(prompts[0], alone[0]) and torch.equal(prompts[1], alone[0])
+
+
+@pytest.mark.parametrize("family,spec,message", [
+    ("qwen2_vl", "v2pe", "M-RoPE.*It runs on: llava, llava_next, llava_onevision"),
+    ("qwen2_5_vl", "cca", "M-RoPE.*It runs on: llava, llava_next, llava_onevision"),
+    ("llava_onevision", "hope", "1-D rotary.*It runs on: qwen2_vl, qwen2_5_vl"),
+])
+def test_position_methods_refuse_the_other_rotary_kind_naming_the_families_they_run_on(family, spec, message):
+    tiny, _ = model(family)
+    with pytest.raises(UnsupportedModelError, match=message):
+        vlmkit.apply(tiny, spec)
+    assert vlmkit.api.patch_of(tiny) is None

@@ -19,7 +19,7 @@ from vlmkit.errors import ConfigError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the `train` command and its `shapes` sub-command."""
+    """Add the `train` command and its `shapes`, `finetune` and `evaluate` sub-commands."""
     parser = subparsers.add_parser("train", help="train the shipped shapes models")
     inner = parser.add_subparsers(dest="train_command", metavar="WHAT")
     shapes = inner.add_parser("shapes", help="train shapes-llava, shapes-llava-deep or shapes-video",
@@ -27,16 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     shapes.add_argument("--model", choices=("llava", "llava-deep", "video"), required=True,
                         help="shapes-llava, shapes-llava-deep (12 decoder layers on shapes-llava's vision "
                         "tower) or shapes-video")
-    shapes.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, log.jsonl, final/)")
-    shapes.add_argument("--restart", action="store_true", help="start over instead of resuming")
-    threads.add_option(shapes)
-    shapes.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe field, e.g. --set chat_steps=2000 (repeatable)")
-    shapes.add_argument("--checkpoint-every", type=int, default=100)
-    shapes.add_argument("--device", default="cpu", help="where to train: cpu (default) or cuda")
+    _run_options(shapes, "override a recipe field, e.g. --set chat_steps=2000 (repeatable)")
     shapes.add_argument("--workers", type=int, default=0,
                         help="processes that build batches ahead of the training step (default 0)")
-    shapes.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     shapes.set_defaults(func=_run)
     tune = inner.add_parser("finetune", help="fine-tune a shapes model with a method applied (or the control run)",
                             description="Fine-tune a shapes model with a vlmkit method applied during training; "
@@ -44,14 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tune.add_argument("--from", dest="base", default="shapes-llava",
                       help="a shipped shapes checkpoint or a save_pretrained folder (default shapes-llava)")
     tune.add_argument("--method", required=True, help="a method spec, e.g. cca or v2pe:train=True; none: the control")
-    tune.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, log.jsonl, final/)")
-    tune.add_argument("--restart", action="store_true", help="start over instead of resuming")
-    threads.add_option(tune)
-    tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a fine-tune field (steps, batch, lr, seed, eval_every, eval_images, name)")
-    tune.add_argument("--checkpoint-every", type=int, default=100)
-    tune.add_argument("--device", default="cpu", help="where to train: cpu (default) or cuda")
-    tune.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _run_options(tune, "override a fine-tune field (steps, batch, lr, seed, eval_every, eval_images, name)")
     tune.set_defaults(func=_finetune)
     check = inner.add_parser("evaluate", help="measure a shapes model on held-out seeds (POPE, CHAIR, MME, video MC)")
     check.add_argument(
@@ -65,6 +51,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument("--out", type=Path, default=None, help="also write the results here as JSON")
     check.set_defaults(func=_evaluate)
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
+
+
+def _run_options(parser: argparse.ArgumentParser, set_help: str) -> None:
+    """The options of a resumable training run: its folder, restart, threads, overrides, checkpoints, device."""
+    parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, log.jsonl, final/)")
+    parser.add_argument("--restart", action="store_true", help="start over instead of resuming")
+    threads.add_option(parser)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument("--device", default="cpu", help="where to train: cpu (default) or cuda")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def _overrides(config, pairs: list[str]):
