@@ -36,7 +36,11 @@ def test_m3id_weight_grows_with_time():
     assert weights[0] == 0.0 and weights == sorted(weights)
     assert weights[2] == pytest.approx((1 - math.exp(-0.2)) / math.exp(-0.2))
     scores, negative = torch.tensor([[1.0, 0.5, -3.0]]), torch.tensor([[0.0, 1.0, 0.0]])
-    assert torch.equal(m3id.combine(scores, Step(0, [negative])), scores)
+    # t = 0: no contrast yet, but the reference's plausibility mask already applies
+    # (-3 is below log(0.1) + max = 1 - 2.303 in probability terms: e^-3 < 0.1 e^1)
+    assert torch.equal(m3id.combine(scores, Step(0, [negative])), torch.tensor([[1.0, 0.5, -math.inf]]))
+    off = vlmkit.parse_spec("m3id:decay=0")  # no contrast at any step: plain decoding, no mask
+    assert torch.equal(off.combine(scores, Step(0, [negative])), scores)
     w = m3id.weight(10)
     expected = torch.tensor([[1.0 + w, 0.5 - 0.5 * w, -math.inf]])
     assert torch.allclose(m3id.combine(scores, Step(10, [negative])), expected)

@@ -40,6 +40,19 @@ def test_fastv_keeps_the_most_attended_tokens():
     assert selection.samples[0].keep.tolist() == [1, 4]  # ties resolve to the lower index first
 
 
+@pytest.mark.parametrize("method", [FastV, DivPrune])
+def test_a_share_rounds_as_the_reference_code_does_halves_to_even(method):
+    config = method.Config(keep=0.03125)
+    assert config.kept_count(144, 0.5, rounding="half_even") == 4  # round(4.5) == 4 in Python
+    assert config.kept_count(144, 0.5) == 5  # the default rule rounds halves up
+    visual = [grid_tokens(12, 12)]
+    scores = torch.rand(144, generator=torch.Generator().manual_seed(0))
+    hidden = torch.randn(1, 160, 4, generator=torch.Generator().manual_seed(1))
+    ctx = SelectionContext(hidden=hidden, visual=visual, layer=2, num_layers=4, last_row_attention=[scores])
+    assert method(keep=0.03125).select(ctx).samples[0].keep.numel() == 4
+    assert method(keep=0.0625 * 0.5 + 1 / 288).select(ctx).samples[0].keep.numel() == 5  # 5.0 exactly
+
+
 def test_visionzip_dominant_then_evenly_strided_contextual_targets():
     importance = torch.tensor([0.9, 0.1, 0.2, 0.8, 0.3, 0.1, 0.1, 0.1])
     keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [1.0, 1.0], [0.1, 1.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])

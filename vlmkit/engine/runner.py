@@ -383,6 +383,7 @@ class TextStackRunner:
         context = SelectionContext(
             hidden=stream.hidden,
             visual=stream.visual,
+            valid=stream.valid,
             layer=layer,
             num_layers=self.num_layers,
             last_row_attention=last_row,

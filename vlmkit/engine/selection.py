@@ -105,6 +105,7 @@ class SelectionContext:
 
     Attributes:
         hidden: (B, L, D) hidden states entering decoder layer `layer` in the current layout.
+        valid: (B, L) bool, False on padding (text tokens are the valid rows that are not visual).
         visual: per sample, its remaining visual tokens.
         layer: the decoder layer before which the selection applies (0 = before the LLM).
         num_layers: decoder layers in the LLM.
@@ -119,6 +120,7 @@ class SelectionContext:
     visual: list[VisualTokens]
     layer: int
     num_layers: int
+    valid: torch.Tensor | None = None
     last_row_attention: list[torch.Tensor] | None = None
     vision: list[list[dict[str, torch.Tensor]]] | None = None
     call_index: int = 0

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from vlmkit.engine.contexts import AttentionContext, CacheContext, PositionContext, Route, RouteContext
     from vlmkit.engine.selection import Selection, SelectionContext
 
+ROUNDINGS = ("half_up", "half_even")
 POSITION_POLICIES = ("auto", "keep", "reindex")
 
 
@@ -61,8 +62,13 @@ class TokenBudgetConfig(MethodConfig):
         if self.positions not in POSITION_POLICIES:
             raise ConfigError(f"positions={self.positions!r} is not one of {', '.join(POSITION_POLICIES)}")
 
-    def kept_count(self, available: int, default_keep: float) -> int:
-        """How many of `available` tokens the budget keeps (a count is capped with a warning)."""
+    def kept_count(self, available: int, default_keep: float, rounding: str = "half_up") -> int:
+        """How many of `available` tokens the budget keeps (a count is capped with a warning).
+
+        A share becomes a count by `rounding`: "half_up" (floor(x + 0.5)) or "half_even" (Python's
+        `round()`, for methods whose reference code uses it: `keep=0.03125` of 144 keeps 4, not 5).
+        At least one token is kept.
+        """
         if self.tokens is not None:
             if self.tokens > available:
                 warnings.warn(
@@ -71,7 +77,10 @@ class TokenBudgetConfig(MethodConfig):
                 )
             return min(self.tokens, available)
         keep = default_keep if self.keep is None else self.keep
-        return min(available, max(1, math.floor(keep * available + 0.5)))
+        if rounding not in ROUNDINGS:
+            raise ConfigError(f"rounding={rounding!r} is not one of {', '.join(ROUNDINGS)}")
+        count = round(keep * available) if rounding == "half_even" else math.floor(keep * available + 0.5)
+        return min(available, max(1, count))
 
 
 class Method:

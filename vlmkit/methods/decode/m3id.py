@@ -10,9 +10,10 @@ restricted to the plausible set {y : p(y | v, x) >= beta max_w p(w | v, x)}. Def
 (the reference), beta = 0.1.
 
 Deviations from the reference code, and why:
-- at t = 0 the weight is 0 and the step is plain decoding: the reference still applies the
-  plausibility mask there, which only truncates sampling; vlmkit applies it only with a contrast,
-  so `decay=0` is exactly plain decoding. (So M3ID leaves one-token answers, e.g. POPE's, as they are.)
+- none in the formula: as in the reference, the plausibility mask applies from the first step
+  (at t = 0 the weight is 0, so the step is plain decoding restricted to the plausible set, which
+  truncates sampling and leaves greedy answers, e.g. POPE's one-token ones, as they are); only
+  `decay=0` (no contrast at any step) skips the mask, so that it is exactly plain decoding;
 - the no-image branch drops every image/video placeholder token and visual input from the prompt
   (the reference passes no image to a LLaVA fork);
 - it works under greedy and beam search, and for batches.
@@ -59,8 +60,8 @@ class M3ID(DecodeMethod):
         return plausible_tokens(scores, self.config.beta, active=self.config.decay > 0)
 
     def combine(self, scores: torch.Tensor, step) -> torch.Tensor:
-        weight = self.weight(step.index)
-        if weight == 0:
+        if self.config.decay == 0:
             return scores.clone()
-        combined = scores + weight * (scores - step.branch_logits[0])
+        weight = self.weight(step.index)
+        combined = scores.clone() if weight == 0 else scores + weight * (scores - step.branch_logits[0])
         return combined.masked_fill(plausibility_cutoff(scores, self.config.beta), -math.inf)

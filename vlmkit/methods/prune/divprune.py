@@ -13,7 +13,8 @@ computes distances in tiles and never holds the N x N matrix.
 
 Deviations from the reference code (vbdi/divprune): per sample over all its visual tokens, found from
 the placeholder tokens (the reference hard-codes the prompt offset, 576 tokens, batch size 1); the
-budget default is the paper's 9.8 % of the visual tokens.
+budget default is the paper's 9.8 % of the visual tokens. The kept count is `round(keep * n)` with
+Python's rule (halves to even), as the reference computes it; at least one token is kept.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ class DivPrune(TokenSelector):
     def select(self, context: SelectionContext) -> Selection:
         samples = []
         for row, visual in enumerate(context.visual):
-            count = self.config.kept_count(len(visual), DEFAULT_KEEP)
+            count = self.config.kept_count(len(visual), DEFAULT_KEEP, rounding="half_even")
             if count == len(visual):
                 samples.append(SampleSelection(torch.arange(count, device=visual.slots.device)))
                 continue

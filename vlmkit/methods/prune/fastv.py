@@ -15,6 +15,8 @@ Deviations from the reference code (pkunlp-icler/FastV), and why:
   reference needs eager attention and, in its KV-cache path, runs layer K-1 twice: FastV #18);
 - the budget applies per sample over all its visual tokens, found from the placeholder tokens of
   each sample (the reference hard-codes the prompt offset and 576 tokens, batch size 1).
+The kept count is `round(keep * n)` with Python's rule (halves to even), as in the reference's
+Hugging Face port; at least one token is kept.
 Limits: the scores use the last prompt token only (as the code, not the paper's mean over queries).
 """
 from __future__ import annotations
@@ -56,6 +58,6 @@ class FastV(TokenSelector):
     def select(self, context: SelectionContext) -> Selection:
         samples = []
         for scores, visual in zip(context.last_row_attention, context.visual):
-            count = self.config.kept_count(len(visual), DEFAULT_KEEP)
+            count = self.config.kept_count(len(visual), DEFAULT_KEEP, rounding="half_even")
             samples.append(SampleSelection(top_k_sorted(scores, count)))
         return Selection(samples)
