@@ -22,6 +22,8 @@ _BUILTIN_TARGETS = {
     "random": "vlmkit.methods.prune.random:RandomPrune",
     "pool": "vlmkit.methods.prune.pool:Pool",
     "divprune": "vlmkit.methods.prune.divprune:DivPrune",
+    "pyramiddrop": "vlmkit.methods.prune.pyramiddrop:PyramidDrop",
+    "dart": "vlmkit.methods.prune.dart:DART",
     "vcd": "vlmkit.methods.decode.vcd:VCD",
     "icd": "vlmkit.methods.decode.icd:ICD",
     "m3id": "vlmkit.methods.decode.m3id:M3ID",

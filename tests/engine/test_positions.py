@@ -32,6 +32,7 @@ def test_qwen2_vl_positions_and_rope_deltas_survive_pruning(spec):
     with vlmkit.apply(tiny, spec) as patch:
         pruned = rotary_positions(tiny, lambda: generate(tiny, batch, max_new_tokens=4))
         kept = patch.selections[spec.split(":")[0]]
+        orders = [sample.order for sample in patch.state.recorded[("select", 0 if "fastv" not in spec else 2)].samples]
         assert torch.equal(tiny.model.rope_deltas, dense_deltas)
     prompt = dense[0]
     assert prompt.shape[0] == 3 and prompt.shape[1] == 2  # (t, h, w) x batch
@@ -51,6 +52,8 @@ def test_qwen2_vl_positions_and_rope_deltas_survive_pruning(spec):
         kept_ids = prompt[:, sample, visual[kept[sample]]]
         text = torch.nonzero(mask[sample] & (batch["input_ids"][sample] != tiny.config.image_token_id)).flatten()
         expected = torch.sort(torch.cat([visual[kept[sample]], text])).values
+        if orders[sample] is not None:  # the kept visual tokens enter in the selection's order (VisionZip)
+            expected[torch.isin(expected, visual)] = visual[kept[sample]][orders[sample]]
         width = pruned_prompt.shape[-1]
         tail = pruned_prompt[:, sample, width - expected.numel() :]
         assert torch.equal(tail, prompt[:, sample, expected])

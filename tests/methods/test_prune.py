@@ -56,12 +56,37 @@ def test_a_share_rounds_as_the_reference_code_does_halves_to_even(method):
 def test_visionzip_dominant_then_evenly_strided_contextual_targets():
     importance = torch.tensor([0.9, 0.1, 0.2, 0.8, 0.3, 0.1, 0.1, 0.1])
     keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [1.0, 1.0], [0.1, 1.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
-    keep, target = VisionZip(dominant=2, contextual=2).select_image(importance, keys)
+    dominant, targets, joined = VisionZip(dominant=2, contextual=2).select_image(importance, keys)
     # dominant: tokens 0 and 3; rest = [1, 2, 4, 5, 6, 7], step 3 -> targets 1 and 5
-    assert keep.tolist() == [0, 1, 3, 5]
+    assert dominant.tolist() == [0, 3] and targets.tolist() == [1, 5]
     # token 2 ~ (1, 0.1) is closest to target 5 (1, 0); 4 and 6 point up like target 1; 7 (-1, 0) is
     # most similar (least opposite) to target 1 (0, 1)
-    assert target.tolist() == [0, 1, 3, 2, 1, 3, 1, 1]
+    assert joined.tolist() == [-1, -1, 1, -1, 0, -1, 0, 0]
+
+
+def test_visionzip_enters_dominant_then_contextual_with_target_plus_mean_of_joiners():
+    """The reference's formula c_t = x_t + mean(joiners) and entry order, by hand on one 2x4 image."""
+    importance = torch.tensor([0.9, 0.1, 0.2, 0.8, 0.3, 0.1, 0.1, 0.1])
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [1.0, 1.0], [0.1, 1.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    visual = grid_tokens(2, 4)
+    features = torch.arange(16.0).view(8, 2)
+    sample = VisionZip(dominant=2, contextual=2).select_sample(visual, [{"importance": importance, "keys": keys, "features": features}])
+    assert sample.keep.tolist() == [0, 1, 3, 5]
+    assert sample.keep[sample.order].tolist() == [0, 3, 1, 5]  # dominant (patch order), then contextual
+    assert sample.combine_space == "vision"
+    combined = sample.combine @ features
+    assert torch.equal(combined[0], features[0]) and torch.equal(combined[2], features[3])  # dominant: as they are
+    assert torch.allclose(combined[1], features[1] + (features[4] + features[6] + features[7]) / 3)
+    assert torch.allclose(combined[3], features[5] + features[2])
+    without_features = VisionZip(dominant=2, contextual=2).select_sample(visual, [{"importance": importance, "keys": keys}])
+    assert without_features.combine_space == "llm"  # e.g. Qwen2-VL's merger: the sum on the LLM's input
+
+
+def test_visionzip_keeping_every_token_changes_nothing():
+    visual = grid_tokens(2, 4)
+    probe = {"importance": torch.rand(8), "keys": torch.randn(8, 2), "features": torch.randn(8, 2)}
+    sample = VisionZip(keep=1.0).select_sample(visual, [probe])
+    assert sample.keep.tolist() == list(range(8)) and sample.order.tolist() == list(range(8)) and sample.combine is None
 
 
 def test_visionzip_budget_splits_54_to_10():
@@ -146,23 +171,40 @@ def test_visionzip_matches_eager_cls_attention_and_key_similarity():
         normed = block.layer_norm1(out.hidden_states[layer])
         keys = block.self_attn.k_proj(normed).view(*normed.shape[:2], attention.shape[1], -1).mean(dim=2)
     dominant, contextual = 12, 4
+    entered = {}
+    hook = tiny.model.language_model.layers[0].register_forward_pre_hook(
+        lambda module, args, kwargs: entered.update(hidden=kwargs.get("hidden_states", args[0] if args else None)),
+        with_kwargs=True,
+    )
     with vlmkit.apply(tiny, f"visionzip:dominant={dominant},contextual={contextual}") as patch, torch.no_grad():
         tiny(**batch)
         chosen = patch.selections["visionzip"]
-        merge_targets = [sample.merge_target for sample in patch.state.recorded[("select", 0)].samples]
+    hook.remove()
+    features = out.hidden_states[layer + 1][:, 1:]  # what the projector reads ([CLS] dropped)
+    placeholders = batch["input_ids"] == tiny.config.image_token_id
     for image in range(2):
         cls_row = attention[image, :, 0, 1:].mean(dim=0)
         top = torch.argsort(cls_row, descending=True, stable=True)[:dominant]
         rest = torch.tensor(sorted(set(range(cls_row.numel())) - set(top.tolist())))
         targets = rest[:: rest.numel() // contextual][:contextual]
         assert chosen[image].tolist() == sorted(top.tolist() + targets.tolist())
-        # every other token joins the target with the most similar head-mean key
+        # every other token joins the target with the most similar head-mean key; a target becomes
+        # its own feature plus the mean of its joiners' features, then is projected
         patch_keys = F.normalize(keys[image, 1:], dim=-1)
-        joiners = [t for t in rest.tolist() if t not in targets.tolist()]
-        best = targets[(patch_keys[joiners] @ patch_keys[targets].T).argmax(dim=1)]
-        kept = chosen[image].tolist()
-        assert merge_targets[image][joiners].tolist() == [kept.index(t) for t in best.tolist()]
-        assert merge_targets[image][kept].tolist() == list(range(len(kept)))
+        joiners = torch.tensor([t for t in rest.tolist() if t not in targets.tolist()])
+        best = (patch_keys[joiners] @ patch_keys[targets].T).argmax(dim=1)
+        contextual_features = torch.stack([
+            features[image, t] + features[image, joiners[best == i]].mean(dim=0) if (best == i).any() else features[image, t]
+            for i, t in enumerate(targets.tolist())
+        ])
+        entering = torch.cat([features[image, torch.sort(top).values], contextual_features])
+        with torch.no_grad():
+            expected = tiny.model.multi_modal_projector(entering[None])[0]
+        # the image's tokens enter where its placeholders began, after the left padding of the new stream
+        hidden = entered["hidden"][image]
+        kept_length = int(batch["attention_mask"][image].sum()) - int(placeholders[image].sum()) + expected.shape[0]
+        start = hidden.shape[0] - kept_length + int(placeholders[image].long().argmax()) - int((batch["attention_mask"][image] == 0).sum())
+        assert torch.allclose(hidden[start : start + expected.shape[0]], expected, atol=1e-5)
 
 
 def test_visionzip_on_onevision_video_with_a_clip_tower_scores_by_pooled_cls_attention():
@@ -191,3 +233,22 @@ def test_visionzip_on_onevision_video_with_a_clip_tower_scores_by_pooled_cls_att
         chosen = patch.selections["visionzip"][0]
     top = torch.argsort(pooled, descending=True, stable=True)[:dominant]
     assert chosen.tolist() == sorted(top.tolist())
+
+
+def test_a_selection_with_a_bad_order_or_combine_is_refused_by_name():
+    from vlmkit.engine.selection import SampleSelection
+    from vlmkit.errors import InputError
+
+    keep = torch.tensor([0, 2, 3])
+    with pytest.raises(InputError, match="permutation of 0..2"):
+        SampleSelection(keep, order=torch.tensor([0, 0, 1])).validate(5, "mine")
+    with pytest.raises(InputError, match=r"combine must be a float \(kept, visual\) = \(3, 5\)"):
+        SampleSelection(keep, combine=torch.ones(3, 4)).validate(5, "mine")
+    with pytest.raises(InputError, match="merge_target or combine, not both"):
+        SampleSelection(keep, merge_target=torch.zeros(5, dtype=torch.long), combine=torch.ones(3, 5)).validate(5, "mine")
+    with pytest.raises(InputError, match="combine_space='pixels' is not one of llm, vision"):
+        SampleSelection(keep, combine=torch.ones(3, 5), combine_space="pixels").validate(5, "mine")
+    combine = torch.zeros(3, 5)
+    combine[[0, 1, 2], keep] = 1.0
+    combine[1, 4] = 0.5  # only the second kept token changes
+    assert SampleSelection(keep, combine=combine).changed_rows().tolist() == [1]

@@ -37,6 +37,27 @@ def tile_channels(crops: int, side: int, columns: int) -> torch.Tensor:
     return torch.stack(channels).float()
 
 
+def probe_channels(probe: dict[str, torch.Tensor], rows: slice) -> tuple[torch.Tensor, list[tuple[str, int | None]]]:
+    """The probe entries of tower rows `rows` as float channels (rows, tokens, c), and their layout
+    [(name, width)]: a scalar per token ("importance") takes one channel (width None), a vector its width."""
+    channels, layout = [], []
+    for name, value in probe.items():
+        value = value[rows].float().cpu()
+        scalar = value.ndim == 2
+        channels.append(value[..., None] if scalar else value)
+        layout.append((name, None if scalar else value.shape[-1]))
+    return torch.cat(channels, dim=-1), layout
+
+
+def split_channels(channels: torch.Tensor, layout: list[tuple[str, int | None]]) -> dict[str, torch.Tensor]:
+    """The inverse of `probe_channels` for (tokens, c) channels: {name: (tokens,) or (tokens, width)}."""
+    result, start = {}, 0
+    for name, width in layout:
+        result[name] = channels[:, start] if width is None else channels[:, start : start + width]
+        start += 1 if width is None else width
+    return result
+
+
 def packed_metas(
     pack,
     image_sizes,
@@ -54,16 +75,15 @@ def packed_metas(
         crops_per_image: number of tower rows (base view + tiles) per image.
         side: patches per crop side.
         columns_per_image: tiles per row of each image's tile grid.
-        probe: per tower row, "importance" (rows, side*side) and "keys" (rows, side*side, d), or None.
+        probe: per tower row, "importance" (rows, side*side) and per-token vectors ("keys", "features":
+            (rows, side*side, d)), or None.
     """
-    features, start = [], 0
+    features, start, layout = [], 0, []
     for crops, columns in zip(crops_per_image, columns_per_image):
         channels = tile_channels(crops, side, columns)
         if probe is not None:
-            rows = slice(start, start + crops)
-            channels = torch.cat(
-                [channels, probe["importance"][rows, :, None].float().cpu(), probe["keys"][rows].float().cpu()], dim=-1
-            )
+            values, layout = probe_channels(probe, slice(start, start + crops))
+            channels = torch.cat([channels, values], dim=-1)
         features.append(channels)
         start += crops
     newline = torch.full((features[0].shape[-1],), STRUCTURAL)
@@ -74,9 +94,7 @@ def packed_metas(
         coords = image[:, :3].round().long()
         coords = torch.cat([torch.zeros_like(coords[:, :1]), coords[:, 1:], coords[:, :1]], dim=1)  # frame,row,col,crop
         coords[structural] = torch.tensor([0, 0, 0, -1])
-        meta_probe = None
-        if probe is not None:
-            meta_probe = {"importance": image[:, 3], "keys": image[:, 4:]}
+        meta_probe = split_channels(image[:, 3:], layout) if probe is not None else None
         metas.append(VisualMeta("image", (1, side, side), coords, meta_probe))
     return metas
 
@@ -84,17 +102,22 @@ def packed_metas(
 def pooled_video_metas(
     pool, frames_per_video: list[int], side: int, probe: dict[str, torch.Tensor] | None, newline: bool
 ) -> list[VisualMeta]:
-    """One `VisualMeta` per video whose frames go through the model's pooling function `pool`."""
+    """One `VisualMeta` per video whose frames go through the model's pooling function `pool`.
+
+    The model pools after projecting, so a pooled token has no vision feature of its own: the video's
+    probe carries no "features".
+    """
     metas, start = [], 0
     pooled_side = math.ceil(side / 2)
+    if probe is not None:
+        probe = {name: value for name, value in probe.items() if name != "features"}
     for frames in frames_per_video:
         coords = grid_coords(frames, pooled_side, pooled_side)
         meta_probe = None
         if probe is not None:
-            rows = slice(start, start + frames)
-            channels = torch.cat([probe["importance"][rows, :, None].float().cpu(), probe["keys"][rows].float().cpu()], -1)
+            channels, layout = probe_channels(probe, slice(start, start + frames))
             pooled = pool(channels).reshape(frames * pooled_side * pooled_side, -1)
-            meta_probe = {"importance": pooled[:, 0], "keys": pooled[:, 1:]}
+            meta_probe = split_channels(pooled, layout)
         if newline:
             coords = torch.cat([coords, torch.tensor([[0, 0, 0, -1]])])
             if meta_probe is not None:

@@ -107,6 +107,28 @@ class Adapter:
             probe = {name: value[:, 1:] for name, value in probe.items()}
         return probe
 
+    @property
+    def projector(self) -> nn.Module | None:
+        """The projector from vision features to the LLM's input when it maps token to token (LLaVA's
+        MLP), else None (a projector that joins patches, as Qwen2-VL's merger)."""
+        return getattr(self.base_model, "multi_modal_projector", None)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """(n, d_vision) vision features -> (n, d_llm) LLM input embeddings, as the model projects them."""
+        return self.projector(features[None])[0]
+
+    def with_features(
+        self, probes: list[dict[str, torch.Tensor]], features: list[torch.Tensor], call: dict
+    ) -> list[dict[str, torch.Tensor]]:
+        """The probes of one encoder call joined into one, plus "features": the projector's input per
+        tower row, aligned with the tower's tokens (a zero row for a [CLS] the projector does not read)."""
+        joined = concat_probes(probes) or {}
+        features = torch.cat(features)
+        if self.select_strategy(call) == "default":
+            features = torch.cat([torch.zeros_like(features[:, :1]), features], dim=1)
+        joined["features"] = features
+        return [joined]
+
     def vision_probe(self, attention: nn.Module, hidden: torch.Tensor, kwargs: dict) -> dict[str, torch.Tensor]:
         """Scores from one vision attention call, from its input only (no attention weights needed).
 

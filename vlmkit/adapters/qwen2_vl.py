@@ -63,19 +63,19 @@ class Qwen2VLAdapter(Adapter):
         merge = self.base_model.visual.spatial_merge_size
         probe = concat_probes(probes)
         if probe is not None:  # patches -> merged tokens (groups of merge**2 consecutive patches), in sequence order
-            unit = merge * merge
-            importance = probe["importance"][0].reshape(-1, unit).sum(dim=1)
-            keys = probe["keys"][0].reshape(importance.numel(), unit, -1).mean(dim=1)
-            order = self.token_order(grids)
-            if order is not None:
-                importance, keys = importance[order], keys[order]
+            unit, order = merge * merge, self.token_order(grids)
+            merged = {}
+            for name, value in probe.items():  # scores add up over a token's patches; vectors average
+                value = value[0]
+                value = value.reshape(-1, unit).sum(dim=1) if value.ndim == 1 else value.reshape(-1, unit, value.shape[-1]).mean(dim=1)
+                merged[name] = value if order is None else value[order]
         metas, start = [], 0
         for t, h, w in grids.tolist():
             rows, cols = h // merge, w // merge
             count = t * rows * cols
             meta_probe = None
             if probe is not None:
-                meta_probe = {"importance": importance[start : start + count], "keys": keys[start : start + count]}
+                meta_probe = {name: value[start : start + count] for name, value in merged.items()}
             metas.append(VisualMeta(modality, (t, rows, cols), grid_coords(t, rows, cols), meta_probe))
             start += count
         return metas

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from vlmkit.adapters.base import concat_probes
 from vlmkit.engine import branches
 from vlmkit.engine.runner import TextStackRunner
 from vlmkit.engine.sites import SITES, STACK_SITES
@@ -50,6 +51,9 @@ class Plan:
         routers: decoder layer -> the router that routes it.
         position, attention, cache, decoder: the method at that site, if any.
         vision_layers: vision-tower layers to probe.
+        vision_primary: the layer whose probe gives "importance" and "keys" (the others give
+            "importance@<layer>").
+        vision_features: whether a method reads the vision features the projector receives.
     """
 
     selectors: dict[int, TokenSelector] = field(default_factory=dict)
@@ -59,6 +63,8 @@ class Plan:
     cache: CacheMethod | None = None
     decoder: DecodeMethod | None = None
     vision_layers: list[int] = field(default_factory=list)
+    vision_primary: int | None = None
+    vision_features: bool = False
 
     @property
     def stack(self) -> bool:
@@ -135,12 +141,16 @@ def build_plan(methods: list[Method], adapter: "Adapter", supported_families: tu
                 claim("layer", layer, method)
                 plan.selectors[layer] = method
         if "vision" in sites and "vision_attention" in method.needs:
-            layer = method.vision_layer(adapter)
             count = len(adapter.vision_layers)
-            if not isinstance(layer, int) or not -count <= layer < count:
-                raise ConfigError(f"{method.name}: vision_layer={layer!r} is out of range for a vision tower with {count} layers")
-            if layer not in plan.vision_layers:
-                plan.vision_layers.append(layer)
+            primary = method.vision_layer(adapter)
+            for layer in (primary, *method.extra_vision_layers(adapter)):
+                if not isinstance(layer, int) or not -count <= layer < count:
+                    raise ConfigError(f"{method.name}: vision_layer={layer!r} is out of range for a vision tower with {count} layers")
+                if layer not in plan.vision_layers:
+                    plan.vision_layers.append(layer)
+            plan.vision_primary = primary
+        if "vision" in sites and "vision_features" in method.needs:
+            plan.vision_features = True
         if "route" in sites:
             for layer in in_range(method, "layer", tuple(method.routed_layers(num_layers))):
                 claim("route", layer, method)
@@ -163,7 +173,7 @@ def install(patch: "Patch", plan: Plan) -> None:
     """
     try:
         if plan.stack:
-            _install_visual_tracking(patch, plan.vision_layers)
+            _install_visual_tracking(patch, plan)
             runner = TextStackRunner(patch.adapter, patch.state, plan)
             names = ",".join(dict.fromkeys(m.name for m in patch.methods if STACK_SITES & set(m.sites)))
             patch._set_instance_attr(f"{names}:stack", patch.adapter.text_model, "forward", runner.bind())
@@ -187,7 +197,7 @@ def _install_rotary_tables(patch: "Patch", method: PositionMethod) -> None:
     patch._record(f"{method.name}:rotary", handle.remove)
 
 
-def _install_visual_tracking(patch: "Patch", vision_layers: list[int]) -> None:
+def _install_visual_tracking(patch: "Patch", plan: Plan) -> None:
     state, adapter = patch.state, patch.adapter
     base = adapter.base_model
 
@@ -211,19 +221,35 @@ def _install_visual_tracking(patch: "Patch", vision_layers: list[int]) -> None:
     handle = base.register_forward_pre_hook(stash_inputs, with_kwargs=True)
     patch._record("engine:embeds", handle.remove)
 
-    probes: list[dict[str, torch.Tensor]] = []
+    probes: dict[int, list[dict[str, torch.Tensor]]] = {layer: [] for layer in plan.vision_layers}
     active = {"on": False}
-    for layer in vision_layers:
+    for layer in plan.vision_layers:
         attention = adapter.vision_attention(layer)
 
-        def probe(module, args, kwargs):
+        def probe(module, args, kwargs, _layer=layer):
             if active["on"]:
                 hidden = kwargs.get("hidden_states", args[0] if args else None)
-                probes.append(adapter.vision_probe(module, hidden, kwargs))
+                probes[_layer].append(adapter.vision_probe(module, hidden, kwargs))
             return None
 
         handle = attention.register_forward_pre_hook(probe, with_kwargs=True)
         patch._record(f"engine:vision:{layer}", handle.remove)
+
+    projected: list[torch.Tensor] = []
+    if plan.vision_features and adapter.projector is not None:
+
+        def record_features(module, args, kwargs):
+            if active["on"]:
+                projected.append(kwargs.get("image_features", args[0] if args else None))
+            return None
+
+        handle = adapter.projector.register_forward_pre_hook(record_features, with_kwargs=True)
+        patch._record("engine:vision:features", handle.remove)
+
+    def forget() -> None:
+        projected.clear()
+        for found in probes.values():
+            found.clear()
 
     for modality, function_name in adapter.feature_functions().items():
         original = getattr(base, function_name, None)
@@ -232,18 +258,32 @@ def _install_visual_tracking(patch: "Patch", vision_layers: list[int]) -> None:
         signature = inspect.signature(original)
 
         def encode(*args, _original=original, _modality=modality, _signature=signature, **kwargs):
-            probes.clear()
+            forget()
             active["on"] = True
             try:
                 output = _original(*args, **kwargs)
             finally:
                 active["on"] = False
             call = _signature.bind_partial(*args, **kwargs).arguments
-            state.encoded_by_us(_modality, output, adapter.visual_metas(_modality, call, output, list(probes) or None))
-            probes.clear()
+            recorded = _joined_probes(probes, plan.vision_primary)
+            if projected:
+                recorded = adapter.with_features(recorded, projected, call)
+            state.encoded_by_us(_modality, output, adapter.visual_metas(_modality, call, output, recorded or None))
+            forget()
             return output
 
         patch._set_instance_attr("engine:vision", base, function_name, functools.wraps(original)(encode))
+
+
+def _joined_probes(probes: dict[int, list[dict[str, torch.Tensor]]], primary: int | None) -> list[dict[str, torch.Tensor]]:
+    """One encoder call's probes as one: the primary layer's entries, plus "importance@<layer>" of the others."""
+    if primary is None or not probes.get(primary):
+        return []
+    joined = concat_probes(probes[primary])
+    for layer, found in probes.items():
+        if layer != primary and found:
+            joined[f"importance@{layer}"] = concat_probes(found)["importance"]
+    return [joined]
 
 
 def _continues_a_cache(kwargs: dict) -> bool:

@@ -420,8 +420,14 @@ class TextStackRunner:
                 if merged_hidden is None:
                     merged_hidden = hidden.clone()
                 merged_hidden[row, kept_slots] = merged[0].to(hidden.dtype)
-            new_visual.append(visual.subset(sample.keep))
-            self.state.selections.setdefault(selector.name, []).append(visual.origin[sample.keep].cpu())
+            elif sample.combine is not None:
+                changed = sample.changed_rows()
+                if changed.numel():
+                    if merged_hidden is None:
+                        merged_hidden = hidden.clone()
+                    merged_hidden[row, kept_slots[changed]] = self._combined(selector, sample, changed, visual, hidden[row])
+            new_visual.append(visual.subset(sample.keep if sample.order is None else sample.keep[sample.order]))
+            self.state.selections.setdefault(selector.name, []).append(torch.sort(visual.origin[sample.keep]).values.cpu())
 
         rows = torch.arange(batch, device=hidden.device)[:, None].expand(batch, length)
         dropped = stream.valid & ~keep
@@ -430,6 +436,10 @@ class TextStackRunner:
             hidden = merged_hidden
 
         gather, new_valid, rank = pack(keep)
+        for row, (sample, visual) in enumerate(zip(selection.samples, stream.visual)):
+            if sample.order is not None:  # the kept tokens fill their places in the selection's order
+                kept_slots = visual.slots[sample.keep]
+                gather[row, rank[row, kept_slots]] = kept_slots[sample.order]
         positions, layer_positions = stream.take(stream.positions, gather), stream.take(stream.layer_positions, gather)
         if selector.position_policy(self.adapter.mrope, self.plan.position and self.plan.position.name) == "reindex":
             reindexed = (new_valid.long().cumsum(dim=1) - 1).clamp(min=0).to(positions.dtype)
@@ -437,7 +447,7 @@ class TextStackRunner:
             positions = reindexed
             layer_positions = reindexed if layer_positions is not None else None
         for row, visual in enumerate(new_visual):
-            visual.slots = rank[row, visual.slots]  # each kept token's row in the new stream
+            visual.slots = torch.sort(rank[row, visual.slots]).values  # each kept token's row in the new stream
         return Stream(
             hidden=hidden.gather(1, gather[..., None].expand(-1, -1, hidden.shape[-1])),
             valid=new_valid,
@@ -446,6 +456,23 @@ class TextStackRunner:
             layer_positions=layer_positions,
             visual=new_visual,
         )
+
+    def _combined(self, selector, sample, changed: torch.Tensor, visual: VisualTokens, hidden: torch.Tensor) -> torch.Tensor:
+        """The kept tokens at `changed` (positions in `keep`) as `sample.combine` defines them, in
+        the LLM's input or, for combine_space "vision", in the vision features, then projected."""
+        weights = sample.combine[changed].float()
+        if sample.combine_space == "llm":
+            return (weights.to(hidden.device) @ hidden[visual.slots].float()).to(hidden.dtype)
+        probes = visual.probes
+        if not probes or any(p is None or "features" not in p for p in probes):
+            raise InputError(
+                f"{selector.name}: combine_space='vision' needs the vision features of every image of the sample "
+                "(declare needs={'vision_features'} at the vision site; videos pooled after the projector have none)"
+            )
+        features = torch.cat([p["features"] for p in probes])
+        parameter = next(self.adapter.projector.parameters())
+        combined = weights.to(features.device) @ features.float()
+        return self.adapter.project(combined.to(parameter.device, parameter.dtype)).to(hidden.device, hidden.dtype)
 
     # ------------------------------------------------------------------ routes
     def _route(self, router, stream: Stream, index: int, layer, run: Pass, previous):

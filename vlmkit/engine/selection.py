@@ -61,6 +61,9 @@ class VisualTokens:
         return torch.nonzero(self.image == image).flatten()
 
 
+COMBINE_SPACES = ("llm", "vision")
+
+
 @dataclass
 class SampleSelection:
     """The selection for one sample.
@@ -70,11 +73,24 @@ class SampleSelection:
         merge_target: optional (n,) long: for every visual token, the position *in `keep`* of the kept
             token it is averaged into, or -1 when it is simply dropped. A kept token maps to itself.
         merge_weight: optional (n,) non-negative weights of that average (default: equal).
+        combine: optional (k, n) float, instead of `merge_target`: kept token i becomes
+            `sum_j combine[i, j] x_j` over the sample's visual tokens x (any linear combination: a
+            target plus the mean of its joiners, a k-nearest-neighbour average, an interpolation). Rows
+            equal to the kept token's own one-hot row leave it untouched.
+        combine_space: where `combine` acts: "llm" (the LLM's input, what the projector gives) or
+            "vision" (the vision features the projector reads, then projected; needs
+            "vision_features", selections before the LLM only).
+        order: optional (k,) permutation of 0..k-1: the kept tokens enter the sequence as
+            `keep[order]` (e.g. VisionZip's dominant tokens, then its contextual ones), filling the
+            places the kept tokens occupy; None keeps sequence order.
     """
 
     keep: torch.Tensor
     merge_target: torch.Tensor | None = None
     merge_weight: torch.Tensor | None = None
+    combine: torch.Tensor | None = None
+    combine_space: str = "llm"
+    order: torch.Tensor | None = None
 
     def validate(self, available: int, method: str) -> None:
         keep = self.keep
@@ -86,6 +102,23 @@ class SampleSelection:
             raise InputError(f"{method}: Selection.keep must be strictly increasing (sorted, no repeats)")
         if self.merge_target is not None and self.merge_target.shape != (available,):
             raise InputError(f"{method}: merge_target must have one entry per visual token ({available})")
+        if self.combine is not None:
+            if self.merge_target is not None:
+                raise InputError(f"{method}: give merge_target or combine, not both")
+            if self.combine.shape != (keep.numel(), available) or not self.combine.is_floating_point():
+                raise InputError(f"{method}: combine must be a float (kept, visual) = ({keep.numel()}, {available}) matrix")
+            if self.combine_space not in COMBINE_SPACES:
+                raise InputError(f"{method}: combine_space={self.combine_space!r} is not one of {', '.join(COMBINE_SPACES)}")
+        if self.order is not None:
+            expected = torch.arange(keep.numel(), device=self.order.device)
+            if self.order.dtype != torch.long or not torch.equal(torch.sort(self.order).values, expected):
+                raise InputError(f"{method}: Selection.order must be a permutation of 0..{keep.numel() - 1}")
+
+    def changed_rows(self) -> torch.Tensor:
+        """Positions in `keep` of the kept tokens `combine` changes (rows other than their own one-hot)."""
+        own = torch.zeros_like(self.combine)
+        own[torch.arange(self.keep.numel(), device=own.device), self.keep] = 1
+        return torch.nonzero((self.combine != own).any(dim=1)).flatten()
 
 
 @dataclass

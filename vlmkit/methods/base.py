@@ -188,6 +188,11 @@ class TokenSelector(PositionPolicy, Method):
         """The vision layer to probe, for methods that need "vision_attention"."""
         raise NotImplementedError
 
+    def extra_vision_layers(self, adapter) -> tuple[int, ...]:
+        """Further vision layers whose importance the method reads, as probe entries "importance@<layer>"
+        (VTC-CLS ensembles several layers); the layer numbers as returned here."""
+        return ()
+
     def select(self, context: "SelectionContext") -> "Selection":
         raise NotImplementedError
 
