@@ -22,6 +22,7 @@ _BUILTIN_TARGETS = {
     "random": "vlmkit.methods.prune.random:RandomPrune",
     "pool": "vlmkit.methods.prune.pool:Pool",
     "divprune": "vlmkit.methods.prune.divprune:DivPrune",
+    "todre": "vlmkit.methods.prune.todre:ToDRE",
     "pyramiddrop": "vlmkit.methods.prune.pyramiddrop:PyramidDrop",
     "dart": "vlmkit.methods.prune.dart:DART",
     "vcd": "vlmkit.methods.decode.vcd:VCD",

@@ -1,0 +1,177 @@
+"""ToDRE: "Effective Visual Token Pruning via Token Diversity and Task Relevance" (Li, Yang, Zhang, Shao
+and Lu, arXiv:2505.18757 v2, Nov. 2025; v1, May 2025, was titled "... via Diversity and Task Awareness").
+
+Two stages.
+
+1. Diversity (site `embeds`: the projector's output, before the LLM). The pivot p is the token with
+   the highest [CLS] attention (mean over heads) at the vision tower's last layer, among the base
+   view's tokens for AnyRes and over all frames for video. Greedy max-sum diversification on cosine
+   similarity s(i, j) = x_i . x_j / (|x_i| |x_j|) then keeps k tokens:
+
+       C = {p},   c_t = argmin_{v not in C} sum_{c in C} s(x_v, x_c),   until |C| = k,
+
+   with the sums updated once per pick (the paper's Algorithm 1; ties go to the lowest index).
+2. Relevance (site `layer`). At a deep layer l (7L/8) the attention ratios alpha_{t->v} (the share of
+   the text queries' attention that goes to visual keys, mean over heads and queries) and
+   alpha_{v->t} are measured; when both are below tau (0.10), every visual token leaves the layers
+   after l. Here the selection is before decoder layer K = floor(7L/8), from layer K-1's attention.
+
+`keep` is stage 1's share (the paper's retention ratio: 10 % keeps 288 of 2880 tokens); stage 2 then
+keeps all of those or none. No code has been released: this follows the paper's text and its
+Algorithm 1. The kept count is `floor(keep * n + 0.5)`, at least one.
+
+Deviations, and why:
+- stage 2 is off unless `threshold` is given, and then runs only with `keep=1.0` (the paper's "Stage 2
+  only" ablation): vlmkit's engine gives last-token attention only to a method that does not also
+  select before the LLM. In the paper's ablation (Table 5) stage 2 adds 0.1-0.2 points;
+- alpha_{t->v} is measured on the last prompt token (the attention row the engine computes), not on
+  every text query; alpha_{v->t} is taken as 0, which it is whenever the text follows the images (the
+  LLaVA and Qwen2-VL prompts): causal visual queries cannot see later tokens;
+- towers without [CLS] (SigLIP, Qwen2-VL) take the pivot from the mean attention each patch receives,
+  where the paper allows a random pivot (its Table S1: within 0.2 points of [CLS]);
+- per sample over all its visual tokens; several images share one pivot (the highest over their
+  base views).
+positions="auto" re-indexes after stage 1 (pruning before the LLM, as DivPrune) and keeps the
+original ids when stage 2 acts alone (as VTW, whose withdrawal it makes adaptive).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from vlmkit.engine.selection import SampleSelection, Selection, SelectionContext, VisualTokens
+from vlmkit.errors import ConfigError, InputError
+from vlmkit.methods.base import TokenBudgetConfig, TokenSelector
+from vlmkit.registry import register_method
+
+DEFAULT_KEEP = 0.10  # the paper's main setting: 90 % of the visual tokens pruned before the LLM
+PAPER_THRESHOLD = 0.10  # the paper's tau
+RELEVANCE_DEPTH = 7 / 8  # the paper's layer 7L/8
+NORM_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class ToDREConfig(TokenBudgetConfig):
+    threshold: float | None = field(
+        default=None,
+        metadata={"help": "tau of the relevance stage (the paper's 0.10): all visual tokens leave after layer K-1 "
+                  "when the last token's visual attention share there is below tau; unset = stage off"},
+    )
+    relevance_layer: int | None = field(
+        default=None, metadata={"help": "K: the relevance stage acts before decoder layer K (default 7L/8)"}
+    )
+    vision_layer: int = field(default=-1, metadata={"help": "vision layer of the pivot's [CLS] attention (the paper: the last)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.threshold is not None:
+            if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not 0 <= self.threshold <= 1:
+                raise ConfigError(f"todre: threshold={self.threshold!r} must be a number in [0, 1] (the paper's is {PAPER_THRESHOLD})")
+            if self.diversity_stage:
+                raise ConfigError(
+                    f"todre: threshold={self.threshold} (the relevance stage) runs only with keep=1.0: vlmkit's engine "
+                    "gives last-token attention only to a method that does not also select before the LLM. Use "
+                    f"keep=1.0,threshold={self.threshold} (relevance stage alone) or leave threshold unset (diversity stage)"
+                )
+        if self.relevance_layer is not None and (
+            isinstance(self.relevance_layer, bool) or not isinstance(self.relevance_layer, int) or self.relevance_layer < 1
+        ):
+            raise ConfigError(f"todre: relevance_layer={self.relevance_layer!r} must be an integer >= 1 (scores come from layer K-1)")
+        if isinstance(self.vision_layer, bool) or not isinstance(self.vision_layer, int):
+            raise ConfigError(f"todre: vision_layer={self.vision_layer!r} must be an integer (negative counts from the last)")
+
+    @property
+    def diversity_stage(self) -> bool:
+        """Whether stage 1 can drop tokens (any budget but keep=1.0)."""
+        return not (self.tokens is None and self.keep == 1.0)
+
+
+@register_method("todre", family="prune", sites=("vision", "embeds", "layer"))
+class ToDRE(TokenSelector):
+    """Keep a maximally diverse subset (greedy max-sum from a [CLS] pivot); optionally drop all visual
+    tokens once the text stops attending to them."""
+
+    Config = ToDREConfig
+    example = "keep=0.25"
+    neutral = "keep=1.0"
+    paper = "https://arxiv.org/abs/2505.18757"
+    needs = frozenset({"vision_attention", "last_row_attention"})  # each instance needs what its stages use
+
+    def __init__(self, config=None, **params):
+        super().__init__(config, **params)
+        relevance = self.config.threshold is not None
+        stage = "last_row_attention" if relevance else "vision_attention" if self.config.diversity_stage else None
+        self.needs = frozenset({stage} - {None})
+        self.natural_positions = "keep" if relevance else "reindex"
+
+    def vision_layer(self, adapter) -> int:
+        return self.config.vision_layer
+
+    def relevance_layer(self, num_layers: int) -> int:
+        """K: the relevance stage selects before decoder layer K, from layer K-1's attention."""
+        if self.config.relevance_layer is not None:
+            return self.config.relevance_layer
+        return max(1, int(RELEVANCE_DEPTH * num_layers))
+
+    def selection_layers(self, num_layers: int) -> tuple[int, ...]:
+        if self.config.threshold is not None:
+            return (self.relevance_layer(num_layers),)
+        return (0,)
+
+    def select(self, context: SelectionContext) -> Selection:
+        if context.layer > 0:
+            return Selection([self.relevance(s, v) for s, v in zip(context.last_row_attention, context.visual)])
+        samples = []
+        for row, visual in enumerate(context.visual):
+            count = self.config.kept_count(len(visual), DEFAULT_KEEP)
+            device = visual.slots.device
+            if count >= len(visual):
+                samples.append(SampleSelection(torch.arange(len(visual), device=device)))
+                continue
+            pivot = self.pivot(visual, context.vision[row] if context.vision is not None else None)
+            picked = greedy_max_sum(context.hidden[row, visual.slots], count, pivot)
+            samples.append(SampleSelection(torch.sort(picked).values))
+        return Selection(samples)
+
+    def pivot(self, visual: VisualTokens, probes) -> int:
+        """The token with the highest [CLS] attention among the base views' tokens (all frames of a video)."""
+        if not probes or any(p is None or "importance" not in p for p in probes):
+            raise InputError("todre: the pivot needs the vision tower's [CLS] attention, which this call did not record")
+        importance = torch.full((len(visual),), float("-inf"), device=visual.slots.device)
+        for image, probe in enumerate(probes):
+            importance[visual.image_index(image)] = probe["importance"].float().to(importance.device)
+        importance = importance.masked_fill(visual.crop != 0, float("-inf"))
+        return int(torch.argmax(importance))  # first maximum on ties
+
+    def relevance(self, scores: torch.Tensor, visual: VisualTokens) -> SampleSelection:
+        """All of the sample's visual tokens, or none when the last token's visual attention share is below tau."""
+        device = visual.slots.device
+        if float(scores.float().sum()) < self.config.threshold:
+            return SampleSelection(torch.zeros(0, dtype=torch.long, device=device))
+        return SampleSelection(torch.arange(len(visual), device=device))
+
+
+def greedy_max_sum(features: torch.Tensor, count: int, pivot: int) -> torch.Tensor:
+    """Greedy max-sum diversification (ToDRE's Algorithm 1): indices of `count` tokens in pick order.
+
+    Starts from `pivot`, then repeatedly picks the unpicked token whose summed cosine similarity to the
+    picked ones is smallest (the lowest index on ties). Float32, O(count * n * d), never n x n.
+
+    Args:
+        features: (n, d) token features.
+        count: tokens to pick, 1 <= count <= n.
+        pivot: index of the first pick.
+    """
+    unit = F.normalize(features.float(), dim=-1, eps=NORM_EPS)
+    picks = torch.empty(count, dtype=torch.long, device=features.device)
+    picks[0] = pivot
+    total = unit @ unit[pivot]
+    total[pivot] = float("inf")
+    for step in range(1, count):
+        pick = torch.argmin(total)  # first minimum on ties
+        picks[step] = pick
+        total = total + unit @ unit[pick]
+        total[pick] = float("inf")
+    return picks
