@@ -22,6 +22,8 @@ _BUILTIN_TARGETS = {
     "random": "vlmkit.methods.prune.random:RandomPrune",
     "pool": "vlmkit.methods.prune.pool:Pool",
     "divprune": "vlmkit.methods.prune.divprune:DivPrune",
+    "fastervlm": "vlmkit.methods.prune.fastervlm:FasterVLM",
+    "fopru": "vlmkit.methods.prune.fopru:FoPru",
     "todre": "vlmkit.methods.prune.todre:ToDRE",
     "pyramiddrop": "vlmkit.methods.prune.pyramiddrop:PyramidDrop",
     "dart": "vlmkit.methods.prune.dart:DART",

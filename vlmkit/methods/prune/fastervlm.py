@@ -34,7 +34,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vlmkit.engine.selection import SampleSelection, Selection, SelectionContext, VisualTokens
+from vlmkit.engine.selection import (
+    SampleSelection,
+    Selection,
+    SelectionContext,
+    VisualTokens,
+)
 from vlmkit.errors import ConfigError
 from vlmkit.methods.base import TokenBudgetConfig, TokenSelector, top_k_sorted
 from vlmkit.registry import register_method

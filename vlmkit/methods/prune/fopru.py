@@ -18,11 +18,11 @@ and the kept tokens enter the LLM in their original order ("token reordering").
 
 Code: the authors released none that we could find. The only implementation found,
 dongxianzhe/hydrainfer `hydrainfer/layer/token_prunning.py:focal_prunning` (and its older
-`FocalPrunning` class, which takes a ratio),
-written a week after the paper (its relation to the authors is not stated), is followed here:
-significance and variance rule as above on `attentions[vision_feature_layer]` with [CLS] row and
-column dropped, `sort` descending, rows of a square grid, counts
-`floor(N * ratio)` tokens or `floor(sqrt(N) * ratio)` rows (truncation, reproduced here).
+`FocalPrunning` class, which takes a ratio), written a week after the paper (its relation to the
+authors is not stated), is followed here: significance and variance rule as above on
+`attentions[vision_feature_layer]` with the [CLS] row and column dropped, `sort` descending, rows
+of a square grid, counts floor(N * ratio) tokens or floor(sqrt(N) * ratio) rows (truncation,
+reproduced here).
 
 Deviations, and why:
 - vlmkit's vision probe gives one attention vector per patch, not the full map (the map is never
@@ -30,7 +30,7 @@ Deviations, and why:
   2x2 patches a token merges); there s2 is constant (every softmax row sums to one), so the variance
   rule always picks s1 and the result is the reference's. CLIP towers (LLaVA-1.5, LLaVA-NeXT,
   OneVision with a CLIP tower) give the [CLS] row instead: there the significance is [CLS] attention
-  (which makes variant="rank" FasterVLM), not s1/s2 of the patch-to-patch map. Reproducing the
+  (variant="rank" then ranks as FasterVLM), not s1/s2 of the patch-to-patch map. Reproducing the
   reference on CLIP needs a probe of the patch-received attention (and of each patch's attention to
   [CLS] for s2) for CLIP towers;
 - rows are the token grid's rows within a tower row (any aspect ratio, AnyRes crops after unpadding;
@@ -45,7 +45,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vlmkit.engine.selection import SampleSelection, Selection, SelectionContext, VisualTokens
+from vlmkit.engine.selection import (
+    SampleSelection,
+    Selection,
+    SelectionContext,
+    VisualTokens,
+)
 from vlmkit.errors import ConfigError
 from vlmkit.methods.base import TokenBudgetConfig, TokenSelector, top_k_sorted
 from vlmkit.registry import register_method
