@@ -24,6 +24,7 @@ _BUILTIN_TARGETS = {
     "divprune": "vlmkit.methods.prune.divprune:DivPrune",
     "fastervlm": "vlmkit.methods.prune.fastervlm:FasterVLM",
     "fopru": "vlmkit.methods.prune.fopru:FoPru",
+    "cdpruner": "vlmkit.methods.prune.cdpruner:CDPruner",
     "todre": "vlmkit.methods.prune.todre:ToDRE",
     "pyramiddrop": "vlmkit.methods.prune.pyramiddrop:PyramidDrop",
     "dart": "vlmkit.methods.prune.dart:DART",
