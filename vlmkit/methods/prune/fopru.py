@@ -113,6 +113,7 @@ class FoPru(TokenSelector):
         chosen = top_k_sorted(row_scores, self.kept(unit.numel(), labels.numel()))
         return unit[torch.isin(row_of, chosen)]
 
+
 def _significance(visual: VisualTokens, probes: list[dict[str, torch.Tensor]]) -> torch.Tensor:
     """The probe's per-token score for each of the sample's visual tokens (sequence order)."""
     significance = torch.zeros(len(visual), dtype=torch.float32, device=visual.slots.device)
