@@ -1,5 +1,5 @@
-"""Prefill time, decode speed and peak memory: dense vs pruning (FastV, VisionZip, pool at 50 / 25 / 11 %)
-vs layer skipping (ShortV, VTW, MoD-style routing at three budgets each).
+"""Prefill time, decode speed and peak memory: dense vs pruning (FastV, VisionZip, pool at 50 / 25 / 11 %,
+every other pruning method at 11 %) vs layer skipping (ShortV, VTW, MoD-style routing at three budgets each).
 
 The model is a geometry twin: LLaVA-1.5's 576 visual tokens per image (a small CLIP-shaped tower, since
 the tower's cost is the same for every method) in front of the real Qwen2-0.5B language model geometry
@@ -12,6 +12,9 @@ Measured per configuration, interleaved (dense, then each method, repeated), med
 - peak memory: the process's peak resident set during the prefill (Linux VmHWM, reset per run);
 - FLOPs-ideal speedup of the LLM prefill: dense FLOPs (`vlmkit.zoo.flops`) over the FLOPs the engine
   counted for what the method ran (`patch.cost`), and measured / ideal;
+- scoring: the time spent choosing tokens (vision-tower probes, the last-token attention rows the
+  engine computes for a selection, each method's `select`, merged values), as a share of the dense
+  prefill;
 - length-matched: the unpatched language model run on a prompt as long as the pruned one (64 text +
   kept visual tokens). It is the speedup the hardware gives for that many tokens (weights are read
   once per forward whatever the length, so short prompts fall short of the FLOPs ratio on any
@@ -29,6 +32,8 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import platform
 import statistics
@@ -38,12 +43,16 @@ from pathlib import Path
 import torch
 
 import vlmkit
+from vlmkit.engine.runner import TextStackRunner
+from vlmkit.methods.base import TokenSelector
 from vlmkit.zoo import flops
 
 from benchmarks._twin_model import TEXT_TOKENS, VISUAL_TOKENS, build_inputs, build_model
 
 BUDGETS = (0.5, 0.25, 0.11)
 LAYERS = 24  # Qwen2-0.5B
+# the pruning methods measured at every budget; the others at the last one
+SWEPT = ("fastv", "visionzip", "pool")
 
 
 def configurations() -> list[tuple[str, tuple[str, ...]]]:
@@ -54,6 +63,9 @@ def configurations() -> list[tuple[str, tuple[str, ...]]]:
             (f"visionzip {keep:.0%}", (f"visionzip:tokens={round(VISUAL_TOKENS * keep)}",)),
             (f"pool {keep:.0%}", (f"pool:keep={keep}",)),
         ]
+    for info in vlmkit.list_methods():
+        if info.family == "prune" and info.name not in SWEPT and info.name != "random":
+            configs.append((f"{info.name} {BUDGETS[-1]:.0%}", (f"{info.name}:keep={BUDGETS[-1]}",)))
     for frozen in (8, 12, 16):  # the last layers, where ShortV's rankings put the least contribution
         configs.append((f"shortv {frozen}/{LAYERS} layers", (f"shortv:layers={tuple(range(LAYERS - frozen, LAYERS))}",)))
     for layer in (16, 12, 8):
@@ -62,6 +74,12 @@ def configurations() -> list[tuple[str, tuple[str, ...]]]:
                        ("prd start 1.0", "mod:start=1.0,floor=0.05")):
         configs.append((f"mod {name}", (spec,)))
     return configs
+
+
+def before_llm_only(spec: str) -> bool:
+    """Whether the method of `spec` selects only before the language model (one shorter prompt)."""
+    method = vlmkit.parse_spec(spec)
+    return isinstance(method, TokenSelector) and tuple(method.selection_layers(LAYERS)) == (0,)
 
 
 def reset_peak_memory() -> None:
@@ -79,6 +97,35 @@ CLOCKS = {"cpu": time.thread_time, "wall": time.perf_counter}
 clock = time.thread_time
 
 
+@contextlib.contextmanager
+def scoring_timer(patch):
+    """Accumulates the time spent choosing tokens during the block (see the module docstring)."""
+    spent = {"s": 0.0}
+
+    def timed(function):
+        @functools.wraps(function)
+        def run(*args, **kwargs):
+            begin = clock()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent["s"] += clock() - begin
+        return run
+
+    originals = {name: getattr(TextStackRunner, name) for name in ("_select", "_last_row_attention", "_combined")}
+    for name, function in originals.items():
+        setattr(TextStackRunner, name, timed(function))
+    if patch is not None:
+        patch.adapter.vision_probe = timed(patch.adapter.vision_probe)
+    try:
+        yield spent
+    finally:
+        for name, function in originals.items():
+            setattr(TextStackRunner, name, function)
+        if patch is not None:
+            del patch.adapter.vision_probe
+
+
 def measure(model, inputs, specs) -> dict[str, float]:
     llm = {}
     language_model = model.model.language_model
@@ -88,9 +135,10 @@ def measure(model, inputs, specs) -> dict[str, float]:
     try:
         with torch.no_grad():
             reset_peak_memory()
-            begin = clock()
-            model(**inputs, use_cache=True, logits_to_keep=1)
-            full = clock() - begin
+            with scoring_timer(patch) as scoring:
+                begin = clock()
+                model(**inputs, use_cache=True, logits_to_keep=1)
+                full = clock() - begin
             peak = peak_memory_mb()
             prefill_llm = llm["stop"] - llm["start"]
             selections = patch.selections.values() if patch else ()
@@ -108,7 +156,7 @@ def measure(model, inputs, specs) -> dict[str, float]:
         if patch:
             patch.remove()
     return {"llm_prefill_s": prefill_llm, "prefill_s": full, "decode_tok_s": 16 / max(seventeen - one, 1e-9),
-            "peak_mb": peak, "visual_tokens": kept, "llm_flops": counted}
+            "peak_mb": peak, "visual_tokens": kept, "llm_flops": counted, "scoring_s": scoring["s"]}
 
 
 def measure_length(model, tokens: int) -> float:
@@ -140,7 +188,7 @@ def main() -> None:
     measure(model, inputs, ())  # warm-up
     runs: dict[str, list[dict[str, float]]] = {name: [] for name, _ in configs}
     lengths = sorted({TEXT_TOKENS + VISUAL_TOKENS} | {TEXT_TOKENS + round(VISUAL_TOKENS * keep) for keep in BUDGETS}
-                     if any(name.startswith(("visionzip", "pool")) for name, _ in configs) else {TEXT_TOKENS + VISUAL_TOKENS})
+                     if any(specs and before_llm_only(specs[0]) for _, specs in configs) else {TEXT_TOKENS + VISUAL_TOKENS})
     matched: dict[int, list[float]] = {length: [] for length in lengths}
     for _ in range(args.repeats):
         for name, specs in configs:
@@ -156,7 +204,7 @@ def main() -> None:
         ideal = dense_flops / median(name, "llm_flops")
         speedup = median("dense", "llm_prefill_s") / median(name, "llm_prefill_s")
         length = min(matched_s, key=lambda n: abs(n - (TEXT_TOKENS + kept)))
-        before_the_llm = name.startswith(("visionzip", "pool"))  # one shorter prompt: a length-matched run exists
+        before_the_llm = bool(specs) and before_llm_only(specs[0])  # one shorter prompt: a length-matched run exists
         length_matched = matched_s[TEXT_TOKENS + VISUAL_TOKENS] / matched_s[length] if before_the_llm or name == "dense" else None
         rows.append({
             "config": name, "specs": list(specs), "visual_tokens": kept, "llm_flops": median(name, "llm_flops"),
@@ -164,6 +212,7 @@ def main() -> None:
             "llm_prefill_speedup": speedup,
             "ttft_speedup": median("dense", "prefill_s") / median(name, "prefill_s"),
             "flops_ideal_speedup": ideal, "measured_over_ideal": speedup / ideal,
+            "scoring_share": median(name, "scoring_s") / median("dense", "prefill_s"),
             "length_matched_speedup": length_matched,
             "measured_over_length_matched": None if length_matched is None else speedup / length_matched,
             "decode_tok_s": median(name, "decode_tok_s"), "peak_mb": median(name, "peak_mb"),
@@ -174,13 +223,13 @@ def main() -> None:
             "model": "LLaVA layout, 576 visual tokens, Qwen2-0.5B LLM geometry (random weights, fp32)", "text_tokens": TEXT_TOKENS}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [
-        "| config | visual tokens | LLM prefill s | speedup | FLOPs-ideal | measured/ideal | length-matched | measured/matched | TTFT s | decode tok/s | peak MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| config | visual tokens | LLM prefill s | speedup | FLOPs-ideal | measured/ideal | scoring | length-matched | measured/matched | TTFT s | decode tok/s | peak MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['config']} | {r['visual_tokens']} | {r['llm_prefill_s']:.3f} | {r['llm_prefill_speedup']:.2f}x | "
-            f"{r['flops_ideal_speedup']:.2f}x | {r['measured_over_ideal']:.0%} | "
+            f"{r['flops_ideal_speedup']:.2f}x | {r['measured_over_ideal']:.0%} | {r['scoring_share']:.1%} | "
             + ("- | - | " if r["length_matched_speedup"] is None else
                f"{r['length_matched_speedup']:.2f}x | {r['measured_over_length_matched']:.0%} | ")
             + f"{r['prefill_s']:.3f} | "

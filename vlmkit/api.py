@@ -100,8 +100,15 @@ class Patch:
     @property
     def selections(self) -> dict[str, list[torch.Tensor]]:
         """After each prefill: per method name, per sample, the indices (within that sample's visual
-        tokens, in sequence order) of the tokens it kept."""
+        tokens, in sequence order) of the tokens it kept (after its last stage, for a method that
+        selects at several layers)."""
         return self.state.selections
+
+    @property
+    def stage_selections(self) -> dict[str, dict[int, list[torch.Tensor]]]:
+        """After each prefill: per method name, per decoder layer it selected before, per sample, the
+        indices of the tokens it kept there."""
+        return self.state.stage_selections
 
     @property
     def routes(self) -> dict[str, dict[int, list[torch.Tensor]]]:

@@ -78,7 +78,9 @@ def test_todre_relevance_stage_keeps_all_or_nothing_by_the_last_tokens_visual_sh
     method = ToDRE(keep=1.0, threshold=0.1)
     assert method.selection_layers(32) == (28,) and method.selection_layers(4) == (3,)  # 7L/8
     assert ToDRE(keep=1.0, threshold=0.1, relevance_layer=5).selection_layers(32) == (5,)
-    assert ToDRE(keep=0.25).selection_layers(32) == (0,)
+    assert ToDRE(keep=0.25).selection_layers(32) == (0, 28)  # both stages, the paper's default
+    assert ToDRE(keep=0.25, threshold=None).selection_layers(32) == (0,)
+    assert ToDRE(keep=0.25).needs == {"vision_attention", "last_row_attention"}
     visual = [tokens(6), tokens(6)]
     rows = [torch.full((6,), 0.015), torch.full((6,), 0.02)]  # visual shares 0.09 (< 0.1) and 0.12
     context = SelectionContext(hidden=torch.zeros(2, 12, 2), visual=visual, layer=28, num_layers=32, last_row_attention=rows)
@@ -86,11 +88,7 @@ def test_todre_relevance_stage_keeps_all_or_nothing_by_the_last_tokens_visual_sh
     assert kept == [[], [0, 1, 2, 3, 4, 5]]
 
 
-def test_todre_settings_the_engine_cannot_run_are_refused_by_name():
-    with pytest.raises(ConfigError, match="runs only with keep=1.0"):
-        ToDRE(keep=0.25, threshold=0.1)
-    with pytest.raises(ConfigError, match="runs only with keep=1.0"):
-        ToDRE(tokens=64, threshold=0.1)
+def test_todre_bad_settings_are_refused_by_name():
     with pytest.raises(ConfigError, match=r"threshold=1.5 must be a number in \[0, 1\]"):
         ToDRE(keep=1.0, threshold=1.5)
     with pytest.raises(ConfigError, match="relevance_layer=0 must be an integer >= 1"):
@@ -161,3 +159,22 @@ def test_todre_relevance_stage_withdraws_as_vtw_or_leaves_the_model_as_it_is():
             assert torch.equal(tiny(**batch).logits, withdrawn)
         with vlmkit.apply(tiny, "todre:keep=1.0,threshold=0.0,relevance_layer=2"):  # no share is below 0
             assert torch.equal(tiny(**batch).logits, plain)
+
+
+def test_todre_both_stages_diversity_first_then_the_relevance_withdrawal():
+    """The default runs both stages: the diverse subset before the LLM, then withdrawal at layer K, which
+    equals stage 1 followed by VTW at K (tau = 1: every share is below it) or stage 1 alone (tau = 0)."""
+    tiny, processor = model("llava")
+    batch = inputs(processor, photos()[:2], QUESTIONS[:2])
+    with torch.no_grad():
+        with vlmkit.apply(tiny, "todre:keep=0.25,threshold=None"):
+            diverse = tiny(**batch).logits
+        with vlmkit.apply(tiny, "todre:keep=0.25,threshold=None", "vtw:layer=2"):
+            withdrawn = tiny(**batch).logits
+        with vlmkit.apply(tiny, "todre:keep=0.25,threshold=1.0,relevance_layer=2") as patch:
+            assert torch.equal(tiny(**batch).logits, withdrawn)
+            stages = patch.stage_selections["todre"]
+            assert {layer: [len(kept) for kept in samples] for layer, samples in stages.items()} == {0: [36, 36], 2: [0, 0]}
+            assert [len(kept) for kept in patch.selections["todre"]] == [0, 0]  # after the last stage
+        with vlmkit.apply(tiny, "todre:keep=0.25,threshold=0.0,relevance_layer=2"):
+            assert torch.equal(tiny(**batch).logits, diverse)

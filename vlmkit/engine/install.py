@@ -132,11 +132,12 @@ def build_plan(methods: list[Method], adapter: "Adapter", supported_families: tu
         method.check_adapter(adapter)
         if isinstance(method, TokenSelector) and {"embeds", "layer"} & set(sites):
             method.position_policy(adapter.mrope)  # raises for an undefined policy
-            for layer in in_range(method, "layer", tuple(method.selection_layers(num_layers))):
+            layers = in_range(method, "layer", tuple(method.selection_layers(num_layers)))
+            for layer in layers:
                 if layer == 0 and "embeds" not in sites or layer > 0 and "layer" not in sites:
                     raise ConfigError(f"{method.name} selects before decoder layer {layer} but does not declare the "
                                       f"{'embeds' if layer == 0 else 'layer'} site")
-                if layer == 0 and "last_row_attention" in method.needs:
+                if layer == 0 and "last_row_attention" in method.needs and max(layers) == 0:
                     raise ConfigError(f"{method.name}: last-token attention needs a layer before the selection: use layer >= 1")
                 claim("layer", layer, method)
                 plan.selectors[layer] = method

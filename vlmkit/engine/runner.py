@@ -186,7 +186,7 @@ class TextStackRunner:
                 selection = self._select(selector, stream, index, last_row)
                 if full is None:
                     full = stream.hidden.clone()
-                stream = self._apply(selector, selection, stream, full, run)
+                stream = self._apply(selector, selection, stream, full, run, index)
             router = self.plan.routers.get(index) if run.prefill else None
             if router is not None and stream.visual is not None:
                 route = self._route(router, stream, index, layer, run, previous)
@@ -399,7 +399,7 @@ class TextStackRunner:
         self.state.record(("select", layer), selection)
         return selection
 
-    def _apply(self, selector, selection, stream: Stream, full: torch.Tensor, run: Pass) -> Stream:
+    def _apply(self, selector, selection, stream: Stream, full: torch.Tensor, run: Pass, layer: int) -> Stream:
         """Shrink the stream to the selection; freeze dropped tokens into `full`."""
         batch, length = stream.valid.shape
         hidden = stream.hidden
@@ -427,7 +427,9 @@ class TextStackRunner:
                         merged_hidden = hidden.clone()
                     merged_hidden[row, kept_slots[changed]] = self._combined(selector, sample, changed, visual, hidden[row])
             new_visual.append(visual.subset(sample.keep if sample.order is None else sample.keep[sample.order]))
-            self.state.selections.setdefault(selector.name, []).append(torch.sort(visual.origin[sample.keep]).values.cpu())
+            stage = self.state.stage_selections.setdefault(selector.name, {}).setdefault(layer, [])
+            stage.append(torch.sort(visual.origin[sample.keep]).values.cpu())
+            self.state.selections[selector.name] = stage  # the method's latest stage
 
         rows = torch.arange(batch, device=hidden.device)[:, None].expand(batch, length)
         dropped = stream.valid & ~keep
@@ -441,7 +443,7 @@ class TextStackRunner:
                 kept_slots = visual.slots[sample.keep]
                 gather[row, rank[row, kept_slots]] = kept_slots[sample.order]
         positions, layer_positions = stream.take(stream.positions, gather), stream.take(stream.layer_positions, gather)
-        if selector.position_policy(self.adapter.mrope, self.plan.position and self.plan.position.name) == "reindex":
+        if selector.position_policy(self.adapter.mrope, self.plan.position and self.plan.position.name, layer) == "reindex":
             reindexed = (new_valid.long().cumsum(dim=1) - 1).clamp(min=0).to(positions.dtype)
             run.shift = run.shift + positions[..., -1] - reindexed[:, -1]
             positions = reindexed

@@ -52,6 +52,8 @@ class EngineState:
     encoded: dict[str, tuple[object, list[tuple[torch.Tensor, VisualMeta]]]] = field(default_factory=dict)
     # what the last prefill selected: per method name, per sample, original visual-token indices kept
     selections: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    # the same per selection layer, for methods that select at several (PyramidDrop's stages)
+    stage_selections: dict[str, dict[int, list[torch.Tensor]]] = field(default_factory=dict)
     # what the last prefill routed: per router name, per layer, per sample, original indices that ran it
     routes: dict[str, dict[int, list[torch.Tensor]]] = field(default_factory=dict)
     # raw selections and routes by (site, layer), for `Patch.reuse_selections()`
@@ -106,7 +108,7 @@ class EngineState:
     # ----------------------------------------------------------------- what a prefill decided and cost
     def start_prefill(self) -> None:
         """A prefill with visual tokens starts: forget the previous one's selections and routes."""
-        self.selections, self.routes = {}, {}
+        self.selections, self.stage_selections, self.routes = {}, {}, {}
 
     def record(self, key: tuple[str, int], decision: object) -> None:
         """Keep a selection or route (key: (site, layer)) for `replay`."""
@@ -139,13 +141,14 @@ class EngineState:
         kept across its forwards); the main call's records, selections, routes, cost, stash and reuse
         flag are restored afterwards.
         """
-        saved = (self.input_ids, self.sources, self.encoded, self.selections, self.routes, self.cost, self.reuse, self.bypass)
+        saved = (self.input_ids, self.sources, self.encoded, self.selections, self.stage_selections, self.routes, self.cost,
+                 self.reuse, self.bypass)
         self.encoded, self.reuse, self.bypass = encoded, prune, not prune
         try:
             yield
         finally:
-            (self.input_ids, self.sources, self.encoded, self.selections, self.routes, self.cost, self.reuse,
-             self.bypass) = saved
+            (self.input_ids, self.sources, self.encoded, self.selections, self.stage_selections, self.routes, self.cost,
+             self.reuse, self.bypass) = saved
 
     def take_visual_tokens(self, num_rows: int, length: int, device: torch.device) -> list[VisualTokens] | None:
         """Per-sample visual tokens of this call's query tokens, or None when the call has none.

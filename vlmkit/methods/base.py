@@ -144,8 +144,13 @@ class PositionPolicy:
     #: the paper's position policy, used for positions="auto" on 1-D rotary models
     natural_positions: ClassVar[str] = "reindex"
 
-    def position_policy(self, mrope: bool, position_method: str | None = None) -> str:
-        """The effective position policy: 'keep' or 'reindex'.
+    def natural_positions_at(self, layer: int | None) -> str:
+        """The paper's policy for a selection before decoder `layer` (None: any); a method that selects
+        both before and inside the LLM may differ between the two."""
+        return self.natural_positions
+
+    def position_policy(self, mrope: bool, position_method: str | None = None, layer: int | None = None) -> str:
+        """The effective position policy: 'keep' or 'reindex', for a selection before decoder `layer`.
 
         Under M-RoPE, or when a position method (`position_method`, its name) set the positions, the
         kept tokens keep theirs ('auto' is 'keep').
@@ -156,7 +161,7 @@ class PositionPolicy:
         """
         policy = getattr(self.config, "positions", "auto")
         if policy == "auto":
-            return "keep" if mrope or position_method else self.natural_positions
+            return "keep" if mrope or position_method else self.natural_positions_at(layer)
         if policy == "reindex" and mrope:
             raise ConfigError(
                 f"{self.name}: positions='reindex' is defined for 1-D rotary positions only; M-RoPE (Qwen2-VL) "

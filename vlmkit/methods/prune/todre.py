@@ -21,9 +21,6 @@ keeps all of those or none. No code has been released: this follows the paper's 
 Algorithm 1. The kept count is `floor(keep * n + 0.5)`, at least one.
 
 Deviations, and why:
-- stage 2 is off unless `threshold` is given, and then runs only with `keep=1.0` (the paper's "Stage 2
-  only" ablation): vlmkit's engine gives last-token attention only to a method that does not also
-  select before the LLM. In the paper's ablation (Table 5) stage 2 adds 0.1-0.2 points;
 - alpha_{t->v} is measured on the last prompt token (the attention row the engine computes), not on
   every text query; alpha_{v->t} is taken as 0, which it is whenever the text follows the images (the
   LLaVA and Qwen2-VL prompts): causal visual queries cannot see later tokens;
@@ -31,8 +28,9 @@ Deviations, and why:
   where the paper allows a random pivot (its Table S1: within 0.2 points of [CLS]);
 - per sample over all its visual tokens; several images share one pivot (the highest over their
   base views).
-positions="auto" re-indexes after stage 1 (pruning before the LLM, as DivPrune) and keeps the
-original ids when stage 2 acts alone (as VTW, whose withdrawal it makes adaptive).
+Both stages run by default (tau = 0.10); `threshold=None` turns stage 2 off. positions="auto"
+re-indexes at stage 1 (pruning before the LLM, as DivPrune) and keeps the ids at stage 2 (as VTW,
+whose withdrawal it makes adaptive).
 """
 from __future__ import annotations
 
@@ -55,9 +53,9 @@ NORM_EPS = 1e-12
 @dataclass(frozen=True)
 class ToDREConfig(TokenBudgetConfig):
     threshold: float | None = field(
-        default=None,
-        metadata={"help": "tau of the relevance stage (the paper's 0.10): all visual tokens leave after layer K-1 "
-                  "when the last token's visual attention share there is below tau; unset = stage off"},
+        default=PAPER_THRESHOLD,
+        metadata={"help": "tau of the relevance stage: all visual tokens leave after layer K-1 when the last "
+                  "token's visual attention share there is below tau; None = stage off"},
     )
     relevance_layer: int | None = field(
         default=None, metadata={"help": "K: the relevance stage acts before decoder layer K (default 7L/8)"}
@@ -69,12 +67,6 @@ class ToDREConfig(TokenBudgetConfig):
         if self.threshold is not None:
             if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not 0 <= self.threshold <= 1:
                 raise ConfigError(f"todre: threshold={self.threshold!r} must be a number in [0, 1] (the paper's is {PAPER_THRESHOLD})")
-            if self.diversity_stage:
-                raise ConfigError(
-                    f"todre: threshold={self.threshold} (the relevance stage) runs only with keep=1.0: vlmkit's engine "
-                    "gives last-token attention only to a method that does not also select before the LLM. Use "
-                    f"keep=1.0,threshold={self.threshold} (relevance stage alone) or leave threshold unset (diversity stage)"
-                )
         if self.relevance_layer is not None and (
             isinstance(self.relevance_layer, bool) or not isinstance(self.relevance_layer, int) or self.relevance_layer < 1
         ):
@@ -101,10 +93,12 @@ class ToDRE(TokenSelector):
 
     def __init__(self, config=None, **params):
         super().__init__(config, **params)
-        relevance = self.config.threshold is not None
-        stage = "last_row_attention" if relevance else "vision_attention" if self.config.diversity_stage else None
-        self.needs = frozenset({stage} - {None})
-        self.natural_positions = "keep" if relevance else "reindex"
+        relevance, diversity = self.config.threshold is not None, self.config.diversity_stage
+        self.needs = frozenset({"last_row_attention"} if relevance else ()) | frozenset({"vision_attention"} if diversity else ())
+
+    def natural_positions_at(self, layer: int | None) -> str:
+        """Stage 1 re-indexes (pruning before the LLM, as DivPrune); stage 2 keeps the ids (as VTW)."""
+        return "reindex" if layer == 0 or (layer is None and self.config.diversity_stage) else "keep"
 
     def vision_layer(self, adapter) -> int:
         return self.config.vision_layer
@@ -116,9 +110,8 @@ class ToDRE(TokenSelector):
         return max(1, int(RELEVANCE_DEPTH * num_layers))
 
     def selection_layers(self, num_layers: int) -> tuple[int, ...]:
-        if self.config.threshold is not None:
-            return (self.relevance_layer(num_layers),)
-        return (0,)
+        relevance = (self.relevance_layer(num_layers),) if self.config.threshold is not None else ()
+        return ((0,) if self.config.diversity_stage else ()) + relevance or (0,)
 
     def select(self, context: SelectionContext) -> Selection:
         if context.layer > 0:

@@ -1,0 +1,134 @@
+"""Every pruning method on a shapes model: accuracy against visual tokens kept and against prefill time.
+
+Runs `eval/pruning.yaml` (POPE's three splits and MME for the dense model and every pruning method at
+50, 25, 12.5 and 6.25 % of the visual tokens) with `vlmkit eval --suite`, then reads each run's
+`scores.json` and writes the table into the README (between its `pruning` markers) and two plots:
+POPE mean accuracy against the share of visual tokens kept (`docs/pruning_tokens.png`) and against the
+measured prefill time per sample (`docs/pruning_time.png`).
+
+Usage:
+    vlmkit data shapes --out data/shapes --n 100 --bench pope,mme    # once
+    python -m benchmarks.pruning_eval --model shapes-llava --runs runs/pruning
+    python -m benchmarks.pruning_eval --runs runs/pruning --skip-run   # only rebuild the table and plots
+
+Rerunning resumes finished runs (the eval runner's own resumption).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks.decoding_eval import collect, save_plot, write_between
+
+ROOT = Path(__file__).resolve().parents[1]
+SUITE = ROOT / "eval" / "pruning.yaml"
+BEGIN, END = "<!-- pruning:begin (benchmarks/pruning_eval.py) -->", "<!-- pruning:end -->"
+SPLITS = ("random", "popular", "adversarial")
+
+
+def rows(found: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per run: method, budget, POPE and MME results, kept tokens, cost and time (POPE runs)."""
+    table = []
+    for name, pope in found.get("pope", {}).items():
+        method, _, budget = name.partition("_keep=")
+        mme = found.get("mme", {}).get(name)
+        summary = pope["summary"]
+        table.append({
+            "method": "dense" if name == "baseline" else method,
+            "keep": 1.0 if name == "baseline" else float(budget),
+            "pope": pope["scores"]["mean_accuracy"],
+            "splits": [pope["scores"]["splits"][split]["accuracy"] for split in SPLITS],
+            "yes": sum(pope["scores"]["splits"][split]["yes_ratio"] for split in SPLITS) / len(SPLITS),
+            "mme": None if mme is None else mme["metrics"]["perception"],
+            "tokens": (summary.get("visual_tokens") or {}).get("kept_final_mean"),
+            "flops": (summary.get("cost") or {}).get("llm_flops"),
+            "prefill_s": (summary.get("timing") or {}).get("prefill_s_per_sample"),
+        })
+    return table
+
+
+def report(found: dict[str, dict[str, dict[str, Any]]], plots: tuple[Path, Path]) -> str:
+    table = rows(found)
+    dense = next(row for row in table if row["method"] == "dense")
+    config = found["pope"]["baseline"]["config"]
+    lines = [
+        f"Model `{config['model']['spec']}` (weights sha256 `{config['model']['weights_sha256'][:12]}`), greedy, batch "
+        f"size {config['batch_size']}; POPE: 3 x {found['pope']['baseline']['summary']['samples'] // 3} questions; MME: "
+        "perception score of the shapes MME (official parser). LLM FLOPs: the prefill's, counted by the engine "
+        "from what ran, relative to dense; prefill: measured per sample on this CPU. Produced by "
+        "`python -m benchmarks.pruning_eval` from the runs of `eval/pruning.yaml`.",
+        "",
+        "| method | kept | visual tokens | POPE mean acc (rand / pop / adv) | of dense | yes ratio | MME perception | LLM FLOPs | prefill ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in sorted(table, key=lambda r: (r["method"] != "dense", -r["keep"], -r["pope"])):
+        splits = " / ".join(f"{100 * value:.1f}" for value in row["splits"])
+        mme = "-" if row["mme"] is None else f"{row['mme']:.1f}"
+        tokens = "-" if row["tokens"] is None else f"{row['tokens']:.0f}"
+        flops = "-" if not row["flops"] else f"{row['flops'] / dense['flops']:.0%}"
+        prefill = "-" if row["prefill_s"] is None else f"{1000 * row['prefill_s']:.1f}"
+        lines.append(
+            f"| {row['method']} | {row['keep']:.2%} | {tokens} | {100 * row['pope']:.1f} ({splits}) | "
+            f"{row['pope'] / dense['pope']:.1%} | {row['yes']:.1%} | {mme} | {flops} | {prefill} |"
+        )
+    draw(table, dense, plots)
+    images = "\n".join(f"![{alt}]({path.relative_to(ROOT).as_posix()})" for alt, path in
+                       zip(("POPE accuracy against visual tokens kept", "POPE accuracy against prefill time"), plots))
+    return "\n".join(lines) + f"\n\n{images}\n"
+
+
+def draw(table: list[dict[str, Any]], dense: dict[str, Any], plots: tuple[Path, Path]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = sorted({row["method"] for row in table} - {"dense"})
+    markers = "os^vD<>ph*XP"
+    for path, key, label in zip(plots, ("keep", "prefill_s"), ("visual tokens kept (share)", "prefill time per sample (ms)")):
+        figure, axis = plt.subplots(figsize=(7, 4.5))
+        scale = 1000 if key == "prefill_s" else 1
+        for index, method in enumerate(methods):
+            points = sorted((scale * row[key], 100 * row["pope"]) for row in table if row["method"] == method and row[key] is not None)
+            axis.plot(*zip(*points), marker=markers[index % len(markers)], linestyle="-" if index < 10 else "--",
+                      label=method, markersize=4)
+        axis.plot([scale * dense[key]], [100 * dense["pope"]], "k*", markersize=10, label="dense")
+        axis.axhline(97 * dense["pope"], color="grey", linewidth=0.8, linestyle=":", label="97% of dense")
+        if key == "keep":
+            axis.set_xscale("log", base=2)
+        axis.set_xlabel(label)
+        axis.set_ylabel("POPE mean accuracy (%)")
+        save_plot(figure, axis, path, legend_size=6)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="shapes-llava")
+    parser.add_argument("--data", type=Path, default=Path("data/shapes"))
+    parser.add_argument("--runs", type=Path, default=Path("runs/pruning"))
+    parser.add_argument("--suite", type=Path, default=SUITE)
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--plots", type=Path, nargs=2, default=(ROOT / "docs" / "pruning_tokens.png", ROOT / "docs" / "pruning_time.png"))
+    parser.add_argument("--skip-run", action="store_true", help="only rebuild the table and plots from finished runs")
+    args = parser.parse_args(argv)
+    if not args.skip_run:
+        from vlmkit import cli
+
+        status = cli.main(["eval", "--suite", str(args.suite), "--model", args.model, "--data", str(args.data),
+                           "--out", str(args.runs)])
+        if status:
+            return status
+    found = collect(args.runs)
+    if "baseline" not in found.get("pope", {}):
+        print(f"pruning_eval: no finished dense POPE run under {args.runs}", file=sys.stderr)
+        return 2
+    text = report(found, tuple(args.plots))
+    write_between(args.readme, BEGIN, END, text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
