@@ -8,6 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import vlmkit
+import vlmkit.engine.install
 from tests.conftest import photos
 from tests.engine.models import QUESTIONS, inputs, model
 from vlmkit.errors import ConfigError, ConflictError, InputError, UnknownMethodError, UnsupportedModelError
@@ -114,7 +115,7 @@ def test_remove_in_reverse_after_an_error_mid_install(monkeypatch):
     tiny = tiny_llava()
     snapshot = dict(tiny.model.__dict__)
 
-    def broken(patch, vision_layers):
+    def broken(patch, plan):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(vlmkit.engine.install, "_install_visual_tracking", broken)
