@@ -1,0 +1,170 @@
+"""LLaVA-PruMerge: "LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal Models"
+(Shang et al., ICCV 2025, arXiv:2403.15388). Reference: 42Shawn/LLaVA-PruMerge,
+`llava/model/multimodal_encoder/clip_encoder.py`, `CLIPVisionTower.token_prune_merge_advanced`.
+
+Site: `vision` (scores, keys and features from the vision tower), applied before the LLM. Per tower
+row (an image; an AnyRes crop; a video frame) of n patches, with a_j the [CLS] attention of patch j
+and k_j its key at the tower's last layer (the reference hooks `layers[23]` of CLIP ViT-L, whose
+input is the second-to-last features LLaVA reads):
+
+1. prune (adaptive, the default): the outliers of a by the interquartile rule,
+   a_j > Q3 + 1.5 (Q3 - Q1) (linear-interpolated quartiles, as `np.percentile`), give a ratio
+   r = outliers / n, and the `int(n * r)` patches with the highest a_j are kept, in decreasing a_j;
+2. merge: each kept patch i absorbs its `neighbours` (32) nearest other patches by key cosine
+   similarity (kept or not), weighted by their [CLS] attention, unnormalised,
+
+       y_i = x_i + sum_{j in kNN(i)} a_j x_j,
+
+   on the vision features the projector reads (then projected);
+3. one extra token, sum_{j pruned} a_j x_j, follows the kept ones.
+
+A tower row enters as its kept tokens in decreasing a_j, then the extra token, as the reference
+concatenates them (`order`; each row within the places its kept tokens occupy, so AnyRes tiles stay
+in their rows); the extra token takes the place (and, under positions="keep", the position) of the
+row's pruned patch with the highest a_j.
+
+Budget: `keep=None` (the default) is the reference's adaptive count. A `keep` share or `tokens`
+count is not in the reference: it fixes the tokens a tower row contributes, the top `count - 1`
+patches by a_j plus the extra token (a `tokens` count is per tower row); a row that keeps all its
+patches enters unchanged (the reference would still blend every token with its 32 neighbours).
+
+Deviations from the reference code, and why:
+- a_j is the head-mean of per-head [CLS] attention and k_j the head-mean key, as the engine's vision
+  probe gives them; the reference approximates attention by one head over the concatenated
+  projections, softmax(q k^T / sqrt(C)) with C the hidden width, and compares concatenated keys (the
+  probe carries neither the full-width logits nor the concatenated keys);
+- quartiles in float64; at least one patch is kept (the reference keeps none, and PruMerge+ divides
+  by zero, when a row has no outlier); k = min(32, n - 1) on rows of fewer than 33 patches; ties
+  in attention or similarity go to the lower index (torch `topk` leaves them open);
+- where the projector does not map one vision feature to one token (Qwen2-VL's merger) or pools
+  after projecting (LLaVA-OneVision's videos), the sums are taken on the LLM's input;
+- a row with nothing pruned gets no extra token (the reference appends a zero vector).
+Limits: the reference's numbers come with LoRA fine-tuning; training-free, PruMerge is known to do
+poorly (LLaVA-PruMerge #15, FasterVLM #2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from vlmkit.engine.selection import SampleSelection, Selection, SelectionContext, VisualTokens
+from vlmkit.errors import ConfigError
+from vlmkit.methods.base import TokenBudgetConfig, TokenSelector
+from vlmkit.methods.prune._grid import entry_order, probe_values, tower_rows
+from vlmkit.registry import register_method
+
+
+@dataclass(frozen=True)
+class PruMergeConfig(TokenBudgetConfig):
+    neighbours: int = field(default=32, metadata={"help": "nearest patches (key cosine) each kept patch absorbs"})
+    vision_layer: int | None = field(
+        default=None, metadata={"help": "vision layer to score at (default: the tower's last, as layers[23] of CLIP ViT-L)"}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.neighbours, bool) or not isinstance(self.neighbours, int) or self.neighbours < 0:
+            raise ConfigError(f"prumerge: neighbours={self.neighbours!r} must be an integer >= 0")
+        if self.vision_layer is not None and (isinstance(self.vision_layer, bool) or not isinstance(self.vision_layer, int)):
+            raise ConfigError(f"prumerge: vision_layer={self.vision_layer!r} must be an integer layer index")
+
+
+@register_method("prumerge", family="prune", sites=("vision", "embeds"))
+class PruMerge(TokenSelector):
+    """Keep the [CLS]-attention outliers, each merged with its nearest patches, plus one pooled token."""
+
+    Config = PruMergeConfig
+    example = ""
+    neutral = "keep=1.0"
+    paper = "https://arxiv.org/abs/2403.15388"
+    needs = frozenset({"vision_attention", "vision_features"})
+
+    def vision_layer(self, adapter) -> int:
+        return len(adapter.vision_layers) - 1 if self.config.vision_layer is None else self.config.vision_layer
+
+    def select(self, context: SelectionContext) -> Selection:
+        return Selection([self.select_sample(visual, probes) for visual, probes in zip(context.visual, context.vision)])
+
+    # ---------------------------------------------------------------- which patches stay
+    @property
+    def adaptive(self) -> bool:
+        return self.config.keep is None and self.config.tokens is None
+
+    def choose(self, scores: torch.Tensor) -> torch.Tensor | None:
+        """Indices (within one tower row) of the patches kept, in entry order; None keeps the row whole."""
+        n = scores.numel()
+        if self.adaptive:
+            count = max(1, int(n * outlier_ratio(scores)))
+        else:
+            total = self.config.kept_count(n, 1.0)
+            if total >= n:
+                return None
+            count = total - 1  # the extra token takes the last place of the budget
+        return None if count >= n else descending(scores, count)
+
+    # ---------------------------------------------------------------- merging
+    def select_sample(self, visual: VisualTokens, probes) -> SampleSelection:
+        """Every tower row of one sample: kept patches (merged with their neighbours) and the extra token."""
+        scores = probe_values(visual, probes, "importance")
+        keys = probe_values(visual, probes, "keys")
+        device = visual.slots.device
+        groups, rows = [], []  # per tower row, sample indices in entry order; (kept index, combine row) of changed tokens
+        for unit in tower_rows(visual):
+            chosen = self.choose(scores[unit])
+            if chosen is None:
+                groups.append(unit)
+                continue
+            entries = unit[chosen]
+            rows += self.merged_rows(unit, chosen, scores, keys, len(visual))
+            pruned = torch.ones(unit.numel(), dtype=torch.bool, device=device)
+            pruned[chosen] = False
+            if pruned.any():
+                others = unit[pruned]
+                place = others[torch.argmax(scores[others])]  # first of the highest: the lower index
+                row = torch.zeros(len(visual), device=device)
+                row[others] = scores[others]
+                entries = torch.cat([entries, place[None]])
+                rows.append((int(place), row))
+            groups.append(entries)
+        if not groups:
+            return SampleSelection(visual.slots.new_zeros(0))
+        keep, order = entry_order(groups)
+        if not rows:
+            return SampleSelection(keep, order=order)
+        combine = torch.zeros(keep.numel(), len(visual), device=device)
+        combine[torch.arange(keep.numel(), device=device), keep] = 1.0
+        for index, row in rows:
+            combine[torch.searchsorted(keep, torch.tensor(index, device=device))] = row
+        space = "vision" if all(p is not None and "features" in p for p in probes) else "llm"
+        return SampleSelection(keep, combine=combine, combine_space=space, order=order)
+
+    def merged_rows(self, unit, chosen, scores, keys, n) -> list[tuple[int, torch.Tensor]]:
+        """For each kept patch i of one tower row: e_i + sum of a_j e_j over its nearest other patches."""
+        neighbours = min(self.config.neighbours, unit.numel() - 1)
+        normalized = F.normalize(keys[unit], dim=-1)
+        similarity = normalized[chosen] @ normalized.T
+        similarity[torch.arange(chosen.numel(), device=unit.device), chosen] = float("-inf")  # not itself
+        nearest = torch.argsort(similarity, dim=1, descending=True, stable=True)[:, :neighbours]
+        rows = []
+        for i, own in enumerate(chosen.tolist()):
+            row = torch.zeros(n, device=unit.device)
+            members = unit[nearest[i]]
+            row[members] = scores[members]
+            row[unit[own]] = 1.0
+            rows.append((int(unit[own]), row))
+        return rows
+
+
+def outlier_ratio(scores: torch.Tensor) -> float:
+    """Share of `scores` above Q3 + 1.5 IQR (the reference's `outlier_dectection`), at least 1 / n."""
+    values = scores.double()
+    q1, q3 = torch.quantile(values, 0.25), torch.quantile(values, 0.75)
+    count = int((values > q3 + 1.5 * (q3 - q1)).sum())
+    return max(count, 1) / values.numel()
+
+
+def descending(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the `count` highest scores, highest first (ties: lower index first)."""
+    return torch.argsort(scores, descending=True, stable=True)[:count]
