@@ -33,6 +33,7 @@ _BUILTIN_TARGETS = {
     "prumerge_plus": "vlmkit.methods.prune.prumerge_plus:PruMergePlus",
     "downsample": "vlmkit.methods.prune.downsample:Downsample",
     "globalcom2": "vlmkit.methods.prune.globalcom2:GlobalCom2",
+    "mustdrop": "vlmkit.methods.prune.mustdrop:MustDrop",
     "vcd": "vlmkit.methods.decode.vcd:VCD",
     "icd": "vlmkit.methods.decode.icd:ICD",
     "m3id": "vlmkit.methods.decode.m3id:M3ID",
