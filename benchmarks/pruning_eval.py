@@ -16,6 +16,8 @@ Rerunning resumes finished runs (the eval runner's own resumption).
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -79,6 +81,60 @@ def report(found: dict[str, dict[str, dict[str, Any]]], plots: tuple[Path, Path]
     return "\n".join(lines) + f"\n\n{images}\n"
 
 
+def object_kinds(data: Path) -> dict[tuple[str, str], tuple[str, bool]]:
+    """(image, category) -> (size word, faint) for every object the POPE ground truth lists."""
+    kinds = {}
+    for line in (data / "pope" / "ground_truth.jsonl").read_text().splitlines():
+        scene = json.loads(line)
+        for item in scene["objects"]:
+            kinds[(scene["image"], item["category"])] = (item["size_word"], bool(item["weak"]))
+    return kinds
+
+
+def recall_by_kind(samples: Path, kinds: dict[tuple[str, str], tuple[str, bool]]) -> dict[str, float]:
+    """Share of "yes" answers to questions about present objects, by object size and for faint ones,
+    and to questions about absent objects ("absent": hallucinated objects)."""
+    said, asked = {}, {}
+    for line in samples.read_text().splitlines():
+        row = json.loads(line)
+        yes = row["response"].strip().lower().startswith("yes")
+        if row["metadata"]["label"] != "yes":
+            asked["absent"] = asked.get("absent", 0) + 1
+            said["absent"] = said.get("absent", 0) + yes
+            continue
+        category = re.match(r"Is there an? (.+) in the image\?", row["prompt"]).group(1)
+        size, faint = kinds[(row["metadata"]["image"], category)]
+        for kind in (size, "faint" if faint else "solid"):
+            asked[kind] = asked.get(kind, 0) + 1
+            said[kind] = said.get(kind, 0) + yes
+    return {kind: said[kind] / asked[kind] for kind in asked}
+
+
+KINDS = ("small", "medium", "large", "solid", "faint", "absent")
+
+
+def lost_objects(runs: Path, data: Path, keep: float) -> str:
+    """Recall on present objects by kind, dense and every method at `keep` (which objects are lost)."""
+    kinds = object_kinds(data)
+    lines = [
+        f"Which objects are lost at {keep:.1%} of the visual tokens: the share of present objects each method "
+        "still answers \"yes\" to, by object size and for faint (semi-transparent) against solid objects, "
+        "and (last column) the share of absent objects it says \"yes\" to (POPE, 3 splits; objects from the "
+        "shapes ground truth).",
+        "",
+        "| method | " + " | ".join(KINDS) + " |",
+        "|---|" + "---|" * len(KINDS),
+    ]
+    names = ["baseline"] + sorted(path.parent.name for path in runs.glob(f"pope/*_keep={keep}/samples.jsonl"))
+    for name in names:
+        samples = runs / "pope" / name / "samples.jsonl"
+        if samples.is_file():
+            recall = recall_by_kind(samples, kinds)
+            label = "dense" if name == "baseline" else name.partition("_keep=")[0]
+            lines.append(f"| {label} | " + " | ".join(f"{100 * recall.get(kind, float('nan')):.1f}" for kind in KINDS) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def draw(table: list[dict[str, Any]], dense: dict[str, Any], plots: tuple[Path, Path]) -> None:
     import matplotlib
 
@@ -125,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pruning_eval: no finished dense POPE run under {args.runs}", file=sys.stderr)
         return 2
     text = report(found, tuple(args.plots))
+    if (args.data / "pope" / "ground_truth.jsonl").is_file():
+        text += "\n" + lost_objects(args.runs, args.data, 0.125)
     write_between(args.readme, BEGIN, END, text)
     print(text)
     return 0
