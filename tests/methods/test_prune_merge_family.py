@@ -64,7 +64,7 @@ def image_rows(batch, hidden, sample: int, count: int, placeholders: torch.Tenso
 class Tower:
     """A stand-in adapter: a 24-layer tower whose LLM reads layer 22 (CLIP ViT-L in LLaVA-1.5)."""
 
-    vision_layers = list(range(24))
+    vision_layers = tuple(range(24))
 
     def default_vision_layer(self):
         return 22
@@ -97,7 +97,7 @@ def test_vtc_cls_matches_eager_cls_attention_summed_over_layers():
     with torch.no_grad():
         attentions = tower(batch["pixel_values"], output_attentions=True).attentions
     read = len(tower.encoder.layers) - 2  # vision_feature_layer -2: the output of this layer
-    summed = sum(attentions[layer][:, :, 0, 1:].mean(dim=1) for layer in range(0, read + 1))  # start_layer=0
+    summed = sum(attentions[layer][:, :, 0, 1:].mean(dim=1) for layer in range(read + 1))  # start_layer=0
     with vlmkit.apply(tiny, "vtc_cls:start_layer=0,keep=0.125") as patch, torch.no_grad():
         tiny(**batch)
         chosen = patch.selections["vtc_cls"]
@@ -247,8 +247,10 @@ def test_downsample_equals_torch_bilinear_interpolation(rows, cols, keep, sides)
     expected = F.interpolate(grid, size=sides, mode="bilinear", align_corners=False, antialias=False)
     torch.testing.assert_close(sample.combine @ x, expected.reshape(3, -1).T, rtol=1e-6, atol=1e-6)
     # every output cell takes the place of the grid token nearest its sampling point
-    centre = lambda size, out: [math.ceil(max(0.0, (p + 0.5) * size / out - 0.5) - 0.5) for p in range(out)]  # noqa: E731
-    places = sorted(r * cols + c for r in centre(rows, sides[0]) for c in centre(cols, sides[1]))
+    def nearest(size, out):
+        return [math.ceil(max(0.0, (p + 0.5) * size / out - 0.5) - 0.5) for p in range(out)]
+
+    places = sorted(r * cols + c for r in nearest(rows, sides[0]) for c in nearest(cols, sides[1]))
     assert sample.keep.tolist() == places
 
 

@@ -60,7 +60,7 @@ class Downsample(TokenSelector):
         device = visual.slots.device
         kept, weights = [], []  # per view: sample indices of the output cells' places, (cells, n) weights
         for unit in tower_rows(visual):
-            row0, col0, rows, cols, local = grid_box(visual, unit.cpu())
+            _, _, rows, cols, local = grid_box(visual, unit.cpu())
             height, width = self.sides(rows, cols)
             if (height, width) == (rows, cols):
                 kept.append(unit)
