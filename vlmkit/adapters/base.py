@@ -315,13 +315,15 @@ def rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
 
 def cls_row_probe(attention: nn.Module, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
-    """[CLS] attention (mean over heads) and head-mean keys for a CLIP-style attention input."""
+    """For a CLIP-style attention input: [CLS] attention (mean over heads), "cls_logits" (the [CLS]
+    row's pre-softmax logits, scale q.k, mean over heads) and head-mean keys."""
     batch, length, _ = hidden.shape
     head_dim = attention.head_dim
     query = attention.q_proj(hidden[:, :1]).view(batch, 1, -1, head_dim).transpose(1, 2)
     key = attention.k_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
     importance = kernels.attention_rows(query, key, scale=attention.scale, reduce="mean")[:, 0]
-    return {"importance": importance, "keys": key.mean(dim=1)}
+    logits = (query.float() @ key.float().transpose(-1, -2))[:, :, 0].mean(dim=1) * attention.scale
+    return {"importance": importance, "cls_logits": logits, "keys": key.mean(dim=1)}
 
 
 def received_attention_probe(attention: nn.Module, hidden: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ import torch
 from vlmkit.adapters.base import concat_probes
 from vlmkit.engine import branches
 from vlmkit.engine.runner import TextStackRunner
+from vlmkit.engine.selection import ATTENTION_NEEDS
 from vlmkit.engine.sites import SITES, STACK_SITES
 from vlmkit.errors import ConfigError, ConflictError, UnsupportedModelError
 from vlmkit.methods.base import AttentionMethod, CacheMethod, Method, PositionMethod, Router, TokenSelector
@@ -137,7 +138,8 @@ def build_plan(methods: list[Method], adapter: "Adapter", supported_families: tu
                 if layer == 0 and "embeds" not in sites or layer > 0 and "layer" not in sites:
                     raise ConfigError(f"{method.name} selects before decoder layer {layer} but does not declare the "
                                       f"{'embeds' if layer == 0 else 'layer'} site")
-                if layer == 0 and "last_row_attention" in method.needs and max(layers) == 0:
+                reads_previous = bool(ATTENTION_NEEDS & method.needs) and method.attention_layer == "previous"
+                if layer == 0 and reads_previous and max(layers) == 0:
                     raise ConfigError(f"{method.name}: last-token attention needs a layer before the selection: use layer >= 1")
                 claim("layer", layer, method)
                 plan.selectors[layer] = method

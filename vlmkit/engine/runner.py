@@ -27,6 +27,7 @@ left in the cache (`EngineState.cost`).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +39,7 @@ from transformers.utils.output_capturing import capture_outputs
 from vlmkit import kernels
 from vlmkit.engine.cache import CompactLayer, SlotLayout, pack
 from vlmkit.engine.contexts import AttentionContext, CacheContext, PositionContext, RouteContext
-from vlmkit.engine.selection import SelectionContext, VisualTokens
+from vlmkit.engine.selection import ATTENTION_NEEDS, SelectionContext, VisualTokens
 from vlmkit.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
@@ -103,8 +104,10 @@ class TextStackRunner:
     def __init__(self, adapter: "Adapter", state: "EngineState", plan: "Plan"):
         self.adapter, self.state, self.plan = adapter, state, plan
         self.num_layers = len(adapter.decoder_layers)
+        # layer K-1 -> the selector before layer K that reads its attention
         self.probe_layers = {
-            layer - 1 for layer, s in plan.selectors.items() if "last_row_attention" in s.needs and layer > 0
+            layer - 1: s for layer, s in plan.selectors.items()
+            if ATTENTION_NEEDS & s.needs and s.attention_layer == "previous" and layer > 0
         }
         self.original_forward = type(adapter.text_model).forward
 
@@ -177,13 +180,23 @@ class TextStackRunner:
             if self.plan.position is not None:
                 self._set_positions(stream, run)
         full = None  # caller-layout buffer where dropped tokens are frozen
-        last_row = None
+        scores: dict = {}  # what the next selector reads from the layer before it
+        embeds = inputs_embeds
         previous = None  # the previous layer's input, for routes that read update norms
 
         for index, layer in enumerate(self.adapter.decoder_layers):
             selector = self.plan.selectors.get(index) if run.prefill else None
             if selector is not None and stream.visual is not None:
-                selection = self._select(selector, stream, index, last_row)
+                if ATTENTION_NEEDS & selector.needs and selector.attention_layer == "own":
+                    rotary = self._rotary(stream, run, index)
+                    probe = self.adapter.probe_projections(
+                        layer, stream.hidden, rotary, keys=True, all_queries="text_attention" in selector.needs
+                    )
+                    scores = self._attention_scores(selector, layer, index, probe, stream, stream.valid, None)
+                if "embeds" in selector.needs:
+                    scores["embeds"] = embeds.gather(1, (stream.slot - logical_past)[..., None].expand(-1, -1, embeds.shape[-1]))
+                selection = self._select(selector, stream, index, scores)
+                scores = {}
                 if full is None:
                     full = stream.hidden.clone()
                 stream = self._apply(selector, selection, stream, full, run, index)
@@ -196,8 +209,11 @@ class TextStackRunner:
                 layer_input = stream.hidden
                 probe = None
                 rotary = self._rotary(stream, run, index)
-                if index in self.probe_layers and stream.visual is not None:
-                    probe = self.adapter.probe_projections(layer, stream.hidden, rotary, keys=run.cache is None)
+                reader = self.probe_layers.get(index) if stream.visual is not None else None
+                if reader is not None:
+                    probe = self.adapter.probe_projections(
+                        layer, stream.hidden, rotary, keys=run.cache is None, all_queries="text_attention" in reader.needs
+                    )
                 layout = self._layout(run, index, stream)
                 mask = self._mask(run, index, layout, stream.hidden, stream)
                 stream.hidden = self.adapter.run_layer(
@@ -212,7 +228,7 @@ class TextStackRunner:
                 )
                 self._count(run, stream.valid.sum(dim=1), stream.valid.sum(dim=1), layout.valid.sum(dim=1))
                 if probe is not None:
-                    last_row = self._last_row_attention(layer, index, probe, stream, layout.valid, run.cache)
+                    scores = self._attention_scores(reader, layer, index, probe, stream, layout.valid, run.cache)
                 if run.cache is not None:
                     run.cache.layers[index].record(layout, length)
             previous = (layer_input, stream.hidden, stream.visual)
@@ -356,27 +372,46 @@ class TextStackRunner:
         q, c, m = queries.double(), computed.double(), keys.double()
         run.flops += 2 * q * d * k * 2 * h + 2 * c * d * k * 2 * g + 4 * h * k * q * m + 6 * q * d * f
 
-    def _last_row_attention(self, layer, index, probe, stream, kv_valid, cache):
-        """Per sample, the attention the last token pays to each visual token (mean over heads).
+    def _attention_scores(self, selector, layer, index, probe, stream, kv_valid, cache) -> dict:
+        """What `selector` needs from one layer's attention, as `SelectionContext` fields.
 
-        The query row is projected from the layer's input; the keys are the layer's own cached keys
-        (or, without a cache, projected once from the same input).
+        The query rows are projected from the layer's input; the keys are the layer's own cached keys
+        (or, without a cache, projected once from the same input). "last_row_attention": per sample,
+        the last token's attention to each visual token; "text_attention": per sample, (T, n) the
+        attention of each text token after the sample's last visual token (its rows in
+        `text_rows`); "keys": (B, H_kv, L, d) the stream's rotated keys; all means over heads, softmax
+        over every key a query sees.
         """
         attention = self.adapter.attention_module(layer)
         query, keys = probe
         if cache is not None:
             keys = cache.layers[index].keys
-        scores = kernels.attention_rows(
-            query,
-            keys,
-            scale=attention.scaling,
-            kv_mask=kv_valid,
-            num_kv_groups=attention.num_key_value_groups,
-            reduce="mean",
-        )[:, 0, -stream.hidden.shape[1] :]
-        return [scores[row, visual.slots] for row, visual in enumerate(stream.visual)]
+        length = stream.hidden.shape[1]
+        past = keys.shape[2] - length
+        rows = functools.partial(
+            kernels.attention_rows, scale=attention.scaling, num_kv_groups=attention.num_key_value_groups, reduce="mean"
+        )
+        scores: dict = {}
+        if "keys" in selector.needs:
+            scores["keys"] = keys[:, :, past:]
+        if "last_row_attention" in selector.needs:
+            last = rows(query[:, :, -1:], keys, kv_mask=kv_valid)[:, 0, past:]
+            scores["last_row_attention"] = [last[row, visual.slots] for row, visual in enumerate(stream.visual)]
+        if "text_attention" in selector.needs:
+            position = torch.arange(length, device=keys.device)
+            causal = torch.cat([torch.ones(length, past, dtype=torch.bool, device=keys.device),
+                                position[None, :] <= position[:, None]], dim=1)
+            every = rows(query, keys, kv_mask=kv_valid[:, None, :] & causal[None])[..., past:]
+            text_rows, attention_rows = [], []
+            for row, visual in enumerate(stream.visual):
+                after = int(visual.slots.max()) + 1 if len(visual) else length
+                text = torch.nonzero(stream.valid[row, after:]).flatten() + after
+                text_rows.append(text)
+                attention_rows.append(every[row][text][:, visual.slots])
+            scores["text_attention"], scores["text_rows"] = attention_rows, text_rows
+        return scores
 
-    def _select(self, selector, stream: Stream, layer: int, last_row):
+    def _select(self, selector, stream: Stream, layer: int, scores: dict):
         recorded = self.state.replay(("select", layer))
         if recorded is not None:
             return recorded
@@ -386,7 +421,12 @@ class TextStackRunner:
             valid=stream.valid,
             layer=layer,
             num_layers=self.num_layers,
-            last_row_attention=last_row,
+            last_row_attention=scores.get("last_row_attention"),
+            text_attention=scores.get("text_attention"),
+            text_rows=scores.get("text_rows"),
+            keys=scores.get("keys"),
+            embeds=scores.get("embeds"),
+            final_norm=self.adapter.final_norm,
             vision=[v.probes for v in stream.visual],
             call_index=self.state.calls.get(selector.name, 0),
         )

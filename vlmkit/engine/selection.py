@@ -6,6 +6,7 @@ positions and cache.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -62,6 +63,8 @@ class VisualTokens:
 
 
 COMBINE_SPACES = ("llm", "vision")
+#: what a selector may need from a decoder layer's attention (`TokenSelector.needs`)
+ATTENTION_NEEDS = frozenset({"last_row_attention", "text_attention", "keys"})
 
 
 @dataclass
@@ -143,7 +146,16 @@ class SelectionContext:
         layer: the decoder layer before which the selection applies (0 = before the LLM).
         num_layers: decoder layers in the LLM.
         last_row_attention: per sample, (n,) attention the last token pays to each visual token at
-            layer `layer - 1` (softmax over the whole sequence, mean over heads), when requested.
+            layer `layer - 1` (softmax over the whole sequence, mean over heads), when requested; with
+            `attention_layer = "own"` at layer `layer` itself, from its input (PyramidDrop).
+        text_attention: per sample, (T, n) the same for every text token after the sample's last
+            visual token (softmax over what each query sees), when requested; `text_rows` gives
+            their rows in `hidden`.
+        keys: (B, H_kv, L, d) that layer's rotated keys of the stream's tokens, when requested.
+        embeds: (B, L, D) the LLM's input embeddings of the stream's tokens (what layer 0
+            received), when requested ("embeds").
+        final_norm: the language model's final norm (a function of hidden states), for methods
+            that compare tokens as the output head sees them (DART).
         vision: per sample, per image, the vision-tower probe results mapped to that image's tokens
             (dict with "importance" (n_img,) and "keys" (n_img, d)), when requested.
         call_index: how many selections this method has made before (for seeded methods).
@@ -155,5 +167,10 @@ class SelectionContext:
     num_layers: int
     valid: torch.Tensor | None = None
     last_row_attention: list[torch.Tensor] | None = None
+    text_attention: list[torch.Tensor] | None = None
+    text_rows: list[torch.Tensor] | None = None
+    keys: torch.Tensor | None = None
+    embeds: torch.Tensor | None = None
+    final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
     vision: list[list[dict[str, torch.Tensor]]] | None = None
     call_index: int = 0

@@ -183,8 +183,13 @@ class TokenSelector(PositionPolicy, Method):
     decoder layers it selects (0: before the LLM), and the engine calls `select` at each of them.
     """
 
-    #: what `select` needs the engine to compute, e.g. {"last_row_attention"} or {"vision_attention"}
+    #: what `select` needs the engine to compute: "last_row_attention", "text_attention", "keys"
+    #: (from a decoder layer's attention), "embeds" (the LLM's input), "vision_attention",
+    #: "vision_features" (from the vision tower)
     needs: ClassVar[frozenset[str]] = frozenset()
+    #: which decoder layer's attention a selection before layer K reads: "previous" (layer K-1, after
+    #: it ran: FastV) or "own" (layer K's projections on its input, before it runs: PyramidDrop)
+    attention_layer: ClassVar[str] = "previous"
 
     def selection_layers(self, num_layers: int) -> tuple[int, ...]:
         return (0,)

@@ -1,0 +1,96 @@
+"""What the engine shows a selector, against eager attention maps and the unpatched model's own
+cache and embeddings: last-token and text-token attention rows, keys, input embeddings, from the
+layer before the selection or (attention_layer = "own") from the selection's own layer."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vlmkit
+from tests.conftest import photos
+from tests.engine.models import inputs, model
+from vlmkit.methods.prune.fastv import FastV
+
+QUESTIONS = ["What is shown?", "Is there a cat in the image? Answer yes or no."]  # different lengths: left padding
+
+
+class Recorder(FastV):
+    """FastV that keeps everything and records what it was shown."""
+
+    name = "recorder"
+
+    def __init__(self, needs, attention_layer="previous", **params):
+        super().__init__(**params)
+        self.needs, self.attention_layer, self.seen = frozenset(needs), attention_layer, []
+
+    def select(self, context):
+        self.seen.append(context)
+        return super().select(context)
+
+
+def eager_run(tiny, batch):
+    seen = {}
+    hook = tiny.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True
+    )
+    with torch.no_grad():
+        out = tiny(**batch, output_attentions=True, use_cache=True)
+    hook.remove()
+    return out, seen["embeds"]
+
+
+@pytest.mark.parametrize("attention_layer,source", [("previous", 1), ("own", 2)])
+def test_attention_rows_keys_and_embeds_match_the_eager_model(attention_layer, source):
+    tiny, processor = model("llava", "eager")
+    batch = inputs(processor, photos()[:2], QUESTIONS[:2])
+    assert (batch["attention_mask"] == 0).any()
+    out, embeds = eager_run(tiny, batch)
+    recorder = Recorder({"last_row_attention", "text_attention", "keys", "embeds"}, attention_layer, layer=2, keep=1.0)
+    with vlmkit.apply(tiny, recorder), torch.no_grad():
+        tiny(**batch)
+    (context,) = recorder.seen
+    attention = out.attentions[source].mean(dim=1)  # (B, L, L), mean over heads
+    keys = out.past_key_values.layers[source].keys
+    torch.testing.assert_close(context.embeds, embeds)
+    for row in range(2):
+        visual = torch.nonzero(batch["input_ids"][row] == tiny.config.image_token_id).flatten()
+        valid = batch["attention_mask"][row].bool()
+        text_after = torch.nonzero(valid & (torch.arange(valid.numel()) > visual.max())).flatten()
+        torch.testing.assert_close(context.last_row_attention[row], attention[row, -1, visual], rtol=1e-5, atol=1e-6)
+        assert torch.equal(context.text_rows[row], text_after)
+        torch.testing.assert_close(context.text_attention[row], attention[row][text_after][:, visual], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(context.keys[row][:, valid], keys[row][:, valid], rtol=1e-5, atol=1e-6)
+
+
+def test_own_layer_attention_may_select_before_the_llm_and_previous_may_not():
+    tiny, processor = model("llava")
+    batch = inputs(processor, photos()[:1], QUESTIONS[:1])
+    recorder = Recorder({"last_row_attention"}, "own", layer=1, keep=1.0)
+    recorder.selection_layers, recorder.sites = (lambda num_layers: (0,)), ("embeds",)
+    with vlmkit.apply(tiny, recorder), torch.no_grad():
+        tiny(**batch)
+    assert recorder.seen[0].layer == 0 and recorder.seen[0].last_row_attention[0].numel() == 144
+    previous = Recorder({"last_row_attention"}, layer=1, keep=1.0)
+    previous.selection_layers, previous.sites = (lambda num_layers: (0,)), ("embeds",)
+    with pytest.raises(vlmkit.errors.ConfigError, match="needs a layer before the selection"):
+        vlmkit.apply(tiny, previous)
+
+
+def test_the_cls_probe_gives_the_cls_rows_logits_mean_over_heads():
+    tiny, processor = model("llava", "eager")
+    batch = inputs(processor, photos()[:2], QUESTIONS[:2])
+    tower = tiny.model.vision_tower
+    layer = len(tower.encoder.layers) - 2  # the layer VisionZip probes on LLaVA
+    with torch.no_grad():
+        hidden = tower(batch["pixel_values"], output_hidden_states=True).hidden_states[layer]
+        block = tower.encoder.layers[layer]
+        normed = block.layer_norm1(hidden)
+        heads = block.self_attn.num_heads
+        query = block.self_attn.q_proj(normed[:, :1]).view(2, 1, heads, -1).transpose(1, 2)
+        key = block.self_attn.k_proj(normed).view(2, normed.shape[1], heads, -1).transpose(1, 2)
+        expected = (query @ key.transpose(-1, -2))[:, :, 0].mean(dim=1) * block.self_attn.scale
+    with vlmkit.apply(tiny, "visionzip:tokens=20") as patch, torch.no_grad():
+        tiny(**batch)
+        metas = [meta for _, meta in patch.state.encoded["image"][1]]
+    for image, meta in enumerate(metas):
+        torch.testing.assert_close(meta.probe["cls_logits"], expected[image, 1:], rtol=1e-5, atol=1e-6)  # patches only
