@@ -30,7 +30,7 @@ _BUILTIN_TARGETS = {
     "dart": "vlmkit.methods.prune.dart:DART",
     "vtc_cls": "vlmkit.methods.prune.vtc_cls:VTCCLS",
     "prumerge": "vlmkit.methods.prune.prumerge:PruMerge",
-    "prumerge_plus": "vlmkit.methods.prune.prumerge_plus:PruMergePlus",
+    "prumerge_plus": "vlmkit.methods.prune.prumerge:PruMergePlus",
     "downsample": "vlmkit.methods.prune.downsample:Downsample",
     "globalcom2": "vlmkit.methods.prune.globalcom2:GlobalCom2",
     "mustdrop": "vlmkit.methods.prune.mustdrop:MustDrop",

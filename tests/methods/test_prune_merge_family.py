@@ -16,8 +16,7 @@ from vlmkit.engine.selection import SelectionContext, VisualTokens
 from vlmkit.errors import UnsupportedModelError
 from vlmkit.methods.prune.downsample import Downsample
 from vlmkit.methods.prune.globalcom2 import GlobalCom2, tile_shares
-from vlmkit.methods.prune.prumerge import PruMerge, outlier_ratio
-from vlmkit.methods.prune.prumerge_plus import PruMergePlus
+from vlmkit.methods.prune.prumerge import PruMerge, PruMergePlus, outlier_ratio
 from vlmkit.methods.prune.vtc_cls import VTCCLS
 
 

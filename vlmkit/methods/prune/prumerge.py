@@ -1,4 +1,4 @@
-"""LLaVA-PruMerge: "LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal Models"
+"""LLaVA-PruMerge and PruMerge+: "LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal Models"
 (Shang et al., ICCV 2025, arXiv:2403.15388). Reference: 42Shawn/LLaVA-PruMerge,
 `llava/model/multimodal_encoder/clip_encoder.py`, `CLIPVisionTower.token_prune_merge_advanced`.
 
@@ -47,6 +47,7 @@ poorly (LLaVA-PruMerge #15, FasterVLM #2).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -169,3 +170,42 @@ def outlier_ratio(scores: torch.Tensor) -> float:
 def descending(scores: torch.Tensor, count: int) -> torch.Tensor:
     """Indices of the `count` highest scores, highest first (ties: lower index first)."""
     return torch.argsort(scores, descending=True, stable=True)[:count]
+
+
+@register_method("prumerge_plus", family="prune", sites=("vision", "embeds"))
+class PruMergePlus(PruMerge):
+    """PruMerge, with spatially uniform samples added to the [CLS]-attention outliers.
+
+    PruMerge+ (the same paper; reference `CLIPVisionTower.token_prune_merge_advanced_plus`, its
+    inference branch): after the `int(n * r)` outliers, every s-th patch, s = int(int(1 / r) / 3),
+    patches 0, s, 2s, ... < n - 1, that is not already kept joins them (about four times the
+    outliers); the row enters as the outliers in decreasing attention, the added patches in patch
+    order, then the extra token. A `keep` share or `tokens` count (not in the reference): a quarter of
+    the row's tokens, rounded up, are the top patches, the others but one evenly strided over the
+    rest (every `max(1, remaining // needed)`-th, the first `needed`), the last the extra token.
+    Deviations: as PruMerge's; the sampling step is at least 1 (the reference's `arange` fails with
+    step 0 when more than a third of the patches are outliers).
+    """
+
+    example = "keep=0.25"
+
+    def choose(self, scores: torch.Tensor) -> torch.Tensor | None:
+        n = scores.numel()
+        if self.adaptive:
+            ratio = outlier_ratio(scores)
+            top = descending(scores, max(1, int(n * ratio)))
+            step = max(1, int(int(1 / ratio) / 3))
+            sequence = torch.arange(0, n - 1, step, device=scores.device)
+            added = sequence[~torch.isin(sequence, top)]
+        else:
+            total = self.config.kept_count(n, 1.0)
+            if total >= n:
+                return None
+            top = descending(scores, math.ceil((total - 1) / 4))
+            needed = total - 1 - top.numel()
+            rest = torch.ones(n, dtype=torch.bool, device=scores.device)
+            rest[top] = False
+            rest = torch.nonzero(rest).flatten()
+            step = max(1, rest.numel() // max(needed, 1))
+            added = rest[torch.arange(0, rest.numel(), step, device=scores.device)[:needed]]
+        return torch.cat([top, added])
