@@ -118,35 +118,58 @@ def test_prumerge_outlier_ratio_is_the_interquartile_rule():
 
 
 def test_prumerge_adaptive_keeps_the_outliers_by_attention_then_the_pooled_token():
-    probe = {"importance": SCORES, "keys": torch.randn(12, 4, generator=torch.Generator().manual_seed(0))}
+    """a = softmax(sqrt(C / d) l) over the row: features of width C = 8 and keys of width d = 2 (four
+    heads) scale the logits by 2, so l = log(SCORES) / 2 gives a = SCORES / 1.45 (their sum)."""
+    generator = torch.Generator().manual_seed(0)
+    probe = {
+        "importance": SCORES.flip(0),  # the head-mean softmax attention: not what the reference reads
+        "cls_logits": SCORES.log() / 2,
+        "keys": torch.randn(12, 2, generator=generator),
+        "features": torch.randn(12, 8, generator=generator),
+    }
     sample = PruMerge().select_sample(grid_tokens(3, 4), [probe])
-    # outliers 5 (0.50) and 8 (0.40), then the extra token at the best pruned patch, 3 (0.10)
+    # outliers 5 (0.50) and 8 (0.40) (the interquartile rule ignores the scale), then the extra token
+    # at the best pruned patch, 3 (0.10)
     assert sample.keep.tolist() == [3, 5, 8]
     assert sample.keep[sample.order].tolist() == [5, 8, 3]
-    assert sample.combine_space == "llm"  # no vision features in the probe
+    assert sample.combine_space == "vision"
     pruned = [0, 1, 2, 3, 4, 6, 7, 9, 10, 11]
     expected = torch.zeros(12)
-    expected[pruned] = SCORES[pruned]
-    assert torch.equal(sample.combine[0], expected)  # sum of a_j x_j over the pruned patches
+    expected[pruned] = SCORES[pruned] / 1.45
+    torch.testing.assert_close(sample.combine[0], expected)  # sum of a_j x_j over the pruned patches
+
+
+def test_prumerge_without_cls_logits_or_features_scores_by_the_probes_attention():
+    """SigLIP/Qwen2-VL (no [CLS] logits) and pooled videos (no features: C unknown): a = "importance"."""
+    keys = torch.randn(12, 2, generator=torch.Generator().manual_seed(0))
+    for probe in ({"importance": SCORES, "keys": keys}, {"importance": SCORES, "cls_logits": -SCORES, "keys": keys}):
+        sample = PruMerge().select_sample(grid_tokens(3, 4), [probe])
+        assert sample.keep[sample.order].tolist() == [5, 8, 3]
+        assert sample.combine_space == "llm"  # no vision features in the probe
+        pruned = [0, 1, 2, 3, 4, 6, 7, 9, 10, 11]
+        expected = torch.zeros(12)
+        expected[pruned] = SCORES[pruned]
+        assert torch.equal(sample.combine[0], expected)
 
 
 def test_prumerge_merges_each_kept_patch_with_its_nearest_keys_weighted_by_attention():
     """y_i = x_i + sum_{j in kNN(i)} a_j x_j (unnormalised, neighbours kept or not), by hand on 2x4."""
+    # a = softmax(sqrt(C / d) l) with C = 4, d = 2: l = log(s) / sqrt(2) gives a = s / 0.8 (sum of s)
     scores = torch.tensor([0.30, 0.05, 0.10, 0.02, 0.20, 0.08, 0.01, 0.04])
     keys = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [1.0, 0.5], [0.1, 1.0], [-1.0, 0.0], [0.5, 1.0], [1.0, -0.3]])
-    features = torch.arange(24.0).view(8, 3)
-    probe = {"importance": scores, "keys": keys, "features": features}
+    features = torch.arange(32.0).view(8, 4)
+    probe = {"importance": scores.flip(0), "cls_logits": scores.log() / math.sqrt(2), "keys": keys, "features": features}
     sample = PruMerge(tokens=3, neighbours=2).select_sample(grid_tokens(2, 4), [probe])
     # top 2 by attention: 0, 4; the extra token sits at the best pruned patch, 2
     assert sample.keep.tolist() == [0, 2, 4] and sample.keep[sample.order].tolist() == [0, 4, 2]
     assert sample.combine_space == "vision"
     merged = sample.combine @ features
-    # token 0 (1, 0): cosines 1: 0.995, 7: 0.958, 3: 0.894 -> neighbours 1 and 7
-    torch.testing.assert_close(merged[0], features[0] + 0.05 * features[1] + 0.04 * features[7])
-    # token 4 (0.1, 1): 2: 0.995, 6: 0.934, 3: 0.534 -> neighbours 2 (pruned but nearest) and 6
-    torch.testing.assert_close(merged[2], features[4] + 0.10 * features[2] + 0.01 * features[6])
+    # token 0 (1, 0): cosines 1: 0.995, 7: 0.958, 3: 0.894 -> neighbours 1 (a = 0.0625) and 7 (0.05)
+    torch.testing.assert_close(merged[0], features[0] + 0.0625 * features[1] + 0.05 * features[7])
+    # token 4 (0.1, 1): 2: 0.995, 6: 0.934, 3: 0.534 -> neighbours 2 (pruned but nearest; 0.125) and 6 (0.0125)
+    torch.testing.assert_close(merged[2], features[4] + 0.125 * features[2] + 0.0125 * features[6])
     pruned = [1, 2, 3, 5, 6, 7]
-    torch.testing.assert_close(merged[1], (scores[pruned, None] * features[pruned]).sum(dim=0))
+    torch.testing.assert_close(merged[1], (scores[pruned, None] / 0.8 * features[pruned]).sum(dim=0))
 
 
 def test_prumerge_keeps_a_row_whole_when_the_budget_keeps_every_patch():
@@ -176,32 +199,47 @@ def test_prumerge_orders_each_anyres_tile_within_its_own_rows():
     coords = [(0, r, c) for r in range(2) for c in range(2)] + [(1 + c // 2, r, c) for r in range(2) for c in range(4)]
     visual = tokens(coords, [(1, 2, 2)])
     scores = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.1, 0.5, 0.2, 0.1, 0.3, 0.2, 0.1, 0.4])
-    probe = {"importance": scores, "keys": torch.randn(12, 4, generator=torch.Generator().manual_seed(0))}
+    generator = torch.Generator().manual_seed(0)
+    probe = {"importance": scores, "cls_logits": scores.log(),  # C = d: one head, a = softmax(l) per crop
+             "keys": torch.randn(12, 4, generator=generator), "features": torch.randn(12, 4, generator=generator)}
     sample = PruMerge(tokens=2, neighbours=0).select_sample(visual, [probe])
     # base: 3 (0.4), extra at 2; tile 1 (4, 5, 8, 9): 5, extra at 8; tile 2 (6, 7, 10, 11): 11, extra at 6
     assert sample.keep.tolist() == [2, 3, 5, 6, 8, 11]
     # each row enters kept-then-extra into its own places: base 2, 3 <- 3, 2; tile 1's 5, 8 <- 5, 8;
     # tile 2's 6, 11 <- 11, 6
     assert sample.keep[sample.order].tolist() == [3, 2, 5, 11, 8, 6]
+    # the softmax runs per crop: the extra tokens weigh base 0, 1, 2 by s / 1.0, tile 1's 4, 8, 9 by
+    # s / 1.1, tile 2's 6, 7, 10 by s / 0.8
+    extra = {2: ([0, 1, 2], 1.0), 8: ([4, 8, 9], 1.1), 6: ([6, 7, 10], 0.8)}
+    for place, (pruned, total) in extra.items():
+        expected = torch.zeros(12)
+        expected[pruned] = scores[pruned] / total
+        torch.testing.assert_close(sample.combine[sample.keep.tolist().index(place)], expected)
 
 
-def test_prumerge_matches_eager_cls_attention_and_key_neighbours():
+def test_prumerge_matches_the_references_one_head_attention_and_key_neighbours():
+    """The reference's attention, softmax(q k^T / sqrt(C)) over the full-width q and k projections of
+    the last layer, renormalised over the patches (the probe has no [CLS] self-logit)."""
     tiny, processor = model("llava", "eager")
     batch = inputs(processor, photos()[:2], QUESTIONS[:2])
     tower = tiny.model.vision_tower
     layer = len(tower.encoder.layers) - 1  # the reference hooks the last layer (layers[23] of ViT-L)
     with torch.no_grad():
-        out = tower(batch["pixel_values"], output_attentions=True, output_hidden_states=True)
+        out = tower(batch["pixel_values"], output_hidden_states=True)
         block = tower.encoder.layers[layer]
-        heads = out.attentions[layer].shape[1]
+        heads = block.self_attn.num_heads
         normed = block.layer_norm1(out.hidden_states[layer])
-        keys = block.self_attn.k_proj(normed).view(*normed.shape[:2], heads, -1).mean(dim=2)
+        query = block.self_attn.q_proj(normed[:, :1])  # (2, 1, C): the heads side by side
+        key = block.self_attn.k_proj(normed)
+        keys = key.view(*normed.shape[:2], heads, -1).mean(dim=2)
     features = out.hidden_states[-2][:, 1:]  # what the projector reads (vision_feature_layer -2)
+    width = features.shape[-1]
+    reference = torch.softmax((query @ key.transpose(1, 2))[:, 0] / width**0.5, dim=-1)  # (2, 1 + n)
     neighbours = 5
     chosen, hidden = entering(tiny, batch, f"prumerge:neighbours={neighbours}", "prumerge")
     placeholders = batch["input_ids"] == tiny.config.image_token_id
     for image in range(2):
-        a = out.attentions[layer][image, :, 0, 1:].mean(dim=0)
+        a = reference[image, 1:] / (1 - reference[image, 0])
         n = a.numel()
         q1, q3 = torch.quantile(a.double(), 0.25), torch.quantile(a.double(), 0.75)
         outliers = max(1, int((a.double() > q3 + 1.5 * (q3 - q1)).sum()))

@@ -3,9 +3,17 @@
 `llava/model/multimodal_encoder/clip_encoder.py`, `CLIPVisionTower.token_prune_merge_advanced`.
 
 Site: `vision` (scores, keys and features from the vision tower), applied before the LLM. Per tower
-row (an image; an AnyRes crop; a video frame) of n patches, with a_j the [CLS] attention of patch j
-and k_j its key at the tower's last layer (the reference hooks `layers[23]` of CLIP ViT-L, whose
-input is the second-to-last features LLaVA reads):
+row (an image; an AnyRes crop; a video frame) of n patches, at the tower's last layer (the reference
+hooks the q and k projections of `layers[23]` of CLIP ViT-L, whose input is the second-to-last
+features LLaVA reads), a_j is the [CLS] attention of patch j as the reference computes it, one head
+over the concatenated projections, softmax_j(q . k_j / sqrt(C)) with C the width of the features the
+projector reads (the tower's width, that of q and k). With l_j the probe's "cls_logits" (mean over
+the H heads of q_h . k_j,h / sqrt(d), d = C / H the head width, the probe's key width),
+q . k_j = sum_h q_h . k_j,h = H sqrt(d) l_j, so
+
+    a_j = softmax_j(sqrt(C / d) l_j)   over the row's patches;
+
+k_j is patch j's key (head mean, below):
 
 1. prune (adaptive, the default): the outliers of a by the interquartile rule,
    a_j > Q3 + 1.5 (Q3 - Q1) (linear-interpolated quartiles, as `np.percentile`), give a ratio
@@ -29,11 +37,17 @@ patches by a_j plus the extra token (a `tokens` count is per tower row); a row t
 patches enters unchanged (the reference would still blend every token with its 32 neighbours).
 
 Deviations from the reference code, and why:
-- a_j is the head-mean of per-head [CLS] attention and k_j the head-mean key, as the engine's vision
-  probe gives them; the reference approximates attention by one head over the concatenated
-  projections, softmax(q k^T / sqrt(C)) with C the hidden width, and compares concatenated keys (the
-  probe carries neither the full-width logits nor the concatenated keys); towers without [CLS]
-  (SigLIP, Qwen2-VL) give the mean attention a patch receives;
+- the softmax runs over the row's patches; the reference's also has the [CLS] column, whose
+  self-logit the probe leaves out: each a_j of a row is the reference's divided by 1 - a_CLS (the
+  reference's [CLS] self-attention), so the ranking and the interquartile outliers (a scale-free
+  rule) are the reference's and only the merge weights of the row are larger, all by that one
+  factor (on an AnyRes crop the softmax runs over the patches that survive unpadding: again one
+  factor per row);
+- k_j is the head-mean key, as the probe gives it: the reference compares the concatenated keys
+  (k_proj's full width), which the probe does not carry;
+- towers without [CLS] (SigLIP, Qwen2-VL), and rows without vision features (where C is unknown:
+  Qwen2-VL, LLaVA-OneVision's pooled videos), score by the probe's head-mean attention after the
+  softmax ("importance": the [CLS] row, or the mean attention a patch receives without [CLS]);
 - the reference is LLaVA-1.5 only (one 576-patch image per batch); here each tower row is treated as
   its image, over the patches that survive AnyRes unpadding;
 - quartiles in float64; at least one patch is kept (the reference keeps none, and PruMerge+ divides
@@ -111,7 +125,7 @@ class PruMerge(TokenSelector):
     # ---------------------------------------------------------------- merging
     def select_sample(self, visual: VisualTokens, probes) -> SampleSelection:
         """Every tower row of one sample: kept patches (merged with their neighbours) and the extra token."""
-        scores = probe_values(visual, probes, "importance")
+        scores = cls_attention(visual, probes)
         keys = probe_values(visual, probes, "keys")
         groups, changed = [], []  # per tower row: sample indices in entry order; (sample indices, combine rows)
         for unit in tower_rows(visual):
@@ -157,6 +171,25 @@ class PruMerge(TokenSelector):
         rows = torch.zeros(local.shape[0], scores.numel(), device=unit.device)
         rows[:, unit] = local
         return entries, rows
+
+
+def cls_attention(visual: VisualTokens, probes) -> torch.Tensor:
+    """a_j per visual token of the sample: per tower row, softmax(sqrt(C / d) l) of the [CLS] logits
+    where the probe has them and the vision features (of width C; d the key width), else the
+    probe's "importance"."""
+    scores = probe_values(visual, probes, "importance")
+    scaled = torch.zeros_like(scores)
+    known = torch.zeros_like(scores, dtype=torch.bool)
+    for image, probe in enumerate(probes):
+        if "cls_logits" in probe and "features" in probe:
+            members = visual.image_index(image)
+            heads = probe["features"].shape[-1] / probe["keys"].shape[-1]  # C / d
+            scaled[members] = probe["cls_logits"].float().to(scores.device) * math.sqrt(heads)
+            known[members] = True
+    for unit in tower_rows(visual):
+        if bool(known[unit].all()):
+            scores[unit] = torch.softmax(scaled[unit], dim=0)
+    return scores
 
 
 def outlier_ratio(scores: torch.Tensor) -> float:
