@@ -326,15 +326,15 @@ def test_globalcom2_tile_budgets_follow_the_thumbnail_regions():
         torch.testing.assert_close(torch.tensor(shares), torch.tensor(reference_shares(base.flatten(), wide, high, 0.25)))
 
 
-def test_globalcom2_thumbnail_by_attention_then_tiles_by_own_plus_global_scores():
+def test_globalcom2_thumbnail_by_cls_logits_then_tiles_by_own_plus_global_logits():
     """A 4x4 thumbnail and two tiles side by side whose columns 0 and 7 were unpadded (4x3 each),
-    against a loop-for-loop transcription of the reference's selection."""
+    against a loop-for-loop transcription of the reference's selection on the [CLS] logits."""
     coords = [(0, r, c) for r in range(4) for c in range(4)] + [(1 + c // 4, r, c) for r in range(4) for c in range(1, 7)]
     visual = tokens(coords, [(1, 4, 4)])
     generator = torch.Generator().manual_seed(3)
-    base = torch.rand(16, generator=generator) * 40  # large sums make the two tile budgets differ
-    own = torch.rand(24, generator=generator)
-    probe = {"importance": torch.cat([base, own])}
+    base = torch.rand(16, generator=generator) * 10 - 3  # logits: signed; the region sums make the budgets differ
+    own = torch.randn(24, generator=generator)
+    probe = {"importance": torch.rand(40, generator=generator), "cls_logits": torch.cat([base, own])}
     sample = GlobalCom2(keep=0.25).select_sample(visual, [probe])
 
     thumb = torch.argsort(base, descending=True)[: int(16 * 0.25)]
@@ -360,8 +360,11 @@ def test_globalcom2_keeps_everything_at_keep_1_and_compresses_tileless_views_as_
     sample = GlobalCom2(keep=1.0).select_sample(visual, [{"importance": torch.rand(12)}])
     assert sample.keep.tolist() == list(range(12)) and sample.order is None
     scores = torch.tensor([0.1, 0.4, 0.3, 0.2, 0.0, 0.5, 0.6, 0.2, 0.1])
+    probe = {"importance": scores.flip(0), "cls_logits": scores.log()}
+    sample = GlobalCom2(keep=0.3).select_sample(grid_tokens(3, 3), [probe])
+    assert sample.keep[sample.order].tolist() == [6, 5]  # int(9 * 0.3) = 2, by [CLS] logit
     sample = GlobalCom2(keep=0.3).select_sample(grid_tokens(3, 3), [{"importance": scores}])
-    assert sample.keep[sample.order].tolist() == [6, 5]  # int(9 * 0.3) = 2, by attention
+    assert sample.keep[sample.order].tolist() == [6, 5]  # a tower without [CLS] (SigLIP): by attention
 
 
 def test_globalcom2_refuses_models_without_anyres_tiles_by_name():
@@ -370,19 +373,54 @@ def test_globalcom2_refuses_models_without_anyres_tiles_by_name():
         vlmkit.apply(tiny, "globalcom2")
 
 
-def test_globalcom2_keeps_the_thumbnail_top_of_eager_cls_attention_on_llava_next():
+def test_globalcom2_matches_eager_cls_logits_on_llava_next():
+    """The [CLS] row's logits mean_h q_h.k_h / sqrt(d) at the last layer, from the tower's q and k
+    projections of each tower row (thumbnail, then 2x2 tiles): the thumbnail's top, the tile budgets
+    from its region sums and each tile's top by own plus resized global logit."""
     tiny, processor = model("llava_next", "eager")
     batch = inputs(processor, photos()[:1], QUESTIONS[:1])
     tower = tiny.model.vision_tower
     pixels = batch["pixel_values"][0]  # the image's tower rows: thumbnail, then tiles
     with torch.no_grad():
-        attentions = tower(pixels, output_attentions=True).attentions
-    base = attentions[-1][0, :, 0, 1:].mean(dim=0)  # the thumbnail's [CLS] row at the last layer
-    with vlmkit.apply(tiny, "globalcom2") as patch, torch.no_grad():
+        hidden = tower(pixels, output_hidden_states=True).hidden_states[-2]  # the last layer's input
+        block = tower.encoder.layers[-1]
+        normed = block.layer_norm1(hidden)
+        heads = block.self_attn.num_heads
+        query = block.self_attn.q_proj(normed[:, :1]).view(len(pixels), 1, heads, -1).transpose(1, 2)
+        key = block.self_attn.k_proj(normed).view(len(pixels), normed.shape[1], heads, -1).transpose(1, 2)
+        logits = ((query @ key.transpose(-1, -2))[:, :, 0].mean(dim=1) * block.self_attn.scale)[:, 1:]
+    method, seen = GlobalCom2(), {}
+    select_sample = method.select_sample
+
+    def recording(visual, probes):
+        seen["visual"] = visual
+        return select_sample(visual, probes)
+
+    method.select_sample = recording
+    with vlmkit.apply(tiny, method) as patch, torch.no_grad():
         tiny(**batch)
         chosen = patch.selections["globalcom2"][0]
         order = patch.state.recorded[("select", 0)].samples[0].order
+    base, side = logits[0], 8
     count = int(base.numel() * 0.25)
     thumb = torch.argsort(base, descending=True, stable=True)[:count]
     assert chosen[chosen < base.numel()].tolist() == sorted(thumb.tolist())  # the thumbnail's tokens come first
     assert chosen[order.cpu()][:count].tolist() == thumb.tolist()
+
+    visual = seen["visual"]  # the tiles' tokens after unpadding: their crops and padded-grid rows/columns
+    tiles = torch.nonzero(visual.crop > 0).flatten()
+    row0, col0 = int(visual.row[tiles].min()), int(visual.col[tiles].min())
+    rows, cols = int(visual.row[tiles].max()) + 1 - row0, int(visual.col[tiles].max()) + 1 - col0
+    shares = reference_shares(base, 2, 2, 0.25)
+    resized = F.interpolate(base.view(1, 1, side, side), size=(rows, cols), mode="bilinear", align_corners=False)[0, 0]
+    picked = []
+    for tile in range(4):
+        members = tiles[visual.crop[tiles] == tile + 1]
+        tile_row, tile_col = divmod(tile, 2)
+        row, col = visual.row[members], visual.col[members]
+        own = logits[tile + 1][(row - tile_row * side) * side + col - tile_col * side]
+        global_logits = resized[row - row0, col - col0]
+        combined = own / own.norm() + global_logits / global_logits.norm()
+        picked += members[torch.topk(combined, int(members.numel() * shares[tile])).indices].tolist()
+    assert len(set(shares)) > 1
+    assert chosen[order.cpu()].tolist() == thumb.tolist() + sorted(picked)  # the tiles in sequence order

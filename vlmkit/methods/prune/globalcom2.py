@@ -5,28 +5,28 @@ Large Vision-Language Models" (Liu et al., 2025, arXiv:2501.05179). Reference: x
 `select_topk_crop_features`) with the scores of `multimodal_encoder/apply_customvit.py`.
 
 Site: `vision` (scores from the vision tower), applied before the LLM, for AnyRes models (a thumbnail,
-crop 0, plus high-resolution tiles). With a_j the [CLS] attention of token j at the tower's last
-layer and R the retention ratio (`keep`, 0.25 by default):
+crop 0, plus high-resolution tiles). With a_j the [CLS] row's attention logit of token j at the
+tower's last layer, before the softmax and averaged over heads (the probe's "cls_logits",
+mean_h q_h.k_j,h / sqrt(d_head), as the reference's modified CLIP attention returns it:
+`attn_weights.mean(dim=1)` ahead of the softmax, row 0, patches 1:), and R the retention ratio
+(`keep`, 0.25 by default):
 
 1. thumbnail: its `int(N R)` tokens with the highest a_j stay, in decreasing a_j;
 2. budgets: the thumbnail's grid is cut into the tile layout (rows of side // tile rows, the last
    region taking the remainder); region i sums its a_j into S_i, and tile i keeps the share
    R_i = min(1, R (1 + sigma_i - mean(sigma))), sigma = softmax((S - max S) / 10) (+1e-8);
 3. tiles: the thumbnail's a_j, bilinearly resized (`align_corners=False`) to the unpadded tile
-   grid, give each tile token a global score g; with l its own [CLS] attention in its tile,
+   grid, give each tile token a global score g; with l its own [CLS] logit in its tile,
    the `int(N_i R_i)` tokens of tile i with the highest l / |l|_2 + g / |g|_2 stay, in grid order.
 
-The image enters as the thumbnail's tokens in decreasing attention (`order`, within the thumbnail's
-places), then the tiles' in grid order with the image newlines, as the reference concatenates them. Per image (the reference runs
-one image per batch: it takes the first tower row as every image's thumbnail).
+The image enters as the thumbnail's tokens in decreasing logit (`order`, within the thumbnail's
+places), then the tiles' in grid order with the image newlines, as the reference concatenates them.
+Per image (the reference runs one image per batch: it takes the first tower row as every image's
+thumbnail). The reference never reads the [CLS] self-logit, which the probe leaves out.
 
 Deviations from the reference code, and why:
-- a_j is the head-mean of per-head softmax attention (the engine's vision probe); the reference's
-  modified CLIP attention returns the head-mean of the attention *logits* before the softmax
-  (`attn_weights.mean(dim=1)` ahead of `softmax`), which the probe does not carry: the rankings
-  within a tile are close, but the budgets of step 2 are flatter (sums of probabilities, not of
-  logits, enter the softmax with temperature 10);
-- towers without [CLS] (SigLIP in LLaVA-OneVision) score a token by the mean attention it receives;
+- towers without [CLS] (SigLIP in LLaVA-OneVision; the reference is CLIP only) have no [CLS] logits:
+  a_j is there the mean attention token j receives (after the softmax, the probe's "importance");
 - the unpadding is the model's own (the reference recomputes it with `int()` where Hugging Face
   rounds): tile sizes come from the tokens that survive it;
 - views without tiles (LLaVA-OneVision's videos, frame by frame, and images encoded as the base view
@@ -94,7 +94,7 @@ class GlobalCom2(TokenSelector):
         return Selection([self.select_sample(visual, probes) for visual, probes in zip(context.visual, context.vision)])
 
     def select_sample(self, visual: VisualTokens, probes) -> SampleSelection:
-        scores = probe_values(visual, probes, "importance")
+        scores = cls_logits(visual, probes)
         entries = []
         for image in range(len(visual.grids)):
             members = visual.image_index(image)
@@ -115,7 +115,7 @@ class GlobalCom2(TokenSelector):
         return SampleSelection(keep, order=order)
 
     def select_tiled(self, visual, members, scores, ratio: float, image: int) -> list[torch.Tensor]:
-        """One AnyRes image: the thumbnail's kept tokens (decreasing attention), then each tile's."""
+        """One AnyRes image: the thumbnail's kept tokens (decreasing score), then each tile's."""
         base = members[visual.crop[members] == 0]
         tiles = members[visual.crop[members] > 0]
         side = visual.grids[image][1]
@@ -140,6 +140,16 @@ class GlobalCom2(TokenSelector):
             combined = F.normalize(scores[tokens], dim=0) + F.normalize(global_scores[inside], dim=0)
             entries.append(tokens[top_k_sorted(combined, int(tokens.numel() * shares[tile]))])
         return entries
+
+
+def cls_logits(visual: VisualTokens, probes) -> torch.Tensor:
+    """a_j per visual token of the sample: the [CLS] row's head-mean logit ("cls_logits") where the
+    tower has a [CLS] token, else the mean attention the token receives ("importance")."""
+    scores = probe_values(visual, probes, "importance")
+    for image, probe in enumerate(probes):
+        if "cls_logits" in probe:
+            scores[visual.image_index(image)] = probe["cls_logits"].float().to(scores.device)
+    return scores
 
 
 def thumbnail(scores: torch.Tensor, ratio: float) -> torch.Tensor:
