@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import vlmkit
@@ -14,7 +15,7 @@ from tests.engine.models import QUESTIONS, generate, inputs, model
 from vlmkit.adapters import adapter_for
 from vlmkit.engine.selection import SelectionContext, VisualTokens
 from vlmkit.errors import ConfigError
-from vlmkit.methods.prune.dart import DART
+from vlmkit.methods.prune.dart import DART, key_norms
 from vlmkit.methods.prune.fastv import FastV
 from vlmkit.methods.prune.pyramiddrop import PyramidDrop, default_layers
 
@@ -112,45 +113,105 @@ def _unit(degrees: float, norm: float = 1.0) -> list[float]:
     return [norm * math.cos(math.radians(degrees)), norm * math.sin(math.radians(degrees))]
 
 
+E3 = torch.tensor([1.0, 1.0, 0.0])  # the final norm's weight: the third feature does not reach the output
+
+
+def final_norm(hidden: torch.Tensor) -> torch.Tensor:
+    """An RMSNorm with weight E3, standing in for the model's final norm."""
+    return hidden * torch.rsqrt(hidden.pow(2).mean(dim=-1, keepdim=True) + 1e-6) * E3
+
+
 def dart_sequence(padding: int = 0):
     """Two prompt tokens, eight visual tokens (a 2x4 grid), four text tokens, after `padding` pads.
 
-    Visual tokens as 2-D vectors at angles 0, 30, 60, 90, 0 (norm 5: the visual pivot), 150, 200, 270
-    degrees; the text after them: 90 degrees with norm 3 (the text pivot) and three small ones. The
-    prompt tokens before the image have the largest norms but are not text pivots (only text after).
+    Hidden states (3-D): the visual tokens point at 0, 30, 60, 90, 0, 150, 200, 270 degrees in the first
+    two features; token 0 also has -2 in the third, which the final norm's weight erases; the text
+    after them: 90 degrees with a third feature of 1 (the text pivot), then three others, the last with
+    the largest hidden L1 norm. Keys (2 heads, one rotary plane each, the second feature 0): the visual
+    pivot is token 4 (score 2 + 3 = 5, though token 0 has the larger hidden L1 norm), the text pivot
+    the first text token (3). The
+    prompt tokens before the image have the largest key norms but are no pivots (text pivots come
+    from the text after the image).
     """
-    rows = [[0.0, 0.0]] * padding + [[9.0, 9.0], [-9.0, 9.0]]
-    rows += [_unit(a) for a in (0, 30, 60, 90)] + [_unit(0, 5.0)] + [_unit(a) for a in (150, 200, 270)]
-    rows += [_unit(90, 3.0), [0.1, 0.0], [0.0, 0.2], [0.3, 0.0]]
+    def unit(degrees: float, third: float = 0.0) -> list[float]:
+        return [*_unit(degrees), third]
+
+    rows = [[0.0, 0.0, 0.0]] * padding + [[9.0, 9.0, 0.0], [-9.0, 9.0, 0.0]]
+    rows += [unit(0, -2.0)] + [unit(a) for a in (30, 60, 90, 0, 150, 200, 270)]
+    rows += [unit(90, 1.0), [0.1, 0.0, 0.0], [0.0, 0.2, 0.0], [7.0, 0.0, 0.0]]
+    keys = [[0.0, 0.0]] * padding + [[9.0, -9.0], [9.0, 9.0]]
+    keys += [[0.5, -0.5]] * 4 + [[2.0, -3.0]] + [[0.5, 0.5]] * 3
+    keys += [[0.0, 3.0], [0.1, 0.1], [0.2, 0.0], [0.0, 0.1]]
     hidden = torch.tensor(rows)[None]
     valid = torch.ones(1, len(rows), dtype=torch.bool)
     valid[0, :padding] = False
-    return hidden, valid, grid_tokens(2, 4, first_slot=padding + 2)
+    keys = F.pad(torch.tensor(keys).T[None, :, :, None], (0, 1))  # (1, H_kv = 2, L, d = 2): planes (a, 0), (b, 0)
+    return hidden, keys, valid, grid_tokens(2, 4, first_slot=padding + 2)
+
+
+def dart_context(hidden, keys, valid, visual, norm=final_norm) -> SelectionContext:
+    return SelectionContext(hidden=hidden, visual=[visual], layer=2, num_layers=4, valid=valid, keys=keys, final_norm=norm)
 
 
 def test_dart_keeps_the_pivot_and_the_tokens_least_similar_to_each_pivot_in_set_order():
     """P_v = P_t = 1, keep = 0.5 of 8: T = int(8 * 0.5 / 2) = 2 picks per pivot, 1 + 2 * 2 = 5 kept.
 
-    Pivots: visual token 4 (L1 norm 5, sequence position 6) and the text token at position 10 (norm 3).
-    The reference visits them as `list({6, 10})` = [10, 6] (a Python set of small ints iterates by value
-    modulo its table size 8: 10 -> 2, 6 -> 6): the text pivot (90 degrees) first. Its cosines to the
-    non-pivot visual tokens: 0 (0 deg), .5 (30), .87 (60), 1 (90), .5 (150), -.34 (200), -1 (270): it
-    takes 7 and 6. The visual pivot (0 degrees) then scores the rest 1, .87, .5, 0, -.87: takes 5 and 3.
+    Pivots by key L1 norm: visual token 4 (sequence position 6) and the text token at position 10. The
+    reference visits them as `list({6, 10})` = [10, 6] (a Python set of small ints iterates by value
+    modulo its table size 8: 10 -> 2, 6 -> 6): the text pivot (90 degrees after the norm) first. Its
+    cosines to the non-pivot visual tokens after the norm: 0 (0 deg), .5 (30), .87 (60), 1 (90), .5
+    (150), -.34 (200), -1 (270): it takes 7 and 6. The visual pivot (0 degrees) then scores the rest
+    1, .87, .5, 0, -.87: takes 5 and 3.
     """
-    hidden, valid, visual = dart_sequence()
+    hidden, keys, valid, visual = dart_sequence()
     method = DART(keep=0.5, pivot_image_tokens=1, pivot_text_tokens=1)
-    keep = method.select(SelectionContext(hidden=hidden, visual=[visual], layer=2, num_layers=4, valid=valid)).samples[0].keep
-    assert keep.tolist() == [3, 4, 5, 6, 7]
+    assert method.needs == {"keys"}
+    assert method.select(dart_context(hidden, keys, valid, visual)).samples[0].keep.tolist() == [3, 4, 5, 6, 7]
+
+
+def test_dart_similarity_is_taken_after_the_final_norm_and_pivots_come_from_the_keys():
+    """Without the norm, token 0's third feature counts: the text pivot (0, 1, 1) scores token 0 at
+    -2 / (sqrt 2 sqrt 5) = -.63 and takes 7 (-.71) and 0; the visual pivot then takes 6 (-.94) and 5
+    (-.87). Pivots by hidden L1 norm instead of keys would pick token 0 and the last text token."""
+    hidden, keys, valid, visual = dart_sequence()
+    method = DART(keep=0.5, pivot_image_tokens=1, pivot_text_tokens=1)
+    plain = method.select(dart_context(hidden, keys, valid, visual, norm=None)).samples[0].keep
+    assert plain.tolist() == [0, 4, 5, 6, 7]
+    by_hidden = F.pad(hidden.abs().sum(dim=-1)[:, None, :, None], (0, 1))  # keys scoring the hidden L1 norms
+    assert method.select(dart_context(hidden, by_hidden, valid, visual)).samples[0].keep.tolist() != [3, 4, 5, 6, 7]
+
+
+def rotate(keys: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """RoPE's rotation of each plane (k[i], k[i + d/2]) of every key by `angles` (L, d/2)."""
+    cos, sin = angles.cos().repeat(1, 2), angles.sin().repeat(1, 2)
+    first, second = keys.chunk(2, dim=-1)
+    return keys * cos + torch.cat([-second, first], dim=-1) * sin
+
+
+def test_dart_pivot_scores_are_plane_lengths_that_positions_do_not_move():
+    """One head of d = 4: planes (k0, k2) and (k1, k3). Token 0: (3, 4) and (0, 0), score 5 (plain L1
+    7); token 1: (1, 1) twice, score 2 sqrt 2 (plain L1 4). Rotating every plane by any angle (RoPE
+    at another position) changes the plain L1 norms but not the scores nor the selection."""
+    keys = torch.tensor([[[[3.0, 0.0, 4.0, 0.0], [1.0, 1.0, 1.0, 1.0]]]])
+    torch.testing.assert_close(key_norms(keys), torch.tensor([[5.0, 2 * math.sqrt(2)]]))
+    angles = torch.tensor([[0.3, 1.1], [2.0, -0.7]])
+    turned = rotate(keys[0, 0], angles)[None, None]
+    torch.testing.assert_close(key_norms(turned), key_norms(keys))
+    assert not torch.allclose(turned.abs().sum(dim=-1), keys.abs().sum(dim=-1))
+    hidden, keys, valid, visual = dart_sequence()
+    angles = torch.rand(keys.shape[2], 1, generator=torch.Generator().manual_seed(0)) * 6.28
+    turned = torch.stack([rotate(keys[0, h], angles) for h in range(2)])[None]
+    method = DART(keep=0.5, pivot_image_tokens=1, pivot_text_tokens=1)
+    assert method.select(dart_context(hidden, turned, valid, visual)).samples[0].keep.tolist() == [3, 4, 5, 6, 7]
 
 
 def test_dart_counts_positions_without_padding():
     """Three pads move the slots to 9 and 13 but not the positions: same order, same selection. (Had
     the pads counted, list({9, 13}) = [9, 13] would visit the visual pivot first: it would take 6 and 5,
     the text pivot 7 and 0, giving [0, 4, 5, 6, 7].)"""
-    hidden, valid, visual = dart_sequence(padding=3)
+    hidden, keys, valid, visual = dart_sequence(padding=3)
     method = DART(keep=0.5, pivot_image_tokens=1, pivot_text_tokens=1)
-    keep = method.select(SelectionContext(hidden=hidden, visual=[visual], layer=2, num_layers=4, valid=valid)).samples[0].keep
-    assert keep.tolist() == [3, 4, 5, 6, 7]
+    assert method.select(dart_context(hidden, keys, valid, visual)).samples[0].keep.tolist() == [3, 4, 5, 6, 7]
     assert list({9, 13}) == [9, 13] and list({6, 10}) == [10, 6]
 
 
@@ -160,9 +221,10 @@ def test_dart_budget_rules_as_the_reference_scripts():
     assert DART(keep=0.222).picks_per_pivot(576) == 15  # Qwen2-VL scripts: int(576 * 0.222 / 8) = int(15.98)
     assert DART(tokens=128).picks_per_pivot(576) == 16 and DART(tokens=135).picks_per_pivot(576) == 16
     assert DART(keep=1.0).picks_per_pivot(576) is None  # keeps all
-    features = torch.randn(1, 600, 8, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    features, keys = torch.randn(1, 600, 8, generator=generator), torch.randn(1, 2, 600, 4, generator=generator)
     visual = grid_tokens(24, 24, first_slot=10)
-    ctx = SelectionContext(hidden=features, visual=[visual], layer=2, num_layers=4)
+    ctx = SelectionContext(hidden=features, visual=[visual], layer=2, num_layers=4, keys=keys)
     assert DART().select(ctx).samples[0].keep.numel() == 132
     assert DART(keep=0.0625).select(ctx).samples[0].keep.numel() == 4 + 8 * 4  # int(36 / 8) = 4
     assert DART(keep=1.0).select(ctx).samples[0].keep.numel() == 576
@@ -238,9 +300,11 @@ def test_pyramiddrop_matches_eager_last_token_attention_stage_by_stage():
             current[row] = current[row][expected]
 
 
-def test_dart_matches_the_reference_procedure_on_the_hidden_state_entering_layer_k():
-    """The reference's steps written over each unpadded sequence (Python sets and lists): pivots by L1
-    norm, visited in set order, each taking the T least cosine-similar tokens left."""
+def test_dart_matches_the_reference_procedure_on_keys_and_the_final_norm():
+    """The reference's steps written over each unpadded sequence (Python sets and lists), from the
+    unpatched model: pivots by layer 1's cached keys (repeated to every query head, as `repeat_kv`),
+    scored by the summed lengths of their rotary planes, visited in set order, each taking the T
+    tokens left least cosine-similar after the final norm of layer 1's output."""
     tiny, processor = model("llava")
     batch = inputs(processor, photos()[:2], QUESTIONS[:2])
     captured = {}
@@ -248,19 +312,26 @@ def test_dart_matches_the_reference_procedure_on_the_hidden_state_entering_layer
     handle = layer_one.register_forward_hook(
         lambda module, args, output: captured.update(hidden=output[0] if isinstance(output, tuple) else output))
     try:
-        with vlmkit.apply(tiny, "dart:layer=2,keep=0.3") as patch, torch.no_grad():
-            tiny(**batch)
-            chosen = patch.selections["dart"]
+        with torch.no_grad():
+            cache = tiny(**batch, use_cache=True).past_key_values
+            normed = tiny.model.language_model.norm(captured["hidden"])
     finally:
         handle.remove()
+    with vlmkit.apply(tiny, "dart:layer=2,keep=0.3") as patch, torch.no_grad():
+        tiny(**batch)
+        chosen = patch.selections["dart"]
+    groups = tiny.config.text_config.num_attention_heads // tiny.config.text_config.num_key_value_heads
     for row in range(2):
         valid = batch["attention_mask"][row].bool()
-        states = captured["hidden"][row][valid].float()
+        states = normed[row][valid].float()
+        keys = cache.layers[1].keys[row][:, valid].repeat_interleave(groups, dim=0).float()  # (H, L, d)
+        half = keys.shape[-1] // 2
+        planes = torch.sqrt(keys[..., :half] ** 2 + keys[..., half:] ** 2)  # (H, L, d/2)
         ids = batch["input_ids"][row][valid]
         image = torch.nonzero(ids == tiny.config.image_token_id).flatten().tolist()
         start, length = image[0], len(image)
         top_k = int(length * 0.3 / 8)
-        norms = states.abs().sum(dim=-1)
+        norms = planes.sum(dim=(0, 2))
         image_pivots = [start + i for i in torch.argsort(norms[start:start + length], descending=True, stable=True)[:4].tolist()]
         text = start + length
         query_pivots = [text + i for i in torch.argsort(norms[text:], descending=True, stable=True)[:4].tolist()]
