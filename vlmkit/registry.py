@@ -34,6 +34,7 @@ _BUILTIN_TARGETS = {
     "downsample": "vlmkit.methods.prune.downsample:Downsample",
     "globalcom2": "vlmkit.methods.prune.globalcom2:GlobalCom2",
     "mustdrop": "vlmkit.methods.prune.mustdrop:MustDrop",
+    "sparsevlm": "vlmkit.methods.prune.sparsevlm:SparseVLM",
     "vcd": "vlmkit.methods.decode.vcd:VCD",
     "icd": "vlmkit.methods.decode.icd:ICD",
     "m3id": "vlmkit.methods.decode.m3id:M3ID",
