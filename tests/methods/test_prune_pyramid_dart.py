@@ -267,28 +267,43 @@ def _last_row_attention(tiny, index, hidden, mask, rotary) -> torch.Tensor:
     return logits.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1).mean(dim=1)
 
 
+def _layer_outputs(tiny):
+    """Forward hooks recording (layer index, output hidden state) for every decoder layer."""
+    seen, handles = [], []
+    for index, layer in enumerate(adapter_for(tiny).decoder_layers):
+        handles.append(layer.register_forward_hook(
+            lambda module, args, output, index=index: seen.append((index, output[0] if isinstance(output, tuple) else output))
+        ))
+    return seen, handles
+
+
 def test_pyramiddrop_matches_eager_last_token_attention_stage_by_stage():
     """keep=0.25 over stages 1, 2, 3 of the 4-layer LLaVA: 144 -> 90 -> 57 -> 36 visual tokens, each
-    stage the top of the last token's attention at the layer before, over the compacted stream."""
+    stage the top of the last token's attention in the stage layer itself, from its own q/k on what
+    the layer before put out (as pdrop_rank_drop: layers[rank_layer] on the output of rank_layer - 1),
+    over the compacted stream."""
     tiny, processor = model("llava", "eager")
     batch = inputs(processor, photos()[:2], QUESTIONS[:2])
     seen, handles = _layer_inputs(tiny)
+    outputs, output_handles = _layer_outputs(tiny)
     try:
         with vlmkit.apply(tiny, "pyramiddrop:keep=0.25") as patch, torch.no_grad():
             tiny(**batch)
             recorded = {layer: patch.state.recorded[("select", layer)] for layer in (1, 2, 3)}
     finally:
-        for handle in handles:
+        for handle in handles + output_handles:
             handle.remove()
-    by_layer = {index: (hidden, mask, rotary) for index, hidden, mask, rotary in seen[-4:]}
+    by_layer = {index: (mask, rotary) for index, _, mask, rotary in seen[-4:]}
+    output_of = dict(outputs[-4:])
     valid = batch["attention_mask"].bool()
     visual = batch["input_ids"] == tiny.config.image_token_id
     current = [torch.nonzero(visual[row]).flatten() for row in range(2)]  # original positions still present
     assert [len(c) for c in current] == [144, 144]
     for layer, count in zip((1, 2, 3), (90, 57, 36)):
-        hidden, mask, rotary = by_layer[layer - 1]
+        mask, rotary = by_layer[layer - 1]  # the stream before the stage: the layout layer - 1 ran on
+        hidden = output_of[layer - 1]
         with torch.no_grad():
-            attention = _last_row_attention(tiny, layer - 1, hidden, mask, rotary)
+            attention = _last_row_attention(tiny, layer, hidden, mask, rotary)
         for row in range(2):
             survivors = valid[row] & ~visual[row]
             survivors[current[row]] = True

@@ -3,9 +3,10 @@ Redundancy Reduction" (Xing et al., CVPR 2025, arXiv:2410.17247).
 
 Site: `layer`, several times. The decoder is cut into stages at layers L_1 < ... < L_S; before each
 L_s, the visual tokens still in the sequence are ranked by the attention the last instruction token
-(the last token of the prompt) pays them, averaged over heads,
+(the last token of the prompt) pays them in layer L_s itself, from L_s's own query and key
+projections (after its input norm and RoPE) of the hidden state entering L_s, averaged over heads,
 
-    a_j = 1/H * sum_h softmax_j(q_h(last) . k_h(j) / sqrt(d)),
+    a_j = 1/H * sum_h softmax_j(q_h(last) . k_h(j) / sqrt(d)),   softmax over the whole sequence,
 
 and the top ones are kept, so that after stage s the sample holds int(n * c_s) of its n visual
 tokens, with cumulative shares c_s = lambda^s (the paper's lambda = 0.5 at layers 8, 16, 24 of
@@ -15,6 +16,9 @@ Reference: Cooperx521/PyramidDrop, `llava/model/modeling_llama_pdrop.py`, `Llama
 and `pdrop_rank_drop` (inference branch: the query is the token at `prompt_len + image_tokens - 1`,
 the last token of the prompt; `--layer_list '[8,16,24]' --image_token_ratio_list "[0.5,0.25,0.125]"`,
 counts `int(n * ratio)` of the sample's original visual-token count n, the top-k of the head-mean).
+After decoder layer `layer_idx` runs, `rank_layer = layer_idx + 1` in `layer_list` ranks with
+`self.layers[rank_layer]`'s input norm and q/k projections on that output, i.e. on the input of layer
+L_s, and drops before L_s runs: vlmkit's stage "before layer L_s" with `attention_layer = "own"`.
 
 Parameters: `layers=` the stage layers (default: 8, 16, 24 scaled to the model's depth as
 `round(l * num_layers / 32)` with Python's rounding, clipped to 1..num_layers-1, repeats removed:
@@ -23,15 +27,12 @@ Parameters: `layers=` the stage layers (default: 8, 16, 24 scaled to the model's
 c_S = keep exactly). With none of them lambda = 0.5 (12.5% after three stages).
 
 Deviations from the reference, and why:
-- the scores come from the engine's last-row attention at layer L_s - 1 (query and keys of that layer,
-  softmax over the whole sequence); the reference recomputes layer L_s's own q/k projections on L_s's
-  input. vlmkit gives a selector no access to the layer weights, so the scoring row is one layer
-  earlier (as FastV's);
 - per sample over all its visual tokens, found from the placeholders (the reference takes one image
   block per sample at its first image placeholder); structural tokens (LLaVA-NeXT's image newlines)
   are never scored nor dropped;
 - counts are `int(n * c_s + 1e-9)` (the reference's truncation; the 1e-9 absorbs the floating error
-  of keep^(s/S)), at least one token; ties go to the lower index (torch.topk leaves them unspecified).
+  of keep^(s/S)), at least one token; ties go to the lower index (torch.topk leaves them unspecified);
+  softmax and head mean in float32 (the reference casts the softmax back to the model's dtype first).
 """
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ class PyramidDropConfig(TokenBudgetConfig):
                 raise ConfigError(f"pyramiddrop: layers={self.layers!r} must be a list of decoder layers, e.g. layers=(8, 16, 24)") from None
             if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
                 raise ConfigError(
-                    f"pyramiddrop: layers={self.layers!r} must be one or more integers >= 1 (scores come from the layer before)"
+                    f"pyramiddrop: layers={self.layers!r} must be one or more integers >= 1 (the reference ranks after a layer ran)"
                 )
             if len(set(values)) != len(values):
                 raise ConfigError(f"pyramiddrop: layers={self.layers!r} names a layer twice")
@@ -101,6 +102,7 @@ class PyramidDrop(TokenSelector):
     neutral = "keep=1.0"
     paper = "https://arxiv.org/abs/2410.17247"
     needs = frozenset({"last_row_attention"})
+    attention_layer = "own"  # layer L_s's own q/k on its input, as pdrop_rank_drop
     natural_positions = "reindex"
 
     def __init__(self, config=None, **params):
