@@ -3,13 +3,14 @@
 Runs `eval/pruning.yaml` (POPE's three splits and MME for the dense model and every pruning method at
 50, 25, 12.5 and 6.25 % of the visual tokens) with `vlmkit eval --suite`, then reads each run's
 `scores.json` and writes the table into the README (between its `pruning` markers) and two plots:
-POPE mean accuracy against the share of visual tokens kept (`docs/pruning_tokens.png`) and against the
-measured prefill time per sample (`docs/pruning_time.png`).
+POPE mean accuracy against the share of visual tokens kept (`docs/<block>_tokens.png`) and against the
+measured prefill time per sample (`docs/<block>_time.png`); `--block` names the README block (one per model).
 
 Usage:
     vlmkit data shapes --out data/shapes --n 100 --bench pope,mme    # once
     python -m benchmarks.pruning_eval --model shapes-llava --runs runs/pruning
     python -m benchmarks.pruning_eval --runs runs/pruning --skip-run   # only rebuild the table and plots
+    python -m benchmarks.pruning_eval --model shapes-llava-deep --runs runs/pruning-deep --block pruning-deep
 
 Rerunning resumes finished runs (the eval runner's own resumption).
 """
@@ -26,7 +27,6 @@ from benchmarks.decoding_eval import collect, save_plot, write_between
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "eval" / "pruning.yaml"
-BEGIN, END = "<!-- pruning:begin (benchmarks/pruning_eval.py) -->", "<!-- pruning:end -->"
 SPLITS = ("random", "popular", "adversarial")
 
 
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, default=Path("runs/pruning"))
     parser.add_argument("--suite", type=Path, default=SUITE)
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
-    parser.add_argument("--plots", type=Path, nargs=2, default=(ROOT / "docs" / "pruning_tokens.png", ROOT / "docs" / "pruning_time.png"))
+    parser.add_argument("--block", default="pruning", help="README block and plot names: pruning (shapes-llava), pruning-deep")
     parser.add_argument("--skip-run", action="store_true", help="only rebuild the table and plots from finished runs")
     args = parser.parse_args(argv)
     if not args.skip_run:
@@ -180,10 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     if "baseline" not in found.get("pope", {}):
         print(f"pruning_eval: no finished dense POPE run under {args.runs}", file=sys.stderr)
         return 2
-    text = report(found, tuple(args.plots))
+    plots = (ROOT / "docs" / f"{args.block}_tokens.png", ROOT / "docs" / f"{args.block}_time.png")
+    text = report(found, plots)
     if (args.data / "pope" / "ground_truth.jsonl").is_file():
         text += "\n" + lost_objects(args.runs, args.data, 0.125)
-    write_between(args.readme, BEGIN, END, text)
+    write_between(args.readme, f"<!-- {args.block}:begin (benchmarks/pruning_eval.py) -->", f"<!-- {args.block}:end -->", text)
     print(text)
     return 0
 

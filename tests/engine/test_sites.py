@@ -65,6 +65,54 @@ class EvictVisualKV(CacheMethod):
         return dict(enumerate(keep))
 
 
+class EvictLeastAttendedVisual(CacheMethod):
+    """Output-aware: after the prefill and after every step, each layer drops the cached visual token
+    the call's last token attended to least there."""
+
+    cache_needs = frozenset({"attention"})
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def edit_cache(self, context):
+        self.seen.append(context)
+        keep = {}
+        for index, (valid, slots, attention) in enumerate(zip(context.valid, context.slots, context.attention)):
+            layer_keep = valid.clone()
+            for row, tokens in enumerate(context.visual):
+                candidates = valid[row] & torch.isin(slots[row], tokens.slots)
+                if candidates.any():
+                    scores = attention[row].masked_fill(~candidates, float("inf"))
+                    layer_keep[row, int(scores.argmin())] = False
+            keep[index] = layer_keep
+        return keep
+
+
+def test_output_aware_cache_edits_replay_in_a_recomputation():
+    """A cache method that evicts at every step from the last token's attention: the attention it is
+    shown at the prefill equals the eager model's, and recomputing the whole sequence at each step
+    under `reuse_selections()` (the removed keys hidden from the queries after their removal) gives
+    the cached generation's tokens."""
+    tiny, processor = model("llava", "eager")
+    batch = inputs(processor, photos()[:2], QUESTIONS[:2])
+    with torch.no_grad():
+        eager = tiny(**batch, output_attentions=True).attentions
+    method = local(EvictLeastAttendedVisual, "evict_attended", ("cache",))()
+    with vlmkit.apply(tiny, method) as patch:
+        cached = generate(tiny, batch, max_new_tokens=5)
+        prefill = method.seen[0]
+        assert prefill.prefill and len(method.seen) >= 5
+        for index, attention in enumerate(prefill.attention):
+            for row in range(2):
+                valid = batch["attention_mask"][row].bool()
+                torch.testing.assert_close(attention[row][valid], eager[index][row, :, -1].mean(dim=0)[valid], rtol=1e-5, atol=1e-6)
+        assert sum(len(removals) for removals in patch.state.evictions.values()) >= 5 * len(prefill.attention)
+        with patch.reuse_selections():
+            recomputed = generate(tiny, batch, max_new_tokens=5, use_cache=False)
+    assert torch.equal(cached, recomputed)
+
+
 def test_declarations_are_checked_at_apply():
     tiny, _ = model("llava")
     with pytest.raises(ConfigError, match="declares no site"):

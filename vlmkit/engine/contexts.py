@@ -116,6 +116,8 @@ class CacheContext:
         visual: per sample, the prefill's visual tokens (caller-layout positions in `slots`).
         prefill: True right after the prefill, False after a decoding step.
         logical_length: tokens the caller has sent so far (prompt and generated).
+        attention: per decoder layer, (B, S) the attention the call's last token paid each cache slot
+            in that layer (mean over heads), when the method needs "attention" (output-aware pruning).
     """
 
     keys: list[torch.Tensor]
@@ -124,3 +126,4 @@ class CacheContext:
     visual: list[VisualTokens] | None
     prefill: bool
     logical_length: int
+    attention: list[torch.Tensor] | None = None

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.masking_utils import and_masks
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils.output_capturing import capture_outputs
 
@@ -96,6 +97,7 @@ class Pass:
     layouts: dict  # a decoding step: old layout -> extended layout (shared by the layers that shared it)
     visual: list[VisualTokens] | None  # the prefill's visual tokens, caller-layout slots
     flops: torch.Tensor  # (B,) float64 LLM FLOPs of this call
+    cache_attention: dict = field(default_factory=dict)  # layer -> (B, S) last token's attention, for the cache method
 
 
 class TextStackRunner:
@@ -209,6 +211,9 @@ class TextStackRunner:
                 layer_input = stream.hidden
                 probe = None
                 rotary = self._rotary(stream, run, index)
+                last_query = None
+                if self._cache_reads_attention(run):
+                    last_query, _ = self.adapter.probe_projections(layer, stream.hidden, rotary, keys=False)
                 reader = self.probe_layers.get(index) if stream.visual is not None else None
                 if reader is not None:
                     probe = self.adapter.probe_projections(
@@ -231,6 +236,12 @@ class TextStackRunner:
                     scores = self._attention_scores(reader, layer, index, probe, stream, layout.valid, run.cache)
                 if run.cache is not None:
                     run.cache.layers[index].record(layout, length)
+                if last_query is not None:
+                    attention = self.adapter.attention_module(layer)
+                    run.cache_attention[index] = kernels.attention_rows(
+                        last_query, run.cache.layers[index].keys, scale=attention.scaling, kv_mask=layout.valid,
+                        num_kv_groups=attention.num_key_value_groups, reduce="mean",
+                    )[:, 0]
             previous = (layer_input, stream.hidden, stream.visual)
 
         if run.cache is not None and self.plan.cache is not None:
@@ -334,17 +345,24 @@ class TextStackRunner:
               query_rows: torch.Tensor | None = None):
         """The mask of layer `index` (built once per layout and query set; per layer with an
         attention method)."""
-        key = (layout, query_rows, index if self.plan.attention is not None else None)
+        evicted = self.state.evictions.get(index) if self.state.reuse else None
+        key = (layout, query_rows, index if self.plan.attention is not None or evicted else None)
         if key not in run.masks:
             physical_past = layout.valid.shape[1] - hidden.shape[1] if query_rows is None else 0
             extra = None
+            rows = query_rows if query_rows is not None else torch.arange(hidden.shape[1], device=hidden.device) + physical_past
+            query_slots = layout.slot.gather(1, rows.expand(hidden.shape[0], -1))
             if self.plan.attention is not None:
-                rows = query_rows if query_rows is not None else torch.arange(hidden.shape[1], device=hidden.device) + physical_past
-                query_slots = layout.slot.gather(1, rows.expand(hidden.shape[0], -1))
                 extra = self.plan.attention.mask_function(AttentionContext(index, layout.slot, query_slots, layout.visual))
             replace = extra is not None and self.plan.attention.replaces_causal
+            if evicted:
+                hidden_keys = evicted_keys_mask(evicted, layout.slot, query_slots)
+                extra = hidden_keys if extra is None else and_masks(extra, hidden_keys)
             run.masks[key] = self.adapter.mask(hidden, layout.valid, physical_past, query_rows, extra, replace)
         return run.masks[key]
+
+    def _cache_reads_attention(self, run: Pass) -> bool:
+        return run.cache is not None and self.plan.cache is not None and "attention" in self.plan.cache.cache_needs
 
     @staticmethod
     def _caller_visual(stream: Stream) -> list[VisualTokens] | None:
@@ -628,6 +646,8 @@ class TextStackRunner:
             slots=[layer.layout.slot for layer in layers], visual=layers[0].layout.visual,
             prefill=run.prefill, logical_length=layers[0].logical_length,
         )
+        if "attention" in self.plan.cache.cache_needs:
+            context.attention = [run.cache_attention.get(index) for index in range(self.num_layers)]
         edits = self.plan.cache.edit_cache(context) or {}
         rebuilt: dict = {}
         for index, keep in edits.items():
@@ -637,9 +657,30 @@ class TextStackRunner:
             if keep.shape != layer.layout.valid.shape:
                 raise InputError(f"{self.plan.cache.name}: the keep mask of layer {index} must have shape {tuple(layer.layout.valid.shape)}")
             keep = keep & layer.layout.valid
+            rows, removed = torch.nonzero(layer.layout.valid & ~keep, as_tuple=True)
+            if rows.numel():
+                self.state.evictions.setdefault(index, []).append(
+                    (rows, layer.layout.slot[rows, removed], context.logical_length)
+                )
             key = (layer.layout, keep)
             if key not in rebuilt:
                 gather, valid, _ = pack(keep)
                 slot = layer.layout.slot.gather(1, gather).masked_fill(~valid, -1)
                 rebuilt[key] = SlotLayout(valid, slot, layer.layout.shift, layer.layout.visual)
             layer.keep_slots(keep, rebuilt[key])
+
+
+def evicted_keys_mask(evicted, key_slots: torch.Tensor, query_slots: torch.Tensor):
+    """Mask function hiding each key a cache edit removed from the queries at or after the logical
+    length it was removed at (what the cached run's later steps could no longer see).
+
+    Args:
+        evicted: [(rows, caller-layout slots, logical length)] of one layer's removals.
+        key_slots, query_slots: (B, K) and (B, Q) caller-layout positions of the keys and queries.
+    """
+    size = max(int(key_slots.max()), max(int(slots.max()) for _, slots, _ in evicted)) + 1
+    removed_at = torch.full((key_slots.shape[0], size), torch.iinfo(torch.long).max, dtype=torch.long, device=key_slots.device)
+    for rows, slots, length in evicted:
+        removed_at[rows, slots] = torch.clamp(removed_at[rows, slots], max=length)
+    key_removed = removed_at.gather(1, key_slots.clamp(min=0))
+    return lambda b, h, q, kv: key_removed[b, kv] > query_slots[b, q]

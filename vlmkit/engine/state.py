@@ -59,6 +59,10 @@ class EngineState:
     # raw selections and routes by (site, layer), for `Patch.reuse_selections()`
     recorded: dict[tuple[str, int], object] = field(default_factory=dict)
     reuse: bool = False
+    # cache edits of the last generation, for `Patch.reuse_selections()`: per decoder layer, a list of
+    # (row, caller-layout slot, logical length when removed) tensors; a recomputation masks a removed
+    # key for the queries from that length on
+    evictions: dict[int, list[tuple[torch.Tensor, torch.Tensor, int]]] = field(default_factory=dict)
     # what the last prefill cost, counted from what ran: {"llm_flops": per sample, "kv_bytes": per sample}
     cost: dict[str, list[float]] = field(default_factory=dict)
     # a contrastive-decoding branch that opted out of pruning: its forwards keep every visual token
@@ -107,8 +111,11 @@ class EngineState:
 
     # ----------------------------------------------------------------- what a prefill decided and cost
     def start_prefill(self) -> None:
-        """A prefill with visual tokens starts: forget the previous one's selections and routes."""
+        """A prefill with visual tokens starts: forget the previous one's selections and routes (and,
+        unless it replays them, its cache edits)."""
         self.selections, self.stage_selections, self.routes = {}, {}, {}
+        if not self.reuse:
+            self.evictions = {}
 
     def record(self, key: tuple[str, int], decision: object) -> None:
         """Keep a selection or route (key: (site, layer)) for `replay`."""

@@ -269,8 +269,14 @@ class CacheMethod(Method):
     """A method that edits the KV cache after the prefill and after decoding steps (site "cache").
 
     `edit_cache(context)` returns, per decoder layer, a (rows, slots) bool tensor of the cache slots
-    to keep (or None to keep all); the engine removes the others from that layer's cache.
+    to keep (or None to keep all); the engine removes the others from that layer's cache, and records
+    the removals so that `Patch.reuse_selections()` recomputes the sequence with the same keys hidden
+    from the same queries.
     """
+
+    #: what `edit_cache` needs the engine to compute: "attention" (each layer's attention from the
+    #: call's last token to every cache slot)
+    cache_needs: ClassVar[frozenset[str]] = frozenset()
 
     def edit_cache(self, context: "CacheContext") -> "dict[int, torch.Tensor] | None":
         raise NotImplementedError
