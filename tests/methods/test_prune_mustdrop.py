@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import vlmkit
 from tests.conftest import photos
@@ -103,15 +102,34 @@ def test_without_vision_features_the_merge_is_taken_on_the_llm_input():
     assert sample.combine_space == "llm"
 
 
-def test_dual_attention_filter_drops_tokens_low_in_both_terms_and_keeps_the_key_set():
-    scores = torch.tensor([0.5, 0.0005, 0.0004, 0.3, 0.0001])
-    is_key = torch.tensor([False, False, True, False, False])
-    # global: 0.001 * 0.801 = 0.000801, individual 0.001: 1, 2 and 4 are low in both; 2 is a key
-    assert MustDrop().filter_sample(scores, is_key, None).tolist() == [0, 2, 3]
-    # global 0.01 * 0.801 = 0.00801, individual 0.0002: only 4 is low in both
-    assert MustDrop(global_thr=0.01, individual_thr=0.0002).filter_sample(scores, is_key, None).tolist() == [0, 1, 2, 3]
-    # budget: the key set plus the best others up to 3
-    assert MustDrop(keep=0.5).filter_sample(scores, is_key, 3).tolist() == [0, 2, 3]
+# three text queries (rows) over five visual tokens (columns); token 2 is in the key set
+TEXT_ATTENTION = torch.tensor([
+    [0.5, 0.0015, 0.0001, 0.1, 0.0009, 0.0001],
+    [0.2, 0.0002, 0.0001, 0.1, 0.0009, 0.0001],
+    [0.1, 0.0002, 0.0001, 0.1, 0.0009, 0.0001],
+])
+IS_KEY = torch.tensor([False, False, True, False, False, False])
+
+
+def test_dual_attention_filter_sums_and_maximizes_over_every_text_query():
+    """g (column sums) = .8, .0019, .0003, .3, .0027, .0003 (total 1.1052); i (column maxima) = .5,
+    .0015, .0001, .1, .0009, .0001."""
+    # 0.002 * 1.1052 = 0.00221: g is low for 1, 2, 5; i < 0.001 for 2, 4, 5. Low in both: 2 (a key) and
+    # 5. Token 1 stays by its first query's .0015 (the last query alone, .0002, would drop it); token
+    # 4 stays by its sum (each query alone is below both thresholds)
+    method = MustDrop(global_thr=0.002, individual_thr=0.001)
+    assert method.filter_sample(TEXT_ATTENTION, IS_KEY, None).tolist() == [0, 1, 2, 3, 4]
+    # individual_thr 0.002: token 1's maximum is low too and it leaves
+    method = MustDrop(global_thr=0.002, individual_thr=0.002)
+    assert method.filter_sample(TEXT_ATTENTION, IS_KEY, None).tolist() == [0, 2, 3, 4]
+    # the reference's defaults (0.001, 0.001): 0.0011 for g, so only 2 (a key) and 5 are low in both
+    assert MustDrop().filter_sample(TEXT_ATTENTION, IS_KEY, None).tolist() == [0, 1, 2, 3, 4]
+    # budget: the key set plus the best others by g: 0 (.8), 3 (.3), then 4 (g .0027) before 1 (.0019),
+    # though 1 has the larger maximum
+    assert MustDrop(keep=0.5).filter_sample(TEXT_ATTENTION, IS_KEY, 3).tolist() == [0, 2, 3]
+    assert MustDrop(keep=0.5).filter_sample(TEXT_ATTENTION, IS_KEY, 4).tolist() == [0, 2, 3, 4]
+    # no text query after the image: nothing is low, everything stays
+    assert MustDrop().filter_sample(torch.zeros(0, 6), IS_KEY, None).tolist() == [0, 1, 2, 3, 4, 5]
 
 
 def test_stage_counts_shrink_geometrically_to_the_budget():
@@ -130,14 +148,15 @@ def test_the_key_set_survives_the_prefill_stages():
     first = method.select(SelectionContext(hidden=hidden, visual=[visual], layer=0, num_layers=4, vision=[probes()]))
     sample = first.samples[0]
     entered = visual.subset(sample.keep[sample.order])  # as the engine passes the kept tokens on
-    # the keys (origins 5 and 10) get the lowest scores and stay; the rest are filtered by threshold
+    # one text query: g = i = its row. The keys (origins 5 and 10) get the lowest scores and stay; the
+    # rest are filtered by threshold
     scores = torch.tensor([0.0, 0.3, 0.2, 0.0005, 0.3, 0.0, 0.0001, 0.1, 0.05, 0.05])  # origins 5, 13, 2, 3, 6, 7, ...
-    second = method.select(SelectionContext(hidden=hidden, visual=[entered], layer=2, num_layers=4, last_row_attention=[scores]))
+    second = method.select(SelectionContext(hidden=hidden, visual=[entered], layer=2, num_layers=4, text_attention=[scores[None]]))
     assert entered.origin[second.samples[0].keep].tolist() == [5, 13, 2, 6, 10, 11, 14, 15]
     # a budget of 3: the two keys and the best other (origin 13)
     method = MustDrop(window=2, key_share=0.2, layers=(2,), tokens=3)
     first = method.select(SelectionContext(hidden=hidden, visual=[visual], layer=0, num_layers=4, vision=[probes()]))
-    second = method.select(SelectionContext(hidden=hidden, visual=[entered], layer=2, num_layers=4, last_row_attention=[scores]))
+    second = method.select(SelectionContext(hidden=hidden, visual=[entered], layer=2, num_layers=4, text_attention=[scores[None]]))
     assert sorted(entered.origin[second.samples[0].keep].tolist()) == [5, 10, 13]
 
 
@@ -148,7 +167,8 @@ def test_bad_settings_are_refused():
         MustDrop(key_share=1.5)
     with pytest.raises(ConfigError, match=r"layers=\(0, 2\) must be integers >= 1"):
         MustDrop(layers=(0, 2))
-    assert "last_row_attention" not in MustDrop(layers=()).needs  # stage 1 only
+    assert MustDrop().needs == {"vision_attention", "vision_features", "text_attention"}
+    assert "text_attention" not in MustDrop(layers=()).needs  # stage 1 only
 
 
 # ---------------------------------------------------------------- hand computations on the tiny LLaVA
@@ -231,46 +251,31 @@ def test_merge_and_key_set_match_the_eager_tower():
     assert final.tolist() == sorted(top.tolist())
 
 
-def hand_last_row(tiny, hidden, mask, rotary, layer_index):
-    """The last token's attention to every key at one decoder layer (mean over heads), eager."""
-    layer = tiny.model.language_model.layers[layer_index]
-    attention = layer.self_attn
-    normed = layer.input_layernorm(hidden)
-    batch, length, _ = hidden.shape
-    q = attention.q_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
-    k = attention.k_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
-    q, k = apply_rotary_pos_emb(q, k, *rotary)
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    logits = (q[:, :, -1:] @ k.transpose(-1, -2))[:, :, 0] * attention.head_dim**-0.5
-    if mask is not None:
-        logits = logits + mask[:, :, -1].to(logits.dtype) if mask.dtype != torch.bool else logits.masked_fill(~mask[:, :, -1], float("-inf"))
-    return logits.softmax(dim=-1).mean(dim=1)
-
-
-def test_prefill_filter_matches_eager_attention_and_keeps_the_key_set():
+def test_prefill_filter_matches_eager_text_attention_and_keeps_the_key_set():
+    """Stage 1 merging nothing, the filter before layer 2 reads layer 1's attention as the unpatched
+    eager model gives it: every text query after the image, mean over heads; g its sum over the
+    queries, i its maximum. Thresholds about the medians of g and i."""
     tiny, processor = model("llava", "eager")
     batch = inputs(processor, photos()[1:2], ["Is there a cat in the image?"])
     _, cls_row, _ = tower_probes(tiny, batch["pixel_values"])
-    seen = {}
-    hook = tiny.model.language_model.layers[1].register_forward_pre_hook(
-        lambda module, args, kwargs: seen.update(hidden=kwargs.get("hidden_states", args[0] if args else None),
-                                                 mask=kwargs.get("attention_mask"), rotary=kwargs["position_embeddings"]),
-        with_kwargs=True)
-    no_merge = {"layers": (2,), "spatial_threshold": 2.0}  # stage 1 keeps every token: the rows stay in place
-    with vlmkit.apply(tiny, MustDrop(**no_merge)) as probe_patch, torch.no_grad():
-        tiny(**batch)
-    hook.remove()
-    assert probe_patch.stage_selections["mustdrop"][0][0].numel() == 144
     with torch.no_grad():
-        row = hand_last_row(tiny, seen["hidden"], seen["mask"], seen["rotary"], 1)[0]
-    start = int((batch["input_ids"][0] == tiny.config.image_token_id).long().argmax())
-    scores = row[start : start + 144]
-    individual = midpoint(scores)
+        attention = tiny(**batch, output_attentions=True).attentions[1][0].mean(dim=0)  # (L, L), head mean
+    visual = torch.nonzero(batch["input_ids"][0] == tiny.config.image_token_id).flatten()
+    assert visual.numel() == 144
+    text = torch.arange(int(visual.max()) + 1, batch["input_ids"].shape[1])
+    rows = attention[text][:, visual]  # (T, 144)
+    assert rows.shape[0] > 1
+    total, largest = rows.sum(dim=0), rows.amax(dim=0)
+    global_thr, individual_thr = midpoint(total) / float(total.sum()), midpoint(largest)
     keys = set(torch.argsort(cls_row[0], descending=True, stable=True)[: math.ceil(0.08 * 144)].tolist())
-    with vlmkit.apply(tiny, MustDrop(**no_merge, global_thr=1.0, individual_thr=individual)) as patch, torch.no_grad():
+    no_merge = {"layers": (2,), "spatial_threshold": 2.0}  # stage 1 keeps every token: the rows stay in place
+    method = MustDrop(**no_merge, global_thr=global_thr, individual_thr=individual_thr)
+    with vlmkit.apply(tiny, method) as patch, torch.no_grad():
         tiny(**batch)
+        assert patch.stage_selections["mustdrop"][0][0].numel() == 144
         kept = patch.stage_selections["mustdrop"][2][0]
-    low = (scores < scores.sum()) & (scores < individual)
-    expected = [t for t in range(144) if not bool(low[t]) or t in keys]
-    assert kept.tolist() == expected
+    low_global, low_individual = total < global_thr * total.sum(), largest < individual_thr
+    low = low_global & low_individual
+    assert kept.tolist() == [t for t in range(144) if not bool(low[t]) or t in keys]
     assert any(bool(low[t]) for t in keys)  # some key-set tokens survive only as keys
+    assert bool((low_global & ~low_individual).any()) and bool((~low_global & low_individual).any())  # each term acts

@@ -30,18 +30,20 @@ dropped when both its global and its individual attention are low (the dual-atte
 
     g_j < global_thr * sum_k g_k    and    i_j < individual_thr,
 
-with g_j the attention text pays to j summed over the text queries after the image, i_j its maximum
-over them (head means, at layer K-1). Kept tokens are re-indexed at every stage, as in the reference.
-Defaults: global_thr = individual_thr = 0.001 (the reference's 192-token setting; 0.0012/0.001 gives
+    g_j = sum_t A[t, j],    i_j = max_t A[t, j],
+
+with A[t, j] the attention of text query t to visual token j at layer K-1 (softmax over what t sees,
+mean over heads), t running over every text token after the image. Kept tokens are re-indexed at
+every stage, as in the reference. Defaults: global_thr = individual_thr = 0.001 (the reference's 192-token setting; 0.0012/0.001 gives
 its 128, 0.011/0.01 its 64).
 
 Budget (`keep` / `tokens`, the share / count of each sample's visual tokens left after the last
 stage, so that the evaluation sweeps apply; none: the thresholds above): stage 1 merges windows as
 above but never below the budget (at most floor((n - c) / (m - 1)) windows, the most similar ones);
 the key set is capped at the budget c (the highest-attended first); stage s keeps the key set plus
-the most attended other tokens up to c_s = max(c, floor(u * (c / u)^(s / S))) of the u tokens that
-entered the LLM, c_S = c (a share rounds halves up: the reference has no budget rule). `keep=1.0`
-keeps everything (bit-identical).
+the other tokens of the highest global attention g_j, up to c_s = max(c, floor(u * (c / u)^(s / S)))
+of the u tokens that entered the LLM, c_S = c (a share rounds halves up: the reference has no budget
+rule). `keep=1.0` keeps everything (bit-identical).
 
 Deviations from the reference, and why:
 - window similarity from the head-mean keys at the input of vision layer `merge_layer` (default 1:
@@ -50,9 +52,9 @@ Deviations from the reference, and why:
   the merge see every token; the reference runs them on the merged sequence);
 - key-set attention from the unmerged tower (vision probes see every token; a merged token scores
   the mean of its members); without [CLS] (SigLIP, Qwen2-VL) the mean attention a token receives;
-- stage 2 scores both terms from the last prompt token's attention (`last_row_attention`:
-  g_j = i_j = a_j) where the reference uses every text query after the image: vlmkit shows a
-  selector that row only. The individual term is then stricter (one row's value, not a maximum);
+- stage 2's text queries are the text tokens after the sample's last visual token (with several
+  images, the text between them is not among them; the reference has one image block); the
+  attention in float32 (the reference: the model's dtype);
 - windows, merge counts and key sets per image, frame and crop over any grid (the reference: one
   24 x 24 CLIP grid, and the minimum merge count over the tower's batch, which ties images of a
   batch together); incomplete windows at a grid's edge never merge; ties go to the lower index;
@@ -129,7 +131,7 @@ class MustDropConfig(TokenBudgetConfig):
             except TypeError:
                 raise ConfigError(f"mustdrop: layers={self.layers!r} must be a list of decoder layers, e.g. layers=(3, 7, 11, 15)") from None
             if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
-                raise ConfigError(f"mustdrop: layers={self.layers!r} must be integers >= 1 (scores come from the layer before)")
+                raise ConfigError(f"mustdrop: layers={self.layers!r} must be integers >= 1 (the filter reads the layer before)")
             if len(set(values)) != len(values):
                 raise ConfigError(f"mustdrop: layers={self.layers!r} names a layer twice")
             object.__setattr__(self, "layers", tuple(sorted(values)))
@@ -200,12 +202,12 @@ class MustDrop(TokenSelector):
     example = "keep=0.25"
     neutral = "keep=1.0"
     paper = "https://arxiv.org/abs/2411.10803"
-    needs = frozenset({"vision_attention", "vision_features", "last_row_attention"})
+    needs = frozenset({"vision_attention", "vision_features", "text_attention"})
     natural_positions = "reindex"
 
     def __init__(self, config=None, **params):
         super().__init__(config, **params)
-        if self.config.layers == ():  # stage 1 only: no decoder-layer scores needed
+        if self.config.layers == ():  # stage 1 only: no decoder-layer attention needed
             self.needs = frozenset({"vision_attention", "vision_features"})
         # per sample, from this prefill's stage 1: key-set origins, tokens entering the LLM, final count
         self._keys: list[torch.Tensor] | None = None
@@ -271,31 +273,34 @@ class MustDrop(TokenSelector):
             raise InputError(f"mustdrop: the prefill stage (layer {context.layer}) ran without the vision stage")
         stage = layers.index(context.layer)
         samples = []
-        for row, (scores, visual) in enumerate(zip(context.last_row_attention, context.visual)):
+        for row, (attention, visual) in enumerate(zip(context.text_attention, context.visual)):
             is_key = torch.isin(visual.origin, self._keys[row].to(visual.origin.device))
             final = self._final[row]
             count = None if final is None else self.stage_count(self._entering[row], final, stage, len(layers))
-            samples.append(SampleSelection(self.filter_sample(scores, is_key, count)))
+            samples.append(SampleSelection(self.filter_sample(attention, is_key, count)))
         return Selection(samples)
 
-    def filter_sample(self, scores: torch.Tensor, is_key: torch.Tensor, count: int | None) -> torch.Tensor:
+    def filter_sample(self, attention: torch.Tensor, is_key: torch.Tensor, count: int | None) -> torch.Tensor:
         """Stage 2 for one sample: kept indices among its remaining visual tokens.
 
-        Thresholds (`count` None): drop a non-key token whose score is below both
-        `global_thr` * (sum of scores) and `individual_thr`. Budget: the key set plus the
-        best-scored other tokens up to `count`.
+        `attention` (T, n): each text query's attention to each visual token (head mean). Thresholds
+        (`count` None): drop a non-key token whose global attention g (sum over the queries) is below
+        `global_thr` * sum(g) and whose individual attention i (maximum over the queries) is below
+        `individual_thr`. Budget: the key set plus the other tokens of the highest g, up to `count`.
         """
-        n = scores.numel()
-        device = scores.device
+        attention = attention.float()
+        n = attention.shape[1]
+        device = attention.device
+        total = attention.sum(dim=0)  # g_j
         if count is None:
-            scores = scores.float()
-            low = (scores < self.config.global_thr * scores.sum()) & (scores < self.config.individual_thr)
+            largest = attention.amax(dim=0) if attention.shape[0] else torch.zeros_like(total)  # i_j
+            low = (total < self.config.global_thr * total.sum()) & (largest < self.config.individual_thr)
             return torch.nonzero(~(low & ~is_key)).flatten()
         if count >= n:
             return torch.arange(n, device=device)
         keys = torch.nonzero(is_key).flatten()
         others = torch.nonzero(~is_key).flatten()
-        extra = others[top_k_sorted(scores[others], max(0, count - keys.numel()))]
+        extra = others[top_k_sorted(total[others], max(0, count - keys.numel()))]
         return torch.sort(torch.cat([keys, extra])).values
 
     def merge_sample(self, visual: VisualTokens, probes) -> tuple[SampleSelection, torch.Tensor]:
