@@ -22,7 +22,7 @@ from vlmkit.methods.prune.todre import ToDRE, greedy_max_sum
 def tokens(n: int, crop=None, image=None, frame=None) -> VisualTokens:
     index = torch.arange(n)
     zeros = torch.zeros(n, dtype=torch.long)
-    pick = lambda values: zeros.clone() if values is None else torch.tensor(values)  # noqa: E731
+    pick = lambda values: zeros.clone() if values is None else torch.tensor(values)
     return VisualTokens(
         slots=index + 3, origin=index, image=pick(image), frame=pick(frame), row=index // 3, col=index % 3,
         crop=pick(crop), grids=[(1, 2, 3)], modality=["image"],
@@ -74,18 +74,26 @@ def test_todre_pivot_comes_from_the_base_view_and_from_every_frame():
     assert ToDRE(keep=0.5).pivot(visual, probes) == 3
 
 
-def test_todre_relevance_stage_keeps_all_or_nothing_by_the_last_tokens_visual_share():
+def test_todre_relevance_stage_keeps_all_or_nothing_by_the_text_queries_mean_visual_share():
     method = ToDRE(keep=1.0, threshold=0.1)
     assert method.selection_layers(32) == (28,) and method.selection_layers(4) == (3,)  # 7L/8
     assert ToDRE(keep=1.0, threshold=0.1, relevance_layer=5).selection_layers(32) == (5,)
     assert ToDRE(keep=0.25).selection_layers(32) == (0, 28)  # both stages, the paper's default
     assert ToDRE(keep=0.25, threshold=None).selection_layers(32) == (0,)
-    assert ToDRE(keep=0.25).needs == {"vision_attention", "last_row_attention"}
-    visual = [tokens(6), tokens(6)]
-    rows = [torch.full((6,), 0.015), torch.full((6,), 0.02)]  # visual shares 0.09 (< 0.1) and 0.12
-    context = SelectionContext(hidden=torch.zeros(2, 12, 2), visual=visual, layer=28, num_layers=32, last_row_attention=rows)
+    assert ToDRE(keep=0.25).needs == {"vision_attention", "text_attention"}
+    assert ToDRE(keep=1.0).needs == {"text_attention"} and ToDRE(keep=0.25, threshold=None).needs == {"vision_attention"}
+    visual = [tokens(6), tokens(6), tokens(6)]
+    # sample 0: two text queries with visual shares 0.03 and 0.15, mean 0.09 < 0.1 (the last query
+    # alone would keep the tokens); sample 1: 0.18 and 0.06, mean 0.12 (the last alone would withdraw
+    # them); sample 2: no text query after the image, nothing to measure: kept
+    rows = [
+        torch.stack([torch.full((6,), 0.005), torch.full((6,), 0.025)]),
+        torch.stack([torch.full((6,), 0.03), torch.full((6,), 0.01)]),
+        torch.zeros(0, 6),
+    ]
+    context = SelectionContext(hidden=torch.zeros(3, 12, 2), visual=visual, layer=28, num_layers=32, text_attention=rows)
     kept = [s.keep.tolist() for s in method.select(context).samples]
-    assert kept == [[], [0, 1, 2, 3, 4, 5]]
+    assert kept == [[], [0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5]]
 
 
 def test_todre_bad_settings_are_refused_by_name():
@@ -132,14 +140,23 @@ def test_todre_matches_eager_cls_attention_and_cosine_max_sum_on_llava():
         assert chosen[image].tolist() == sorted(naive_max_sum(features, count, pivot))
 
 
-def test_todre_relevance_stage_matches_eager_attention_of_the_last_token():
+def test_todre_relevance_stage_matches_eager_attention_of_the_text_queries():
+    """alpha_{t->v} from the eager model's attention maps at layer K-1: for every text token after the
+    image, its attention to the visual tokens summed (mean over heads), then the mean over those
+    queries."""
     tiny, processor = model("llava", "eager")
     batch = inputs(processor, photos()[:4], QUESTIONS[:4])
     layer = 3
     with torch.no_grad():
-        attentions = tiny(**batch, output_attentions=True).attentions[layer - 1]
+        attentions = tiny(**batch, output_attentions=True).attentions[layer - 1].mean(dim=1)  # (B, L, L)
     placeholders = batch["input_ids"] == tiny.config.image_token_id
-    share = torch.stack([attentions[i, :, -1].mean(dim=0)[placeholders[i]].sum() for i in range(4)])
+    shares = []
+    for i in range(4):
+        visual = torch.nonzero(placeholders[i]).flatten()
+        text = torch.arange(int(visual.max()) + 1, placeholders.shape[1])  # left padding: all valid
+        assert text.numel() > 1
+        shares.append(attentions[i][text][:, visual].sum(dim=1).mean())
+    share = torch.stack(shares)
     tau = float(share.min() + share.max()) / 2  # some samples above, some below
     with vlmkit.apply(tiny, f"todre:keep=1.0,threshold={tau},relevance_layer={layer}") as patch, torch.no_grad():
         tiny(**batch)

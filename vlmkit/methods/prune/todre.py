@@ -11,9 +11,13 @@ Two stages.
        C = {p},   c_t = argmin_{v not in C} sum_{c in C} s(x_v, x_c),   until |C| = k,
 
    with the sums updated once per pick (the paper's Algorithm 1; ties go to the lowest index).
-2. Relevance (site `layer`). At a deep layer l (7L/8) the attention ratios alpha_{t->v} (the share of
-   the text queries' attention that goes to visual keys, mean over heads and queries) and
-   alpha_{v->t} are measured; when both are below tau (0.10), every visual token leaves the layers
+2. Relevance (site `layer`). At a deep layer l (7L/8) the attention ratios alpha_{t->v} and
+   alpha_{v->t} are measured,
+
+       alpha_{t->v} = 1/T * sum_t sum_{j visual} A[t, j]
+
+   with A[t, j] the attention of text query t to key j (softmax over what t sees, mean over heads)
+   and T the text queries; when both are below tau (0.10), every visual token leaves the layers
    after l. Here the selection is before decoder layer K = floor(7L/8), from layer K-1's attention.
 
 `keep` is stage 1's share (the paper's retention ratio: 10 % keeps 288 of 2880 tokens); stage 2 then
@@ -21,9 +25,11 @@ keeps all of those or none. No code has been released: this follows the paper's 
 Algorithm 1. The kept count is `floor(keep * n + 0.5)`, at least one.
 
 Deviations, and why:
-- alpha_{t->v} is measured on the last prompt token (the attention row the engine computes), not on
-  every text query; alpha_{v->t} is taken as 0, which it is whenever the text follows the images (the
-  LLaVA and Qwen2-VL prompts): causal visual queries cannot see later tokens;
+- the text queries of alpha_{t->v} are the text tokens after the sample's last visual token (the
+  question and the template's answer prefix; the system prompt before the image is not among them);
+  alpha_{v->t} is taken as 0, which it is whenever the text follows the images (the LLaVA and
+  Qwen2-VL prompts): causal visual queries cannot see later tokens; with no text after the images
+  nothing is withdrawn;
 - towers without [CLS] (SigLIP, Qwen2-VL) take the pivot from the mean attention each patch receives,
   where the paper allows a random pivot (its Table S1: within 0.2 points of [CLS]);
 - per sample over all its visual tokens; several images share one pivot (the highest over their
@@ -39,7 +45,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from vlmkit.engine.selection import SampleSelection, Selection, SelectionContext, VisualTokens
+from vlmkit.engine.selection import (
+    SampleSelection,
+    Selection,
+    SelectionContext,
+    VisualTokens,
+)
 from vlmkit.errors import ConfigError, InputError
 from vlmkit.methods.base import TokenBudgetConfig, TokenSelector
 from vlmkit.registry import register_method
@@ -54,8 +65,8 @@ NORM_EPS = 1e-12
 class ToDREConfig(TokenBudgetConfig):
     threshold: float | None = field(
         default=PAPER_THRESHOLD,
-        metadata={"help": "tau of the relevance stage: all visual tokens leave after layer K-1 when the last "
-                  "token's visual attention share there is below tau; None = stage off"},
+        metadata={"help": "tau of the relevance stage: all visual tokens leave after layer K-1 when the text "
+                  "queries' mean visual attention share there is below tau; None = stage off"},
     )
     relevance_layer: int | None = field(
         default=None, metadata={"help": "K: the relevance stage acts before decoder layer K (default 7L/8)"}
@@ -64,9 +75,10 @@ class ToDREConfig(TokenBudgetConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.threshold is not None:
-            if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not 0 <= self.threshold <= 1:
-                raise ConfigError(f"todre: threshold={self.threshold!r} must be a number in [0, 1] (the paper's is {PAPER_THRESHOLD})")
+        if self.threshold is not None and (
+            isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not 0 <= self.threshold <= 1
+        ):
+            raise ConfigError(f"todre: threshold={self.threshold!r} must be a number in [0, 1] (the paper's is {PAPER_THRESHOLD})")
         if self.relevance_layer is not None and (
             isinstance(self.relevance_layer, bool) or not isinstance(self.relevance_layer, int) or self.relevance_layer < 1
         ):
@@ -89,12 +101,12 @@ class ToDRE(TokenSelector):
     example = "keep=0.25"
     neutral = "keep=1.0"
     paper = "https://arxiv.org/abs/2505.18757"
-    needs = frozenset({"vision_attention", "last_row_attention"})  # each instance needs what its stages use
+    needs = frozenset({"vision_attention", "text_attention"})  # each instance needs what its stages use
 
     def __init__(self, config=None, **params):
         super().__init__(config, **params)
         relevance, diversity = self.config.threshold is not None, self.config.diversity_stage
-        self.needs = frozenset({"last_row_attention"} if relevance else ()) | frozenset({"vision_attention"} if diversity else ())
+        self.needs = frozenset({"text_attention"} if relevance else ()) | frozenset({"vision_attention"} if diversity else ())
 
     def natural_positions_at(self, layer: int | None) -> str:
         """Stage 1 re-indexes (pruning before the LLM, as DivPrune); stage 2 keeps the ids (as VTW)."""
@@ -115,7 +127,7 @@ class ToDRE(TokenSelector):
 
     def select(self, context: SelectionContext) -> Selection:
         if context.layer > 0:
-            return Selection([self.relevance(s, v) for s, v in zip(context.last_row_attention, context.visual)])
+            return Selection([self.relevance(a, v) for a, v in zip(context.text_attention, context.visual)])
         samples = []
         for row, visual in enumerate(context.visual):
             count = self.config.kept_count(len(visual), DEFAULT_KEEP)
@@ -138,10 +150,11 @@ class ToDRE(TokenSelector):
         importance = importance.masked_fill(visual.crop != 0, float("-inf"))
         return int(torch.argmax(importance))  # first maximum on ties
 
-    def relevance(self, scores: torch.Tensor, visual: VisualTokens) -> SampleSelection:
-        """All of the sample's visual tokens, or none when the last token's visual attention share is below tau."""
+    def relevance(self, attention: torch.Tensor, visual: VisualTokens) -> SampleSelection:
+        """All of the sample's visual tokens, or none when alpha_{t->v}, the text queries' mean visual
+        attention share (`attention` (T, n): each text query's attention to each visual token), is below tau."""
         device = visual.slots.device
-        if float(scores.float().sum()) < self.config.threshold:
+        if attention.shape[0] and float(attention.float().sum(dim=1).mean()) < self.config.threshold:
             return SampleSelection(torch.zeros(0, dtype=torch.long, device=device))
         return SampleSelection(torch.arange(len(visual), device=device))
 
