@@ -6,6 +6,11 @@ Runs `eval/pruning.yaml` (POPE's three splits and MME for the dense model and ev
 POPE mean accuracy against the share of visual tokens kept (`docs/<block>_tokens.png`) and against the
 measured prefill time per sample (`docs/<block>_time.png`); `--block` names the README block (one per model).
 
+Prefill time is measured in a separate pass (`--timing-samples`, default 64 POPE questions, batch 8,
+one thread): the compute thread's CPU time of each batch's prefill (`model(**inputs)`), median over
+batches, per sample. CPU time is not inflated by other processes on a shared host, unlike the eval
+runs' wall-clock timings.
+
 Usage:
     vlmkit data shapes --out data/shapes --n 100 --bench pope,mme    # once
     python -m benchmarks.pruning_eval --model shapes-llava --runs runs/pruning
@@ -30,6 +35,53 @@ SUITE = ROOT / "eval" / "pruning.yaml"
 SPLITS = ("random", "popular", "adversarial")
 
 
+def prefill_times(model_name: str, data: Path, specs: dict[str, list[str]], samples: int) -> dict[str, float]:
+    """Per run name, the median CPU seconds per sample of a batch-8 prefill over `samples` POPE questions."""
+    import statistics
+    import time
+
+    import torch
+    from PIL import Image
+
+    import vlmkit
+    from vlmkit import zoo
+
+    torch.set_num_threads(1)
+    model, processor = zoo.load(model_name)
+    model.eval()
+    questions = [json.loads(line) for line in (data / "pope" / "shapes_pope_random.json").read_text().splitlines()][:samples]
+    batches = []
+    for start in range(0, len(questions), 8):
+        chunk = questions[start : start + 8]
+        texts = [processor.apply_chat_template([{"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": q["text"] + "\nAnswer the question using a single word or phrase."}]}],
+            add_generation_prompt=True) for q in chunk]
+        images = [Image.open(data / "pope" / "images" / q["image"]).convert("RGB") for q in chunk]
+        batches.append(processor(text=texts, images=images, padding=True, return_tensors="pt"))
+    times = {}
+    for name, methods in specs.items():
+        patch = vlmkit.apply(model, *methods) if methods else None
+        try:
+            with torch.no_grad():
+                model(**batches[0])  # warm-up
+                spent = []
+                for inputs in batches:
+                    begin = time.thread_time()
+                    model(**inputs)
+                    spent.append((time.thread_time() - begin) / inputs["input_ids"].shape[0])
+        finally:
+            if patch is not None:
+                patch.remove()
+        times[name] = statistics.median(spent)
+    return times
+
+
+def spec_of(method: dict[str, Any]) -> str:
+    """A method spec string from a run config's {"name", "params"} entry."""
+    params = ",".join(f"{key}={value!r}" for key, value in method["params"].items() if value is not None)
+    return f"{method['name']}:{params}" if params else method["name"]
+
+
 def rows(found: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
     """One row per run: method, budget, POPE and MME results, kept tokens, cost and time (POPE runs)."""
     table = []
@@ -51,15 +103,20 @@ def rows(found: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
     return table
 
 
-def report(found: dict[str, dict[str, dict[str, Any]]], plots: tuple[Path, Path]) -> str:
+def report(found: dict[str, dict[str, dict[str, Any]]], plots: tuple[Path, Path], times: dict[str, float] | None = None) -> str:
     table = rows(found)
+    if times:
+        for row in table:
+            name = "baseline" if row["method"] == "dense" else f"{row['method']}_keep={row['keep']:g}"
+            row["prefill_s"] = times.get(name, row["prefill_s"])
     dense = next(row for row in table if row["method"] == "dense")
     config = found["pope"]["baseline"]["config"]
     lines = [
         f"Model `{config['model']['spec']}` (weights sha256 `{config['model']['weights_sha256'][:12]}`), greedy, batch "
         f"size {config['batch_size']}; POPE: 3 x {found['pope']['baseline']['summary']['samples'] // 3} questions; MME: "
         "perception score of the shapes MME (official parser). LLM FLOPs: the prefill's, counted by the engine "
-        "from what ran, relative to dense; prefill: measured per sample on this CPU. Produced by "
+        "from what ran, relative to dense; prefill: CPU time per sample of a batch-8 prefill, one thread, median "
+        "over 8 batches of POPE questions (vision tower included). Produced by "
         "`python -m benchmarks.pruning_eval` from the runs of `eval/pruning.yaml`.",
         "",
         "| method | kept | visual tokens | POPE mean acc (rand / pop / adv) | of dense | yes ratio | MME perception | LLM FLOPs | prefill ms |",
@@ -168,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
     parser.add_argument("--block", default="pruning", help="README block and plot names: pruning (shapes-llava), pruning-deep")
     parser.add_argument("--skip-run", action="store_true", help="only rebuild the table and plots from finished runs")
+    parser.add_argument("--timing-samples", type=int, default=64, help="POPE questions of the prefill timing pass (0: use the eval runs' timings)")
     args = parser.parse_args(argv)
     if not args.skip_run:
         from vlmkit import cli
@@ -181,7 +239,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pruning_eval: no finished dense POPE run under {args.runs}", file=sys.stderr)
         return 2
     plots = (ROOT / "docs" / f"{args.block}_tokens.png", ROOT / "docs" / f"{args.block}_time.png")
-    text = report(found, plots)
+    times = None
+    if args.timing_samples:
+        specs = {name: [spec_of(method) for method in run["config"].get("methods") or []] for name, run in found["pope"].items()}
+        times = prefill_times(args.model, args.data, specs, args.timing_samples)
+    text = report(found, plots, times)
     if (args.data / "pope" / "ground_truth.jsonl").is_file():
         text += "\n" + lost_objects(args.runs, args.data, 0.125)
     write_between(args.readme, f"<!-- {args.block}:begin (benchmarks/pruning_eval.py) -->", f"<!-- {args.block}:end -->", text)
