@@ -448,7 +448,7 @@ METHODS = ({'name': 'cca',
              ('threshold',
               'float | None',
               '0.1',
-              "tau of the relevance stage: all visual tokens leave after layer K-1 when the last token's visual "
+              "tau of the relevance stage: all visual tokens leave after layer K-1 when the text queries' mean visual "
               'attention share there is below tau; None = stage off'),
              ('relevance_layer',
               'int | None',
