@@ -1,9 +1,5 @@
 """ToDRE against its paper (arXiv:2505.18757 v2, Algorithm 1 and Sec. 4.2): hand-made inputs with
-known answers, and independent computations from the tiny models' eager attention maps.
-
-SparseVLM is not registered yet (it needs the attention rows of its text raters, which the engine
-does not compute); its tests join this file with it.
-"""
+known answers, and independent computations from the tiny models' eager attention maps."""
 from __future__ import annotations
 
 import math
