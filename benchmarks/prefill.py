@@ -24,8 +24,13 @@ Times are CPU time of the (single) compute thread by default (`--clock cpu`): on
 processes inflate wall time but not the work this process does; with one thread and an idle machine
 the two agree. `--clock wall` measures wall time instead.
 
+Methods for AnyRes models (GlobalCom²'s thumbnail-guided crop budgets) run on the same parts in the
+LLaVA-NeXT layout (`--anyres`: a 336 x 672 image, base view plus two tiles, 1,752 visual tokens), each
+against its own dense run.
+
 Usage:
     python -m benchmarks.prefill [--repeats 3] [--threads 1] [--clock cpu|wall] [--only NAME ...] [--out benchmarks/results/prefill]
+    python -m benchmarks.prefill --anyres [--repeats 2] [--out benchmarks/results/prefill_anyres]
 
 (run as a module: as a script, `benchmarks/` would shadow top-level packages such as `kernels`)
 """
@@ -47,7 +52,7 @@ from vlmkit.engine.runner import TextStackRunner
 from vlmkit.methods.base import TokenSelector
 from vlmkit.zoo import flops
 
-from benchmarks._twin_model import TEXT_TOKENS, VISUAL_TOKENS, build_inputs, build_model
+from benchmarks._twin_model import TEXT_TOKENS, VISUAL_TOKENS, build_anyres_inputs, build_anyres_model, build_inputs, build_model
 
 BUDGETS = (0.5, 0.25, 0.11)
 LAYERS = 24  # Qwen2-0.5B
@@ -64,7 +69,7 @@ def configurations() -> list[tuple[str, tuple[str, ...]]]:
             (f"pool {keep:.0%}", (f"pool:keep={keep}",)),
         ]
     for info in vlmkit.list_methods():
-        if info.family == "prune" and info.name not in SWEPT and info.name != "random":
+        if info.family == "prune" and info.name not in SWEPT + ANYRES_METHODS and info.name != "random":
             configs.append((f"{info.name} {BUDGETS[-1]:.0%}", (f"{info.name}:keep={BUDGETS[-1]}",)))
     for frozen in (8, 12, 16):  # the last layers, where ShortV's rankings put the least contribution
         configs.append((f"shortv {frozen}/{LAYERS} layers", (f"shortv:layers={tuple(range(LAYERS - frozen, LAYERS))}",)))
@@ -126,7 +131,7 @@ def scoring_timer(patch):
             del patch.adapter.vision_probe
 
 
-def measure(model, inputs, specs) -> dict[str, float]:
+def measure(model, inputs, specs, visual: int = VISUAL_TOKENS) -> dict[str, float]:
     llm = {}
     language_model = model.model.language_model
     start = language_model.register_forward_pre_hook(lambda *a: llm.__setitem__("start", clock()))
@@ -142,8 +147,8 @@ def measure(model, inputs, specs) -> dict[str, float]:
             peak = peak_memory_mb()
             prefill_llm = llm["stop"] - llm["start"]
             selections = patch.selections.values() if patch else ()
-            kept = min((len(k) for kept in selections for k in kept), default=VISUAL_TOKENS)
-            counted = patch.cost["llm_flops"][0] if patch else flops(model.config, TEXT_TOKENS, VISUAL_TOKENS)
+            kept = min((len(k) for kept in selections for k in kept), default=visual)
+            counted = patch.cost["llm_flops"][0] if patch else flops(model.config, TEXT_TOKENS, visual)
             begin = clock()
             model.generate(**inputs, max_new_tokens=1, do_sample=False)
             one = clock() - begin
@@ -177,12 +182,15 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, metavar="NAME",
                         help="run dense and the configurations whose name starts with one of these (e.g. shortv vtw mod)")
     parser.add_argument("--out", default="benchmarks/results/prefill")
+    parser.add_argument("--anyres", action="store_true", help="the AnyRes methods (globalcom2) on the LLaVA-NeXT-layout twin")
     args = parser.parse_args()
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu measures one thread: use --threads 1, or --clock wall")
     global clock
     clock = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
+    if args.anyres:
+        return anyres(args)
     model, inputs = build_model(), build_inputs()
     configs = [c for c in configurations() if c[0] == "dense" or args.only is None or c[0].startswith(tuple(args.only))]
     measure(model, inputs, ())  # warm-up
@@ -235,6 +243,42 @@ def main() -> None:
             + f"{r['prefill_s']:.3f} | "
             f"{r['decode_tok_s']:.1f} | {r['peak_mb']:.0f} |"
         )
+    table = "\n".join(lines)
+    out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+
+
+ANYRES_METHODS = ("globalcom2",)
+
+
+def anyres(args: argparse.Namespace) -> None:
+    """Dense and each AnyRes method at the last budget on the LLaVA-NeXT-layout twin; a table of their
+    LLM prefill times, FLOPs-ideal speedups and scoring shares."""
+    model = build_anyres_model()
+    inputs, visual = build_anyres_inputs(model)
+    configs = [("dense", ())] + [(f"{name} {BUDGETS[-1]:.0%}", (f"{name}:keep={BUDGETS[-1]}",)) for name in ANYRES_METHODS]
+    measure(model, inputs, (), visual)  # warm-up
+    runs = {name: [measure(model, inputs, specs, visual) for _ in range(args.repeats)] for name, specs in configs}
+    median = lambda name, key: statistics.median(run[key] for run in runs[name])  # noqa: E731
+    dense_flops = flops(model.config, TEXT_TOKENS, visual)
+    lines = ["| config | visual tokens | LLM prefill s | speedup | FLOPs-ideal | measured/ideal | scoring | TTFT s |",
+             "|---|---|---|---|---|---|---|---|"]
+    rows = []
+    for name, specs in configs:
+        speedup = median("dense", "llm_prefill_s") / median(name, "llm_prefill_s")
+        ideal = dense_flops / median(name, "llm_flops")
+        row = {"config": name, "specs": list(specs), "visual_tokens": int(median(name, "visual_tokens")),
+               "llm_prefill_s": median(name, "llm_prefill_s"), "llm_prefill_speedup": speedup, "flops_ideal_speedup": ideal,
+               "measured_over_ideal": speedup / ideal, "scoring_share": median(name, "scoring_s") / median("dense", "prefill_s"),
+               "prefill_s": median(name, "prefill_s")}
+        rows.append(row)
+        lines.append(f"| {name} | {row['visual_tokens']} | {row['llm_prefill_s']:.3f} | {speedup:.2f}x | {ideal:.2f}x | "
+                     f"{row['measured_over_ideal']:.0%} | {row['scoring_share']:.1%} | {row['prefill_s']:.3f} |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"torch": torch.__version__, "threads": args.threads, "clock": args.clock, "repeats": args.repeats,
+            "model": "LLaVA-NeXT layout, 336x672 image (base + 2 tiles), Qwen2-0.5B LLM geometry (random weights, fp32)"}
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     table = "\n".join(lines)
     out.with_suffix(".md").write_text(table + "\n")
     print(table)

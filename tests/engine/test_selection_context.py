@@ -94,3 +94,29 @@ def test_the_cls_probe_gives_the_cls_rows_logits_mean_over_heads():
         metas = [meta for _, meta in patch.state.encoded["image"][1]]
     for image, meta in enumerate(metas):
         torch.testing.assert_close(meta.probe["cls_logits"], expected[image, 1:], rtol=1e-5, atol=1e-6)  # patches only
+
+
+def test_the_vision_marginals_are_the_patch_to_patch_attention_maps_row_and_column_sums():
+    from vlmkit.methods.prune.visionzip import VisionZip
+
+    class Marginals(VisionZip):
+        name = "marginals"
+        needs = frozenset({"vision_attention", "vision_marginals"})
+
+        def select(self, context):
+            self.seen = context.vision
+            return super().select(context)
+
+    tiny, processor = model("llava", "eager")
+    batch = inputs(processor, photos()[:2], QUESTIONS[:2])
+    tower = tiny.model.vision_tower
+    layer = len(tower.encoder.layers) - 2
+    with torch.no_grad():
+        attention = tower(batch["pixel_values"], output_attentions=True).attentions[layer].mean(dim=1)[:, 1:, 1:]
+    method = Marginals(keep=1.0)
+    with vlmkit.apply(tiny, method), torch.no_grad():
+        tiny(**batch)
+    for image in range(2):
+        probe = method.seen[image][0]
+        torch.testing.assert_close(probe["received"], attention[image].mean(dim=0), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(probe["paid"], attention[image].sum(dim=1), rtol=1e-5, atol=1e-6)

@@ -107,6 +107,11 @@ class Adapter:
             probe = {name: value[:, 1:] for name, value in probe.items()}
         return probe
 
+    def vision_marginals(self, attention: nn.Module, hidden: torch.Tensor, kwargs: dict) -> dict[str, torch.Tensor] | None:
+        """The patch-to-patch attention map's marginals at one vision attention call (see
+        `attention_marginals`), or None where the tower's attention is not one dense map per row."""
+        return attention_marginals(attention, hidden, skip_first=self.select_strategy() == "default")
+
     @property
     def projector(self) -> nn.Module | None:
         """The projector from vision features to the LLM's input when it maps token to token (LLaVA's
@@ -335,6 +340,23 @@ def received_attention_probe(attention: nn.Module, hidden: torch.Tensor) -> dict
     key = attention.k_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
     received = kernels.attention_colsum(query, key, scale=attention.scale, causal=False)
     return {"importance": received / (length * query.shape[1]), "keys": key.mean(dim=1)}
+
+
+def attention_marginals(attention: nn.Module, hidden: torch.Tensor, skip_first: bool) -> dict[str, torch.Tensor]:
+    """Marginals of the head-mean attention map among the patches: "received" (N,) the mean attention
+    a patch receives from the patch queries, "paid" (N,) the attention a patch pays to the patch keys
+    (softmax over every key, [CLS] included; with `skip_first`, [CLS] at index 0 is neither query nor
+    key and gets 0, so the entries stay aligned with the tower's tokens). Builds the (N x N) map.
+    """
+    batch, length, _ = hidden.shape
+    head_dim = attention.head_dim
+    query = attention.q_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2).float()
+    key = attention.k_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2).float()
+    weights = ((query @ key.transpose(-1, -2)) * attention.scale).softmax(dim=-1).mean(dim=1)
+    first = int(skip_first)
+    patches = weights[:, first:, first:]
+    pad = torch.zeros(batch, first, device=hidden.device)
+    return {"received": torch.cat([pad, patches.mean(dim=1)], dim=1), "paid": torch.cat([pad, patches.sum(dim=2)], dim=1)}
 
 
 def concat_probes(probes: list[dict[str, torch.Tensor]] | None) -> dict[str, torch.Tensor] | None:

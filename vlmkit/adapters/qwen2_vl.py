@@ -42,6 +42,9 @@ class Qwen2VLAdapter(Adapter):
         # The LLM reads the last block (through the merger); like LLaVA's -2, score one block earlier.
         return len(self.vision_layers) - 2
 
+    def vision_marginals(self, attention, hidden, kwargs):
+        return None  # the tower attends within each image of a packed sequence: no dense map per row
+
     def vision_probe(self, attention, hidden, kwargs):
         length = hidden.shape[0]
         query, key, _ = attention.qkv(hidden).reshape(length, 3, attention.num_heads, -1).permute(1, 0, 2, 3).unbind(0)

@@ -55,6 +55,8 @@ class Plan:
         vision_primary: the layer whose probe gives "importance" and "keys" (the others give
             "importance@<layer>").
         vision_features: whether a method reads the vision features the projector receives.
+        vision_marginals: whether a method reads the patch-to-patch attention map's marginals
+            ("received", "paid"), at the probed layers.
     """
 
     selectors: dict[int, TokenSelector] = field(default_factory=dict)
@@ -66,6 +68,7 @@ class Plan:
     vision_layers: list[int] = field(default_factory=list)
     vision_primary: int | None = None
     vision_features: bool = False
+    vision_marginals: bool = False
 
     @property
     def stack(self) -> bool:
@@ -154,6 +157,8 @@ def build_plan(methods: list[Method], adapter: "Adapter", supported_families: tu
             plan.vision_primary = primary
         if "vision" in sites and "vision_features" in method.needs:
             plan.vision_features = True
+        if "vision" in sites and "vision_marginals" in method.needs:
+            plan.vision_marginals = True
         if "route" in sites:
             for layer in in_range(method, "layer", tuple(method.routed_layers(num_layers))):
                 claim("route", layer, method)
@@ -232,7 +237,10 @@ def _install_visual_tracking(patch: "Patch", plan: Plan) -> None:
         def probe(module, args, kwargs, _layer=layer):
             if active["on"]:
                 hidden = kwargs.get("hidden_states", args[0] if args else None)
-                probes[_layer].append(adapter.vision_probe(module, hidden, kwargs))
+                probe = adapter.vision_probe(module, hidden, kwargs)
+                if plan.vision_marginals:
+                    probe.update(adapter.vision_marginals(module, hidden, kwargs) or {})
+                probes[_layer].append(probe)
             return None
 
         handle = attention.register_forward_pre_hook(probe, with_kwargs=True)
