@@ -12,7 +12,7 @@ Measured per configuration, interleaved (dense, then each method, repeated), med
 - peak memory: the process's peak resident set during the prefill (Linux VmHWM, reset per run);
 - FLOPs-ideal speedup of the LLM prefill: dense FLOPs (`vlmkit.zoo.flops`) over the FLOPs the engine
   counted for what the method ran (`patch.cost`), and measured / ideal;
-- scoring: the time spent choosing tokens (vision-tower probes, the last-token attention rows the
+- scoring: the time spent choosing tokens (vision-tower probes, the attention rows the
   engine computes for a selection, each method's `select`, merged values), as a share of the dense
   prefill;
 - length-matched: the unpatched language model run on a prompt as long as the pruned one (64 text +
@@ -117,7 +117,7 @@ def scoring_timer(patch):
                 spent["s"] += clock() - begin
         return run
 
-    originals = {name: getattr(TextStackRunner, name) for name in ("_select", "_last_row_attention", "_combined")}
+    originals = {name: getattr(TextStackRunner, name) for name in ("_select", "_attention_scores", "_combined")}
     for name, function in originals.items():
         setattr(TextStackRunner, name, timed(function))
     if patch is not None:
