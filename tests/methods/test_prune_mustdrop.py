@@ -1,6 +1,7 @@
 """MustDrop against the reference's algorithm: window similarity, merges, entry order and key set on
-hand-made grids; the dual-attention filter and its budget; and, on the tiny LLaVA, the merge and the
-key set from an eager vision tower and the prefill filter from eager decoder attention, computed
+hand-made grids; the dual-attention filter and its budget; the output-aware cache (stage 3) on a
+hand-made cache; and, on the tiny LLaVA, the merge and the key set from an eager vision tower, the
+prefill filter from eager decoder attention and the cache the first decoding step reads, computed
 here independently of vlmkit."""
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import torch.nn.functional as F
 
 import vlmkit
 from tests.conftest import photos
-from tests.engine.models import inputs, model
+from tests.engine.models import generate, inputs, model
+from vlmkit.engine.contexts import CacheContext
 from vlmkit.engine.selection import SelectionContext, VisualTokens
 from vlmkit.errors import ConfigError
 from vlmkit.methods.prune.mustdrop import (
@@ -160,6 +162,69 @@ def test_the_key_set_survives_the_prefill_stages():
     assert sorted(entered.origin[second.samples[0].keep].tolist()) == [5, 10, 13]
 
 
+def cache_layout(*rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slots, valid) of one cache layer whose rows hold the given caller-layout slots, left-padded."""
+    width = max(len(row) for row in rows)
+    slots = torch.tensor([[-1] * (width - len(row)) + row for row in rows])
+    return slots, slots >= 0
+
+
+def visual_at(*slots: int) -> VisualTokens:
+    n = len(slots)
+    zeros = torch.zeros(n, dtype=torch.long)
+    return VisualTokens(slots=torch.tensor(slots), origin=torch.arange(n), image=zeros, frame=zeros.clone(),
+                        row=zeros.clone(), col=torch.arange(n), crop=zeros.clone(), grids=[(1, 1, n)], modality=["image"])
+
+
+def cache_context(layers: list[tuple[list[int], list[int]]], visual: list[VisualTokens], prefill: bool = True) -> CacheContext:
+    built = [cache_layout(*rows) for rows in layers]
+    return CacheContext(
+        keys=[torch.zeros(2, 1, slots.shape[1], 2) for slots, _ in built], valid=[valid for _, valid in built],
+        slots=[slots for slots, _ in built], visual=visual, prefill=prefill, logical_length=10,
+    )
+
+
+# two prompts: row 0 text 0-2, visual 3-8, text 9; row 1 (one pad) text 1-3, visual 4-7, text 8-9. Six
+# decoder layers, stages before 2 and 4: layers 0-1 hold everything, 2-3 what the first stage kept
+# (row 0: visual 3, 5, 6, 8; row 1: 4, 6, 7), 4-5 the final set (row 0: 5, 8; row 1: 6)
+FULL = ([0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9])
+STAGE1 = ([0, 1, 2, 3, 5, 6, 8, 9], [1, 2, 3, 4, 6, 7, 8, 9])
+FINAL = ([0, 1, 2, 5, 8, 9], [1, 2, 3, 6, 8, 9])
+CACHE_VISUAL = [visual_at(3, 4, 5, 6, 7, 8), visual_at(4, 5, 6, 7)]
+
+
+def test_output_aware_cache_clears_the_finally_dropped_tokens_from_the_layers_before_the_last_stage():
+    method = MustDrop(layers=(2, 4))
+    assert method.cache_layers(6) == (1, 2, 3)  # K_1 - 1 .. K_S - 1
+    context = cache_context([FULL, FULL, STAGE1, STAGE1, FINAL, FINAL], CACHE_VISUAL)
+    edits = method.edit_cache(context)
+    assert sorted(edits) == [1, 2, 3]  # layer 0 keeps its whole cache; 4 and 5 never held the dropped tokens
+    T, F_ = True, False
+    # layer 1 (slots 0-9 / pad, 1-9): row 0 drops visual 3, 4, 6, 7; row 1 drops 4, 5, 7; text stays
+    assert edits[1].tolist() == [[T, T, T, F_, F_, T, F_, F_, T, T], [F_, T, T, T, F_, F_, T, F_, T, T]]
+    # layers 2 and 3 (slots 0 1 2 3 5 6 8 9 / 1 2 3 4 6 7 8 9): row 0 drops 3 and 6, row 1 drops 4 and 7
+    assert edits[2].tolist() == edits[3].tolist() == [[T, T, T, F_, T, F_, T, T], [T, T, T, F_, T, F_, T, T]]
+    # once, after the prefill: a decoding step's cache is left alone
+    assert method.edit_cache(cache_context([FULL, FULL, STAGE1, STAGE1, FINAL, FINAL], CACHE_VISUAL, prefill=False)) is None
+    # a single stage before layer 3: only layer 2 is cleared
+    one = MustDrop(layers=(3,)).edit_cache(cache_context([FULL, FULL, FULL, FINAL, FINAL, FINAL], CACHE_VISUAL))
+    assert sorted(one) == [2] and one[2].tolist() == edits[1].tolist()
+    # the reference's layers 2 .. 14 of 32; the tiny four-layer models (stages 1, 2): layers 0 and 1
+    assert MustDrop().cache_layers(32) == tuple(range(2, 15))
+    assert MustDrop().cache_layers(4) == (0, 1)
+
+
+def test_output_aware_cache_is_neutral_without_drops_and_can_be_turned_off():
+    # every stage kept everything (keep=1.0): nothing to remove, no edit
+    assert MustDrop(layers=(2, 4)).edit_cache(cache_context([FULL] * 6, CACHE_VISUAL)) is None
+    off = MustDrop(layers=(2, 4), output_aware=False)
+    assert off.cache_layers(6) == () and off.edit_cache(cache_context([FULL, FULL, STAGE1, STAGE1, FINAL, FINAL], CACHE_VISUAL)) is None
+    assert "cache" not in off.sites and "cache" not in MustDrop(layers=()).sites
+    assert MustDrop().sites == ("vision", "embeds", "layer", "cache")
+    with pytest.raises(ConfigError, match="output_aware=1 must be True or False"):
+        MustDrop(output_aware=1)
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ConfigError, match="window=1 must be an integer >= 2"):
         MustDrop(window=1)
@@ -251,12 +316,11 @@ def test_merge_and_key_set_match_the_eager_tower():
     assert final.tolist() == sorted(top.tolist())
 
 
-def test_prefill_filter_matches_eager_text_attention_and_keeps_the_key_set():
-    """Stage 1 merging nothing, the filter before layer 2 reads layer 1's attention as the unpatched
-    eager model gives it: every text query after the image, mean over heads; g its sum over the
-    queries, i its maximum. Thresholds about the medians of g and i."""
-    tiny, processor = model("llava", "eager")
-    batch = inputs(processor, photos()[1:2], ["Is there a cat in the image?"])
+def eager_filter(tiny, batch):
+    """The filter before layer 2 computed from the unpatched eager model: layer 1's attention of every
+    text query after the image (mean over heads), g its sum over the queries, i its maximum,
+    thresholds about their medians; the key set from the tower. Returns (method settings, image
+    slots, low_global, low_individual, key set)."""
     _, cls_row, _ = tower_probes(tiny, batch["pixel_values"])
     with torch.no_grad():
         attention = tiny(**batch, output_attentions=True).attentions[1][0].mean(dim=0)  # (L, L), head mean
@@ -268,14 +332,57 @@ def test_prefill_filter_matches_eager_text_attention_and_keeps_the_key_set():
     total, largest = rows.sum(dim=0), rows.amax(dim=0)
     global_thr, individual_thr = midpoint(total) / float(total.sum()), midpoint(largest)
     keys = set(torch.argsort(cls_row[0], descending=True, stable=True)[: math.ceil(0.08 * 144)].tolist())
-    no_merge = {"layers": (2,), "spatial_threshold": 2.0}  # stage 1 keeps every token: the rows stay in place
-    method = MustDrop(**no_merge, global_thr=global_thr, individual_thr=individual_thr)
-    with vlmkit.apply(tiny, method) as patch, torch.no_grad():
+    settings = {"layers": (2,), "spatial_threshold": 2.0,  # stage 1 keeps every token: the rows stay in place
+                "global_thr": global_thr, "individual_thr": individual_thr}
+    return settings, visual, total < global_thr * total.sum(), largest < individual_thr, keys
+
+
+def test_prefill_filter_matches_eager_text_attention_and_keeps_the_key_set():
+    """Stage 1 merging nothing, the filter before layer 2 reads layer 1's attention as the unpatched
+    eager model gives it: every text query after the image, mean over heads; g its sum over the
+    queries, i its maximum. Thresholds about the medians of g and i."""
+    tiny, processor = model("llava", "eager")
+    batch = inputs(processor, photos()[1:2], ["Is there a cat in the image?"])
+    settings, _, low_global, low_individual, keys = eager_filter(tiny, batch)
+    with vlmkit.apply(tiny, MustDrop(**settings)) as patch, torch.no_grad():
         tiny(**batch)
         assert patch.stage_selections["mustdrop"][0][0].numel() == 144
         kept = patch.stage_selections["mustdrop"][2][0]
-    low_global, low_individual = total < global_thr * total.sum(), largest < individual_thr
     low = low_global & low_individual
     assert kept.tolist() == [t for t in range(144) if not bool(low[t]) or t in keys]
     assert any(bool(low[t]) for t in keys)  # some key-set tokens survive only as keys
     assert bool((low_global & ~low_individual).any()) and bool((~low_global & low_individual).any())  # each term acts
+
+
+def test_output_aware_cache_the_first_decoding_step_reads_matches_the_eager_filter():
+    """One stage before layer 2: after the prefill, layer 1 forgets the image tokens the filter
+    (computed here from the eager attention maps) dropped, layer 0 keeps all; the first decoding
+    step's cache holds exactly that. Only the decoding steps change, and a recomputation with the
+    recorded removals gives the same tokens."""
+    tiny, processor = model("llava", "eager")
+    batch = inputs(processor, photos()[1:2], ["Is there a cat in the image?"])
+    settings, visual, low_global, low_individual, keys = eager_filter(tiny, batch)
+    dropped = [t for t in range(144) if bool(low_global[t] & low_individual[t]) and t not in keys]
+    assert dropped
+    length = batch["input_ids"].shape[1]
+    kept_slots = [s for s in range(length) if s not in set(visual[dropped].tolist())]
+    scores = {}
+    for output_aware in (True, False):
+        with vlmkit.apply(tiny, MustDrop(**settings, output_aware=output_aware)) as patch, torch.no_grad():
+            out = tiny.generate(**batch, max_new_tokens=2, do_sample=False, output_scores=True, return_dict_in_generate=True)
+            scores[output_aware] = torch.stack(out.scores)
+            if not output_aware:
+                assert patch.state.evictions == {}
+                continue
+            cache = out.past_key_values  # after the first decoding step: the prompt and the first new token
+            slots = [cache.layers[i].layout.slot[0][cache.layers[i].layout.valid[0]].tolist() for i in range(4)]
+            assert slots[0] == list(range(length + 1))
+            assert slots[1] == slots[2] == slots[3] == kept_slots + [length]
+            assert list(patch.state.evictions) == [1]
+            (rows, removed, at), = patch.state.evictions[1]
+            assert rows.tolist() == [0] * len(dropped) and removed.tolist() == visual[dropped].tolist() and at == length
+            cached = generate(tiny, batch, max_new_tokens=4)
+            with patch.reuse_selections():
+                assert torch.equal(generate(tiny, batch, max_new_tokens=4, use_cache=False), cached)
+    assert torch.equal(scores[True][0], scores[False][0])  # the prefill is stage 2's alone
+    assert not torch.equal(scores[True][1], scores[False][1])  # the first decoding step reads the cleared cache

@@ -4,10 +4,12 @@
 Reference: liuting20/MustDrop (Apache-2.0): `llava/model/multimodal_encoder/local_merge.py`
 (`conditional_pooling`, `merge_wavg`), `clip_encoder.py` (`CLIPVisionModelAcc.custom_forward`: merge
 after vision layer 0, key set at vision layer 23), `language_model/modelling_sparse_llama.py`
-(`LlamaDynamicvitModel.forward`, `dual_attention_filter`; `pruning_layers = [2, 6, 10, 14]`), and the
-scripts `scripts/v1_5/eval/textvqa_{192,128,64}.sh` (thresholds).
+(`LlamaDynamicvitModel.forward`: `dual_attention_filter`, `pruning_layers = [2, 6, 10, 14]` and its
+"Sparse kv cache (decoding stage)" block), and the scripts `scripts/v1_5/eval/textvqa_{192,128,64}.sh`
+(thresholds).
 
-Sites: `vision` (probes), `embeds` (stage 1, before the LLM) and `layer` (stage 2, in the LLM).
+Sites: `vision` (probes), `embeds` (stage 1, before the LLM), `layer` (stage 2, in the LLM) and
+`cache` (stage 3, the KV cache after the prefill).
 
 Stage 1, vision encoding (per image, frame and crop). The token grid is cut into non-overlapping
 `window` x `window` windows (3 x 3); a window's similarity is the mean cosine over its ordered pairs
@@ -43,7 +45,16 @@ above but never below the budget (at most floor((n - c) / (m - 1)) windows, the 
 the key set is capped at the budget c (the highest-attended first); stage s keeps the key set plus
 the other tokens of the highest global attention g_j, up to c_s = max(c, floor(u * (c / u)^(s / S)))
 of the u tokens that entered the LLM, c_S = c (a share rounds halves up: the reference has no budget
-rule). `keep=1.0` keeps everything (bit-identical).
+rule). `keep=1.0` keeps everything (bit-identical; stage 3 then has nothing to remove).
+
+Stage 3, the output-aware cache (decoding). A layer that ran before a later stage dropped tokens
+still caches their keys and values; once, right after the prefill, the layers from K_1 - 1 to
+K_S - 1 (the reference: its pruning layers 2 to 14, the last one included) remove from their KV
+cache every visual token that did not survive the last stage, so that the generated tokens attend,
+there, to the final visual set only. Layers before K_1 - 1 (the reference: 0 and 1) keep their whole
+cache, and layers from K_S on never held the dropped tokens. The reference's stage 3 has no score of
+its own and no ratio or threshold: the final set is stage 2's, and nothing is removed at the
+decoding steps. `output_aware=False` turns it off (stages 1 and 2 alone, the cache site left free).
 
 Deviations from the reference, and why:
 - window similarity from the head-mean keys at the input of vision layer `merge_layer` (default 1:
@@ -61,14 +72,12 @@ Deviations from the reference, and why:
   AnyRes images enter as all their merged tokens, then the rest in sequence order (the reference
   feeds LLaVA-NeXT crop by crop, `flat`, without unpadding or newlines);
 - on Qwen2-VL (2 x 2 merger) and pooled videos the mean is taken on the LLM's input, as VisionZip's;
-- under M-RoPE, kept tokens keep their 3-D positions. (Decoding continues, in each layer, after the
-  sequence that layer saw, as the reference's per-layer cache length before its stage 3.)
-
-Not done: stage 3, the reference's "output-aware" KV cache (after the prefill, layers 2..14 also
-forget the visual tokens that a later stage dropped, so that decoding sees only the final set).
-vlmkit's cache site could hold it (`CacheMethod.edit_cache`), but a cached generation would then
-differ from recomputing the sequence with the same selections (`Patch.reuse_selections()` replays
-selections, not cache edits, and a recomputation has no cache to edit).
+- under M-RoPE, kept tokens keep their 3-D positions;
+- decoding continues, in each layer, after the sequence that layer saw in the prefill, also where
+  stage 3 then shortened its cache (the engine owns positions; a cache edit does not move them): the
+  reference positions a generated token at its layer's cache length, so that after its stage 3 the
+  layers K_1 - 1 .. K_S - 1 continue after the final sequence instead;
+- stage 3 per sample over its own visual tokens, in a batch too (the reference: batch size 1).
 
 With `layers=()` only stage 1 runs (as LightCompress' port), and a budget then only caps merging.
 """
@@ -80,6 +89,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from vlmkit.engine.contexts import CacheContext
 from vlmkit.engine.selection import (
     SampleSelection,
     Selection,
@@ -87,7 +97,12 @@ from vlmkit.engine.selection import (
     VisualTokens,
 )
 from vlmkit.errors import ConfigError, InputError
-from vlmkit.methods.base import TokenBudgetConfig, TokenSelector, top_k_sorted
+from vlmkit.methods.base import (
+    CacheMethod,
+    TokenBudgetConfig,
+    TokenSelector,
+    top_k_sorted,
+)
 from vlmkit.registry import register_method
 
 REFERENCE_LAYERS = (3, 7, 11, 15)  # the reference prunes after layers 2, 6, 10, 14 of 32
@@ -109,6 +124,11 @@ class MustDropConfig(TokenBudgetConfig):
     individual_thr: float = field(default=0.001, metadata={"help": "stage 2: ... and below this largest text attention"})
     merge_layer: int = field(default=1, metadata={"help": "vision layer whose input keys measure window similarity"})
     key_layer: int | None = field(default=None, metadata={"help": "vision layer whose [CLS] attention picks the key set (default: the last)"})
+    output_aware: bool = field(
+        default=True,
+        metadata={"help": "stage 3: after the prefill, the layers from the first stage layer - 1 to the last stage "
+                          "layer - 1 drop from their KV cache the visual tokens the last stage dropped (False: keep them)"},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -120,6 +140,8 @@ class MustDropConfig(TokenBudgetConfig):
             raise ConfigError(f"mustdrop: window={self.window!r} must be an integer >= 2 (a window merges window**2 tokens)")
         if isinstance(self.key_share, bool) or not isinstance(self.key_share, (int, float)) or not 0.0 <= self.key_share <= 1.0:
             raise ConfigError(f"mustdrop: key_share={self.key_share!r} must be a number in [0, 1]")
+        if not isinstance(self.output_aware, bool):
+            raise ConfigError(f"mustdrop: output_aware={self.output_aware!r} must be True or False")
         for name in ("merge_layer", "key_layer"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
@@ -194,9 +216,9 @@ def _descending(scores: torch.Tensor) -> torch.Tensor:
     return torch.argsort(scores, descending=True, stable=True)
 
 
-@register_method("mustdrop", family="prune", sites=("vision", "embeds", "layer"))
-class MustDrop(TokenSelector):
-    """Merge similar neighbours in the vision stage, mark a key set, then filter by text attention in the LLM."""
+@register_method("mustdrop", family="prune", sites=("vision", "embeds", "layer", "cache"))
+class MustDrop(TokenSelector, CacheMethod):
+    """Merge similar neighbours, mark a key set, filter by text attention in the LLM, clear dropped tokens from the KV cache."""
 
     Config = MustDropConfig
     example = "keep=0.25"
@@ -209,6 +231,8 @@ class MustDrop(TokenSelector):
         super().__init__(config, **params)
         if self.config.layers == ():  # stage 1 only: no decoder-layer attention needed
             self.needs = frozenset({"vision_attention", "vision_features"})
+        if self.config.layers == () or not self.config.output_aware:  # no stage 3: leave the cache site free
+            self.sites = tuple(site for site in type(self).sites if site != "cache")
         # per sample, from this prefill's stage 1: key-set origins, tokens entering the LLM, final count
         self._keys: list[torch.Tensor] | None = None
         self._entering: list[int] | None = None
@@ -302,6 +326,38 @@ class MustDrop(TokenSelector):
         others = torch.nonzero(~is_key).flatten()
         extra = others[top_k_sorted(total[others], max(0, count - keys.numel()))]
         return torch.sort(torch.cat([keys, extra])).values
+
+    # ------------------------------------------------------------------ stage 3
+    def cache_layers(self, num_layers: int) -> tuple[int, ...]:
+        """The decoder layers whose cache stage 3 edits: K_1 - 1 .. K_S - 1 (the reference's pruning layers
+        2 .. 14, after which its stages run)."""
+        layers = self.stage_layers(num_layers)
+        if not self.config.output_aware or not layers:
+            return ()
+        return tuple(range(layers[0] - 1, layers[-1]))
+
+    def edit_cache(self, context: CacheContext) -> dict[int, torch.Tensor] | None:
+        """Stage 3, once after the prefill: in each layer of `cache_layers`, drop the cached visual tokens
+        that are not in the final set (the visual tokens cached by the last stage layer, which ran on
+        what the last stage kept)."""
+        if not context.prefill or context.visual is None:
+            return None
+        num_layers = len(context.slots)
+        edited = self.cache_layers(num_layers)
+        if not edited:
+            return None
+        final_layer = self.stage_layers(num_layers)[-1]
+        final_slots = context.slots[final_layer].masked_fill(~context.valid[final_layer], -1)
+        edits = {}
+        for index in edited:
+            slots, valid = context.slots[index], context.valid[index]
+            drop = torch.zeros_like(valid)
+            for row, visual in enumerate(context.visual):
+                visual_slots = visual.slots.to(slots.device)
+                drop[row] = valid[row] & torch.isin(slots[row], visual_slots) & ~torch.isin(slots[row], final_slots[row])
+            if bool(drop.any()):
+                edits[index] = valid & ~drop
+        return edits or None
 
     def merge_sample(self, visual: VisualTokens, probes) -> tuple[SampleSelection, torch.Tensor]:
         """Stage 1 for one sample: the selection (merges as `combine`, merged tokens first) and the
