@@ -2,37 +2,42 @@
 arXiv:2411.14164).
 
 Site: `vision` (scores from the vision tower), applied before the LLM. Token significance comes
-from the head-mean attention map A (N x N over the patches) of the vision layer the projector
-reads; of the two marginals
+from the head-mean attention map A (N x N over the patches of one tower pass: softmax over all keys,
+[CLS] included, then the [CLS] row and column dropped) of the vision layer the projector reads
+(LLaVA: the second to last). Of its two marginals
 
     s1_j = 1/N sum_i A_ij  (attention patch j receives),   s2_i = 1/N sum_j A_ij  (attention patch i pays),
 
-the one with the larger variance is the significance s. Then, per tower row (image, AnyRes crop,
-video frame):
+the one with the larger (unbiased) variance is the significance s (s1 if Var(s1) > Var(s2), else s2).
+Then, per tower row (image, AnyRes crop, video frame):
 
 - variant="rank": keep the floor(keep * N) tokens with the highest s_j;
 - variant="row": score each row of the token grid by the sum of its tokens' s_j and keep all tokens
   of the floor(keep * R) best rows (R rows), preserving continuous horizontal strips;
 
-and the kept tokens enter the LLM in their original order ("token reordering").
+and the kept tokens enter the LLM in their original order ("token reordering"). s1 and s2 come
+from the engine's "vision_marginals" probe ("received" = s1; "paid" = N s2, divided here by N).
 
 Code: the authors released none that we could find. The only implementation found,
-dongxianzhe/hydrainfer `hydrainfer/layer/token_prunning.py:focal_prunning` (and its older
-`FocalPrunning` class, which takes a ratio), written a week after the paper (its relation to the
-authors is not stated), is followed here: significance and variance rule as above on
-`attentions[vision_feature_layer]` with the [CLS] row and column dropped, `sort` descending, rows
-of a square grid, counts floor(N * ratio) tokens or floor(sqrt(N) * ratio) rows (truncation,
-reproduced here).
+dongxianzhe/hydrainfer `hydrainfer/layer/token_prunning.py:focal_prunning` (its caller,
+`dxz/model/llava.py:image_embed`, was removed in commit 5dee73e), written a week after the paper (its
+relation to the authors is not stated), is followed here: the map of `vision_feature_layer` with the
+[CLS] row and column dropped, the mean over heads, s1 the mean over queries and s2 the mean over keys,
+the strict `>` of the variance rule, `sort` descending, rows of a square grid, counts floor(N * ratio)
+tokens or floor(sqrt(N) * ratio) rows (truncation, reproduced here).
 
 Deviations, and why:
-- vlmkit's vision probe gives one attention vector per patch, not the full map (the map is never
-  materialised). Towers without [CLS] (SigLIP, Qwen2-VL) give s1 exactly (Qwen2-VL: summed over the
-  2x2 patches a token merges); there s2 is constant (every softmax row sums to one), so the variance
-  rule always picks s1 and the result is the reference's. CLIP towers (LLaVA-1.5, LLaVA-NeXT,
-  OneVision with a CLIP tower) give the [CLS] row instead: there the significance is [CLS] attention
-  (variant="rank" then ranks as FasterVLM), not s1/s2 of the patch-to-patch map. Reproducing the
-  reference on CLIP needs a probe of the patch-received attention (and of each patch's attention to
-  [CLS] for s2) for CLIP towers;
+- the reference scores the map *before* the softmax (its eager attention returns the scaled logits
+  q.k / sqrt(d), taken before they are normalised; its unit test feeds negative scores); A here is
+  the softmax attention map, the one the engine's probe gives the marginals of (the logits' marginals
+  are not given);
+- Qwen2-VL (packed attention: no per-image map in the probe) gives no marginals: there s is the
+  probe's mean attention each token receives (summed over the 2x2 patches a token merges). That is s1:
+  without [CLS] every softmax row sums to one, s2 is constant and the rule picks s1 (SigLIP towers give
+  the marginals, and the rule picks s1 the same way);
+- the rule and the scores are per tower row on the tokens that reach the LLM (AnyRes unpadding drops
+  some; pooled videos carry the pooled marginals, N their grid's count); the reference has one map per
+  image and keeps all its patches;
 - rows are the token grid's rows within a tower row (any aspect ratio, AnyRes crops after unpadding;
   the reference asserts a square grid); a `tokens` budget becomes the share tokens / N;
 - ties keep the lower index (row) first (torch `sort` leaves them unspecified).
@@ -80,7 +85,7 @@ class FoPru(TokenSelector):
     example = "keep=0.25,variant=row"
     neutral = "keep=1.0"
     paper = "https://arxiv.org/abs/2411.14164"
-    needs = frozenset({"vision_attention"})
+    needs = frozenset({"vision_attention", "vision_marginals"})
 
     def vision_layer(self, adapter) -> int:
         return adapter.default_vision_layer() if self.config.vision_layer is None else self.config.vision_layer
@@ -97,8 +102,10 @@ class FoPru(TokenSelector):
     def select(self, context: SelectionContext) -> Selection:
         samples = []
         for visual, probes in zip(context.visual, context.vision):
-            significance = _significance(visual, probes)
-            kept = [self.select_unit(significance[unit], visual.row[unit], unit) for unit in _tower_rows(visual)]
+            kept = [
+                self.select_unit(_significance(visual, probes, unit), visual.row[unit], unit)
+                for unit in _tower_rows(visual)
+            ]
             keep = torch.sort(torch.cat(kept)).values if kept else visual.slots.new_zeros(0)
             samples.append(SampleSelection(keep))
         return Selection(samples)
@@ -114,12 +121,22 @@ class FoPru(TokenSelector):
         return unit[torch.isin(row_of, chosen)]
 
 
-def _significance(visual: VisualTokens, probes: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    """The probe's per-token score for each of the sample's visual tokens (sequence order)."""
-    significance = torch.zeros(len(visual), dtype=torch.float32, device=visual.slots.device)
-    for image, probe in enumerate(probes):
-        significance[visual.image_index(image)] = probe["importance"].float().to(significance.device)
-    return significance
+def _significance(visual: VisualTokens, probes: list[dict[str, torch.Tensor]], unit: torch.Tensor) -> torch.Tensor:
+    """The significance of the tokens of one tower row `unit` (indices into the sample's visual
+    tokens, all of one image): the marginal with the larger variance where the probe has the
+    marginals, else its per-token attention score."""
+    image = int(visual.image[unit[0]])
+    probe = probes[image]
+    local = torch.searchsorted(visual.image_index(image), unit)  # the unit's place among the image's tokens
+    device = visual.slots.device
+    if "received" not in probe or "paid" not in probe:
+        return probe["importance"].float().to(device)[local]
+    _, rows, cols = visual.grids[image]
+    received = probe["received"].float().to(device)[local]  # s1: mean over the patch queries
+    paid = probe["paid"].float().to(device)[local] / (rows * cols)  # s2: the reference's mean over keys
+    if received.numel() > 1 and torch.var(received) > torch.var(paid):
+        return received
+    return paid
 
 
 def _tower_rows(visual: VisualTokens) -> list[torch.Tensor]:
