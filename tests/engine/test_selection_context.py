@@ -96,7 +96,7 @@ def test_the_cls_probe_gives_the_cls_rows_logits_mean_over_heads():
         torch.testing.assert_close(meta.probe["cls_logits"], expected[image, 1:], rtol=1e-5, atol=1e-6)  # patches only
 
 
-def test_the_vision_marginals_are_the_patch_to_patch_attention_maps_row_and_column_sums():
+def test_the_vision_marginals_are_the_patch_to_patch_maps_row_and_column_sums_and_means():
     from vlmkit.methods.prune.visionzip import VisionZip
 
     class Marginals(VisionZip):
@@ -112,7 +112,14 @@ def test_the_vision_marginals_are_the_patch_to_patch_attention_maps_row_and_colu
     tower = tiny.model.vision_tower
     layer = len(tower.encoder.layers) - 2
     with torch.no_grad():
-        attention = tower(batch["pixel_values"], output_attentions=True).attentions[layer].mean(dim=1)[:, 1:, 1:]
+        out = tower(batch["pixel_values"], output_attentions=True, output_hidden_states=True)
+        attention = out.attentions[layer].mean(dim=1)[:, 1:, 1:]
+        block = tower.encoder.layers[layer]
+        normed = block.layer_norm1(out.hidden_states[layer])
+        heads = block.self_attn.num_heads
+        query = block.self_attn.q_proj(normed).view(2, normed.shape[1], heads, -1).transpose(1, 2)
+        key = block.self_attn.k_proj(normed).view(2, normed.shape[1], heads, -1).transpose(1, 2)
+        logits = ((query @ key.transpose(-1, -2)) * block.self_attn.scale).mean(dim=1)[:, 1:, 1:]
     method = Marginals(keep=1.0)
     with vlmkit.apply(tiny, method), torch.no_grad():
         tiny(**batch)
@@ -120,3 +127,5 @@ def test_the_vision_marginals_are_the_patch_to_patch_attention_maps_row_and_colu
         probe = method.seen[image][0]
         torch.testing.assert_close(probe["received"], attention[image].mean(dim=0), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(probe["paid"], attention[image].sum(dim=1), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(probe["received_logits"], logits[image].mean(dim=0), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(probe["paid_logits"], logits[image].mean(dim=1), rtol=1e-5, atol=1e-5)

@@ -94,52 +94,52 @@ def reference_focal(attention: torch.Tensor, count: int, strategy: str) -> list[
 
 
 def marginals_context(visual: VisualTokens, received: torch.Tensor, paid: torch.Tensor) -> SelectionContext:
-    """A probe with the patch map's marginals (the "importance" entry is a decoy the rule must ignore)."""
+    """A probe with the patch map's logit marginals (the "importance" entry is a decoy the rule must ignore)."""
     decoy = -torch.arange(len(visual), dtype=torch.float32)
-    probes = [[{"importance": decoy, "keys": torch.zeros(len(visual), 2), "received": received, "paid": paid}]]
-    return SelectionContext(hidden=torch.zeros(1, 40, 4), visual=[visual], layer=0, num_layers=4, vision=probes)
+    probe = {"importance": decoy, "keys": torch.zeros(len(visual), 2), "received_logits": received, "paid_logits": paid}
+    return SelectionContext(hidden=torch.zeros(1, 40, 4), visual=[visual], layer=0, num_layers=4, vision=[[probe]])
 
 
 def kept_by_marginals(method, visual, received, paid) -> list[int]:
     return method.select(marginals_context(visual, received, paid)).samples[0].keep.tolist()
 
 
-def test_fopru_takes_the_marginal_with_the_larger_variance_paid_as_a_mean():
+def test_fopru_takes_the_marginal_with_the_larger_variance():
     visual = tokens(2, 2)  # N = 4 patches
-    # s1 = received, var 1/60; s2 = paid / 4 = [.225, .125, .175, .2375], var 0.0026 (paid itself: 0.042)
-    received, paid = torch.tensor([0.1, 0.4, 0.2, 0.3]), torch.tensor([0.9, 0.5, 0.7, 0.95])
-    assert kept_by_marginals(FoPru(tokens=1), visual, received, paid) == [1]  # s1 (the sum would pick 3)
+    # s1 varies more (var 1/60 against 0.0026): the top s1 patch
+    received, paid = torch.tensor([0.1, 0.4, 0.2, 0.3]), torch.tensor([0.225, 0.125, 0.175, 0.2375])
+    assert kept_by_marginals(FoPru(tokens=1), visual, received, paid) == [1]
     # a flat s1: s2 = [.05, .225, .15, .2375] leads
-    received, paid = torch.tensor([0.25, 0.26, 0.24, 0.25]), torch.tensor([0.2, 0.9, 0.6, 0.95])
+    received, paid = torch.tensor([0.25, 0.26, 0.24, 0.25]), torch.tensor([0.05, 0.225, 0.15, 0.2375])
     assert kept_by_marginals(FoPru(tokens=1), visual, received, paid) == [3]
     assert kept_by_marginals(FoPru(keep=0.5), visual, received, paid) == [1, 3]
     assert kept_by_marginals(FoPru(variant="row", keep=0.5), visual, received, paid) == [2, 3]  # rows .275 < .3875
     # equal variances (the same values permuted, exact in binary): the strict > gives s2
-    received, paid = torch.tensor([0.125, 0.25, 0.5, 0.0]), torch.tensor([0.0, 2.0, 1.0, 0.5])
+    received, paid = torch.tensor([0.125, 0.25, 0.5, 0.0]), torch.tensor([0.0, 0.5, 0.25, 0.125])
     assert kept_by_marginals(FoPru(tokens=1), visual, received, paid) == [1]  # s1 would pick 2
 
 
 def test_fopru_marginals_are_taken_per_tower_row():
-    visual = tokens(1, 2, crops=2)  # two crops of 1 x 2 patches: N = 2 per crop
+    visual = tokens(1, 2, crops=2)  # two crops of 1 x 2 patches
     # crop 0: s1 = [0.1, 0.3] (var .02), s2 = [0.45, 0.4] (var .00125) -> s1; crop 1: s1 flat -> s2
     received = torch.tensor([0.1, 0.3, 0.2, 0.2])
-    paid = torch.tensor([0.9, 0.8, 0.2, 0.6])
+    paid = torch.tensor([0.45, 0.4, 0.1, 0.3])
     assert kept_by_marginals(FoPru(keep=0.5), visual, received, paid) == [1, 3]
 
 
-@pytest.mark.parametrize("cls_bias,paid_wins", [(0.0, False), (6.0, True)], ids=["received", "paid"])
+@pytest.mark.parametrize("query_bias,paid_wins", [(0.0, False), (6.0, True)], ids=["received", "paid"])
 @pytest.mark.parametrize("variant,keep,count", [("rank", 0.25, 4), ("row", 0.5, 2)])
-def test_fopru_with_cls_equals_the_reference_on_the_patch_map(variant, keep, count, cls_bias, paid_wins):
-    """A CLIP-like map: softmax over [CLS] and 16 patches, then [CLS] dropped. The probe's marginals
-    (received: mean over patch queries; paid: sum over patch keys) give the reference's selection;
-    a [CLS] column whose logits vary by query makes the paid side vary more."""
+def test_fopru_with_cls_equals_the_reference_on_the_patch_scores(variant, keep, count, query_bias, paid_wins):
+    """A CLIP-like map of [CLS] and 16 patches: the reference's scores are the logits before the
+    softmax, [CLS] row and column dropped; the probe's marginals (means over patch queries and over
+    patch keys) give its selection. Logits raised per query make the paid side vary more."""
     generator = torch.Generator().manual_seed(5)
     logits = torch.randn(2, 17, 17, generator=generator)
-    logits[:, :, 0] += cls_bias * torch.rand(17, generator=generator)  # per query: how much goes to [CLS]
-    patches = logits.softmax(dim=-1)[:, 1:, 1:]  # (heads, patch queries, patch keys)
+    logits += query_bias * torch.rand(17, 1, generator=generator)  # per query: every key's logit moves
+    patches = logits[:, 1:, 1:]  # (heads, patch queries, patch keys)
     mean_map = patches.mean(dim=0)
-    received, paid = mean_map.mean(dim=0), mean_map.sum(dim=1)
-    assert (received.var() <= (paid / 16).var()) == paid_wins
+    received, paid = mean_map.mean(dim=0), mean_map.mean(dim=1)
+    assert (received.var() <= paid.var()) == paid_wins
     chosen = kept_by_marginals(FoPru(variant=variant, keep=keep), tokens(4, 4), received, paid)
     assert chosen == reference_focal(patches, count, variant)
 
@@ -252,15 +252,21 @@ def test_cls_attention_methods_match_eager_cls_attention(name, count):
 
 @pytest.mark.parametrize("variant,keep", [("rank", 0.33), ("row", 0.5)])
 def test_fopru_matches_the_marginals_of_eager_clip_attention_maps(variant, keep):
-    """LLaVA's CLIP tower: the head-mean map of the layer the projector reads, softmax with [CLS],
-    [CLS] row and column dropped; s1 = mean over queries, s2 = mean over keys, the one with the larger
-    variance; floor(keep * 144) tokens or floor(keep * 12) rows of the 12 x 12 grid."""
+    """LLaVA's CLIP tower: the head-mean scores (logits before the softmax) of the layer the projector
+    reads, [CLS] row and column dropped; s1 = mean over queries, s2 = mean over keys, the one with the
+    larger variance; floor(keep * 144) tokens or floor(keep * 12) rows of the 12 x 12 grid."""
     tiny, processor = model("llava", "eager")
     batch = inputs(processor, photos()[:2], QUESTIONS[:2])
     tower = tiny.model.vision_tower
     layer = len(tower.encoder.layers) - 2  # hidden_states[-2] is this layer's output
     with torch.no_grad():
-        maps = tower(batch["pixel_values"], output_attentions=True).attentions[layer].mean(dim=1)[:, 1:, 1:]
+        hidden = tower(batch["pixel_values"], output_hidden_states=True).hidden_states[layer]
+        block = tower.encoder.layers[layer]
+        normed = block.layer_norm1(hidden)
+        heads = block.self_attn.num_heads
+        query = block.self_attn.q_proj(normed).view(2, normed.shape[1], heads, -1).transpose(1, 2)
+        key = block.self_attn.k_proj(normed).view(2, normed.shape[1], heads, -1).transpose(1, 2)
+        maps = ((query @ key.transpose(-1, -2)) * block.self_attn.scale).mean(dim=1)[:, 1:, 1:]
     with vlmkit.apply(tiny, f"fopru:keep={keep},variant={variant}") as patch, torch.no_grad():
         tiny(**batch)
         chosen = patch.selections["fopru"]

@@ -345,18 +345,23 @@ def received_attention_probe(attention: nn.Module, hidden: torch.Tensor) -> dict
 def attention_marginals(attention: nn.Module, hidden: torch.Tensor, skip_first: bool) -> dict[str, torch.Tensor]:
     """Marginals of the head-mean attention map among the patches: "received" (N,) the mean attention
     a patch receives from the patch queries, "paid" (N,) the attention a patch pays to the patch keys
-    (softmax over every key, [CLS] included; with `skip_first`, [CLS] at index 0 is neither query nor
-    key and gets 0, so the entries stay aligned with the tower's tokens). Builds the (N x N) map.
+    (softmax over every key, [CLS] included), and the same of the pre-softmax logits (scale q.k, mean
+    over heads): "received_logits" (mean over the patch queries), "paid_logits" (mean over the patch
+    keys). With `skip_first`, [CLS] at index 0 is neither query nor key and gets 0, so the entries stay
+    aligned with the tower's tokens. Builds the (N x N) map.
     """
     batch, length, _ = hidden.shape
     head_dim = attention.head_dim
     query = attention.q_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2).float()
     key = attention.k_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2).float()
-    weights = ((query @ key.transpose(-1, -2)) * attention.scale).softmax(dim=-1).mean(dim=1)
+    logits = (query @ key.transpose(-1, -2)) * attention.scale
     first = int(skip_first)
-    patches = weights[:, first:, first:]
+    weights = logits.softmax(dim=-1).mean(dim=1)[:, first:, first:]
+    logits = logits.mean(dim=1)[:, first:, first:]
     pad = torch.zeros(batch, first, device=hidden.device)
-    return {"received": torch.cat([pad, patches.mean(dim=1)], dim=1), "paid": torch.cat([pad, patches.sum(dim=2)], dim=1)}
+    marginals = {"received": weights.mean(dim=1), "paid": weights.sum(dim=2),
+                 "received_logits": logits.mean(dim=1), "paid_logits": logits.mean(dim=2)}
+    return {name: torch.cat([pad, value], dim=1) for name, value in marginals.items()}
 
 
 def concat_probes(probes: list[dict[str, torch.Tensor]] | None) -> dict[str, torch.Tensor] | None:

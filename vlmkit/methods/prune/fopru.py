@@ -2,9 +2,9 @@
 arXiv:2411.14164).
 
 Site: `vision` (scores from the vision tower), applied before the LLM. Token significance comes
-from the head-mean attention map A (N x N over the patches of one tower pass: softmax over all keys,
-[CLS] included, then the [CLS] row and column dropped) of the vision layer the projector reads
-(LLaVA: the second to last). Of its two marginals
+from the head-mean attention scores A (N x N over the patches of one tower pass: the scaled logits
+q.k / sqrt(d), as the reference takes them before the softmax, the [CLS] row and column dropped) of
+the vision layer the projector reads (LLaVA: the second to last). Of its two marginals
 
     s1_j = 1/N sum_i A_ij  (attention patch j receives),   s2_i = 1/N sum_j A_ij  (attention patch i pays),
 
@@ -16,7 +16,7 @@ Then, per tower row (image, AnyRes crop, video frame):
   of the floor(keep * R) best rows (R rows), preserving continuous horizontal strips;
 
 and the kept tokens enter the LLM in their original order ("token reordering"). s1 and s2 come
-from the engine's "vision_marginals" probe ("received" = s1; "paid" = N s2, divided here by N).
+from the engine's "vision_marginals" probe ("received_logits" and "paid_logits").
 
 Code: the authors released none that we could find. The only implementation found,
 dongxianzhe/hydrainfer `hydrainfer/layer/token_prunning.py:focal_prunning` (its caller,
@@ -27,10 +27,6 @@ the strict `>` of the variance rule, `sort` descending, rows of a square grid, c
 tokens or floor(sqrt(N) * ratio) rows (truncation, reproduced here).
 
 Deviations, and why:
-- the reference scores the map *before* the softmax (its eager attention returns the scaled logits
-  q.k / sqrt(d), taken before they are normalised; its unit test feeds negative scores); A here is
-  the softmax attention map, the one the engine's probe gives the marginals of (the logits' marginals
-  are not given);
 - Qwen2-VL (packed attention: no per-image map in the probe) gives no marginals: there s is the
   probe's mean attention each token receives (summed over the 2x2 patches a token merges). That is s1:
   without [CLS] every softmax row sums to one, s2 is constant and the rule picks s1 (SigLIP towers give
@@ -129,11 +125,10 @@ def _significance(visual: VisualTokens, probes: list[dict[str, torch.Tensor]], u
     probe = probes[image]
     local = torch.searchsorted(visual.image_index(image), unit)  # the unit's place among the image's tokens
     device = visual.slots.device
-    if "received" not in probe or "paid" not in probe:
+    if "received_logits" not in probe or "paid_logits" not in probe:
         return probe["importance"].float().to(device)[local]
-    _, rows, cols = visual.grids[image]
-    received = probe["received"].float().to(device)[local]  # s1: mean over the patch queries
-    paid = probe["paid"].float().to(device)[local] / (rows * cols)  # s2: the reference's mean over keys
+    received = probe["received_logits"].float().to(device)[local]  # s1: mean over the patch queries
+    paid = probe["paid_logits"].float().to(device)[local]  # s2: mean over the patch keys
     if received.numel() > 1 and torch.var(received) > torch.var(paid):
         return received
     return paid
