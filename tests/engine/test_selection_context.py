@@ -129,3 +129,29 @@ def test_the_vision_marginals_are_the_patch_to_patch_maps_row_and_column_sums_an
         torch.testing.assert_close(probe["paid"], attention[image].sum(dim=1), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(probe["received_logits"], logits[image].mean(dim=0), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(probe["paid_logits"], logits[image].mean(dim=1), rtol=1e-5, atol=1e-5)
+
+
+def test_full_keys_are_the_key_projection_of_every_token():
+    from vlmkit.methods.prune.visionzip import VisionZip
+
+    class FullKeys(VisionZip):
+        name = "full_keys"
+        needs = frozenset({"vision_attention", "vision_full_keys"})
+
+        def select(self, context):
+            self.seen = context.vision
+            return super().select(context)
+
+    tiny, processor = model("llava")
+    batch = inputs(processor, photos()[:2], QUESTIONS[:2])
+    tower = tiny.model.vision_tower
+    layer = len(tower.encoder.layers) - 2
+    with torch.no_grad():
+        hidden = tower(batch["pixel_values"], output_hidden_states=True).hidden_states[layer]
+        block = tower.encoder.layers[layer]
+        expected = block.self_attn.k_proj(block.layer_norm1(hidden))[:, 1:]
+    method = FullKeys(keep=1.0)
+    with vlmkit.apply(tiny, method), torch.no_grad():
+        tiny(**batch)
+    for image in range(2):
+        torch.testing.assert_close(method.seen[image][0]["full_keys"], expected[image], rtol=1e-5, atol=1e-6)

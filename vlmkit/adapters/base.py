@@ -112,6 +112,11 @@ class Adapter:
         `attention_marginals`), or None where the tower's attention is not one dense map per row."""
         return attention_marginals(attention, hidden, skip_first=self.select_strategy() == "default")
 
+    def vision_full_keys(self, attention: nn.Module, hidden: torch.Tensor, kwargs: dict) -> dict[str, torch.Tensor] | None:
+        """"full_keys": (rows, N, heads * d) every head's key of each token side by side (the key
+        projection's output), or None where the tower's attention is not one dense map per row."""
+        return {"full_keys": attention.k_proj(hidden)}
+
     @property
     def projector(self) -> nn.Module | None:
         """The projector from vision features to the LLM's input when it maps token to token (LLaVA's

@@ -45,6 +45,9 @@ class Qwen2VLAdapter(Adapter):
     def vision_marginals(self, attention, hidden, kwargs):
         return None  # the tower attends within each image of a packed sequence: no dense map per row
 
+    def vision_full_keys(self, attention, hidden, kwargs):
+        return None
+
     def vision_probe(self, attention, hidden, kwargs):
         length = hidden.shape[0]
         query, key, _ = attention.qkv(hidden).reshape(length, 3, attention.num_heads, -1).permute(1, 0, 2, 3).unbind(0)

@@ -57,6 +57,7 @@ class Plan:
         vision_features: whether a method reads the vision features the projector receives.
         vision_marginals: whether a method reads the patch-to-patch attention map's marginals
             ("received", "paid"), at the probed layers.
+        vision_full_keys: whether a method reads every head's keys side by side ("full_keys").
     """
 
     selectors: dict[int, TokenSelector] = field(default_factory=dict)
@@ -69,6 +70,7 @@ class Plan:
     vision_primary: int | None = None
     vision_features: bool = False
     vision_marginals: bool = False
+    vision_full_keys: bool = False
 
     @property
     def stack(self) -> bool:
@@ -159,6 +161,8 @@ def build_plan(methods: list[Method], adapter: "Adapter", supported_families: tu
             plan.vision_features = True
         if "vision" in sites and "vision_marginals" in method.needs:
             plan.vision_marginals = True
+        if "vision" in sites and "vision_full_keys" in method.needs:
+            plan.vision_full_keys = True
         if "route" in sites:
             for layer in in_range(method, "layer", tuple(method.routed_layers(num_layers))):
                 claim("route", layer, method)
@@ -240,6 +244,8 @@ def _install_visual_tracking(patch: "Patch", plan: Plan) -> None:
                 probe = adapter.vision_probe(module, hidden, kwargs)
                 if plan.vision_marginals:
                     probe.update(adapter.vision_marginals(module, hidden, kwargs) or {})
+                if plan.vision_full_keys:
+                    probe.update(adapter.vision_full_keys(module, hidden, kwargs) or {})
                 probes[_layer].append(probe)
             return None
 
