@@ -52,6 +52,7 @@ from vlmkit.engine.selection import (
 )
 from vlmkit.errors import ConfigError
 from vlmkit.methods.base import TokenBudgetConfig, TokenSelector
+from vlmkit.methods.prune._grid import tower_rows
 from vlmkit.registry import register_method
 
 DEFAULT_KEEP = 64 / 576
@@ -102,7 +103,7 @@ class CDPruner(TokenSelector):
             features = context.hidden[row, visual.slots].float()
             relevance = self.relevance(features, context.hidden[row, self.text_slots(context, row, visual)].float())
             kept = []
-            for unit in _tower_rows(visual):
+            for unit in tower_rows(visual):
                 count = self.config.kept_count(unit.numel(), DEFAULT_KEEP)
                 if count == unit.numel():
                     kept.append(unit)
@@ -169,10 +170,3 @@ def dpp_greedy(kernel: torch.Tensor, count: int) -> torch.Tensor:
         gains -= update * update
         gains[best] = float("-inf")
     return torch.sort(torch.tensor(picks, dtype=torch.long, device=kernel.device)).values
-
-
-def _tower_rows(visual: VisualTokens) -> list[torch.Tensor]:
-    """Indices of the tokens of each tower row (image, video frame, AnyRes crop), each in sequence order."""
-    key = torch.stack([visual.image, visual.frame, visual.crop], dim=1)
-    _, inverse = torch.unique(key, dim=0, return_inverse=True)
-    return [torch.nonzero(inverse == unit).flatten() for unit in range(int(inverse.max()) + 1)]

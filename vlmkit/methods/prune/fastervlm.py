@@ -42,6 +42,7 @@ from vlmkit.engine.selection import (
 )
 from vlmkit.errors import ConfigError
 from vlmkit.methods.base import TokenBudgetConfig, TokenSelector, top_k_sorted
+from vlmkit.methods.prune._grid import tower_rows
 from vlmkit.registry import register_method
 
 DEFAULT_KEEP = 0.1  # 90% reduction: 58 of 576 tokens
@@ -75,7 +76,7 @@ class FasterVLM(TokenSelector):
         for visual, probes in zip(context.visual, context.vision):
             importance = _importance(visual, probes)
             kept = []
-            for unit in _tower_rows(visual):
+            for unit in tower_rows(visual):
                 count = self.config.kept_count(unit.numel(), DEFAULT_KEEP)
                 kept.append(unit[top_k_sorted(importance[unit], count)])
             keep = torch.sort(torch.cat(kept)).values if kept else visual.slots.new_zeros(0)
@@ -89,12 +90,3 @@ def _importance(visual: VisualTokens, probes: list[dict[str, torch.Tensor]]) -> 
     for image, probe in enumerate(probes):
         importance[visual.image_index(image)] = probe["importance"].float().to(importance.device)
     return importance
-
-
-def _tower_rows(visual: VisualTokens) -> list[torch.Tensor]:
-    """Indices of the tokens of each tower row (image, video frame, AnyRes crop), each in sequence order."""
-    if len(visual) == 0:
-        return []
-    key = torch.stack([visual.image, visual.frame, visual.crop], dim=1)
-    _, inverse = torch.unique(key, dim=0, return_inverse=True)
-    return [torch.nonzero(inverse == unit).flatten() for unit in range(int(inverse.max()) + 1)]

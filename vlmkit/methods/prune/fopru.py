@@ -54,6 +54,7 @@ from vlmkit.engine.selection import (
 )
 from vlmkit.errors import ConfigError
 from vlmkit.methods.base import TokenBudgetConfig, TokenSelector, top_k_sorted
+from vlmkit.methods.prune._grid import tower_rows
 from vlmkit.registry import register_method
 
 DEFAULT_KEEP = 0.25
@@ -100,7 +101,7 @@ class FoPru(TokenSelector):
         for visual, probes in zip(context.visual, context.vision):
             kept = [
                 self.select_unit(_significance(visual, probes, unit), visual.row[unit], unit)
-                for unit in _tower_rows(visual)
+                for unit in tower_rows(visual)
             ]
             keep = torch.sort(torch.cat(kept)).values if kept else visual.slots.new_zeros(0)
             samples.append(SampleSelection(keep))
@@ -132,12 +133,3 @@ def _significance(visual: VisualTokens, probes: list[dict[str, torch.Tensor]], u
     if received.numel() > 1 and torch.var(received) > torch.var(paid):
         return received
     return paid
-
-
-def _tower_rows(visual: VisualTokens) -> list[torch.Tensor]:
-    """Indices of the tokens of each tower row (image, video frame, AnyRes crop), each in sequence order."""
-    if len(visual) == 0:
-        return []
-    key = torch.stack([visual.image, visual.frame, visual.crop], dim=1)
-    _, inverse = torch.unique(key, dim=0, return_inverse=True)
-    return [torch.nonzero(inverse == unit).flatten() for unit in range(int(inverse.max()) + 1)]
