@@ -118,14 +118,16 @@ def test_prumerge_outlier_ratio_is_the_interquartile_rule():
 
 
 def test_prumerge_adaptive_keeps_the_outliers_by_attention_then_the_pooled_token():
-    """a = softmax(sqrt(C / d) l) over the row: features of width C = 8 and keys of width d = 2 (four
-    heads) scale the logits by 2, so l = log(SCORES) / 2 gives a = SCORES / 1.45 (their sum)."""
+    """a = softmax(sqrt(C / d) l) over the row: full keys of width C = 8 and head-mean keys of width
+    d = 2 (four heads) scale the logits by 2, so l = log(SCORES) / 2 gives a = SCORES / 1.45 (their
+    sum); the features' width (here 6) plays no part."""
     generator = torch.Generator().manual_seed(0)
     probe = {
         "importance": SCORES.flip(0),  # the head-mean softmax attention: not what the reference reads
         "cls_logits": SCORES.log() / 2,
         "keys": torch.randn(12, 2, generator=generator),
-        "features": torch.randn(12, 8, generator=generator),
+        "full_keys": torch.randn(12, 8, generator=generator),
+        "features": torch.randn(12, 6, generator=generator),
     }
     sample = PruMerge().select_sample(grid_tokens(3, 4), [probe])
     # outliers 5 (0.50) and 8 (0.40) (the interquartile rule ignores the scale), then the extra token
@@ -139,8 +141,8 @@ def test_prumerge_adaptive_keeps_the_outliers_by_attention_then_the_pooled_token
     torch.testing.assert_close(sample.combine[0], expected)  # sum of a_j x_j over the pruned patches
 
 
-def test_prumerge_without_cls_logits_or_features_scores_by_the_probes_attention():
-    """SigLIP/Qwen2-VL (no [CLS] logits) and pooled videos (no features: C unknown): a = "importance"."""
+def test_prumerge_without_cls_logits_or_full_keys_scores_by_the_probes_attention():
+    """SigLIP/Qwen2-VL (no [CLS] logits; Qwen2-VL no full keys either: C unknown): a = "importance"."""
     keys = torch.randn(12, 2, generator=torch.Generator().manual_seed(0))
     for probe in ({"importance": SCORES, "keys": keys}, {"importance": SCORES, "cls_logits": -SCORES, "keys": keys}):
         sample = PruMerge().select_sample(grid_tokens(3, 4), [probe])
@@ -152,13 +154,21 @@ def test_prumerge_without_cls_logits_or_features_scores_by_the_probes_attention(
         assert torch.equal(sample.combine[0], expected)
 
 
-def test_prumerge_merges_each_kept_patch_with_its_nearest_keys_weighted_by_attention():
-    """y_i = x_i + sum_{j in kNN(i)} a_j x_j (unnormalised, neighbours kept or not), by hand on 2x4."""
-    # a = softmax(sqrt(C / d) l) with C = 4, d = 2: l = log(s) / sqrt(2) gives a = s / 0.8 (sum of s)
+def test_prumerge_merges_each_kept_patch_with_its_nearest_full_keys_weighted_by_attention():
+    """y_i = x_i + sum_{j in kNN(i)} a_j x_j (unnormalised, neighbours kept or not), by hand on 2x4;
+    the neighbours by the cosine of the full keys (two heads side by side), not of their head mean."""
+    # a = softmax(sqrt(C / d) l) with C = 4 (full keys), d = 2 (head mean): l = log(s) / sqrt(2)
+    # gives a = s / 0.8 (sum of s)
     scores = torch.tensor([0.30, 0.05, 0.10, 0.02, 0.20, 0.08, 0.01, 0.04])
-    keys = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [1.0, 0.5], [0.1, 1.0], [-1.0, 0.0], [0.5, 1.0], [1.0, -0.3]])
+    head = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [1.0, 0.5], [0.1, 1.0], [-1.0, 0.0], [0.5, 1.0], [1.0, -0.3]])
+    # heads (x, y) and (-x, y): the full key's cosines are those of (x, y); the head mean (0, y) is
+    # zero for 0 and 5 and would give 0 the neighbours 1, 2 (all cosines 0) and 4 the neighbours 1, 2
+    # (cosine 1 with 1, 2, 3, 6)
+    full_keys = torch.cat([head, head * torch.tensor([-1.0, 1.0])], dim=1)
+    keys = full_keys.view(8, 2, 2).mean(dim=1)
     features = torch.arange(32.0).view(8, 4)
-    probe = {"importance": scores.flip(0), "cls_logits": scores.log() / math.sqrt(2), "keys": keys, "features": features}
+    probe = {"importance": scores.flip(0), "cls_logits": scores.log() / math.sqrt(2), "keys": keys,
+             "full_keys": full_keys, "features": features}
     sample = PruMerge(tokens=3, neighbours=2).select_sample(grid_tokens(2, 4), [probe])
     # top 2 by attention: 0, 4; the extra token sits at the best pruned patch, 2
     assert sample.keep.tolist() == [0, 2, 4] and sample.keep[sample.order].tolist() == [0, 4, 2]
@@ -200,8 +210,9 @@ def test_prumerge_orders_each_anyres_tile_within_its_own_rows():
     visual = tokens(coords, [(1, 2, 2)])
     scores = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.1, 0.5, 0.2, 0.1, 0.3, 0.2, 0.1, 0.4])
     generator = torch.Generator().manual_seed(0)
+    keys = torch.randn(12, 4, generator=generator)
     probe = {"importance": scores, "cls_logits": scores.log(),  # C = d: one head, a = softmax(l) per crop
-             "keys": torch.randn(12, 4, generator=generator), "features": torch.randn(12, 4, generator=generator)}
+             "keys": keys, "full_keys": keys, "features": torch.randn(12, 4, generator=generator)}
     sample = PruMerge(tokens=2, neighbours=0).select_sample(visual, [probe])
     # base: 3 (0.4), extra at 2; tile 1 (4, 5, 8, 9): 5, extra at 8; tile 2 (6, 7, 10, 11): 11, extra at 6
     assert sample.keep.tolist() == [2, 3, 5, 6, 8, 11]
@@ -219,7 +230,8 @@ def test_prumerge_orders_each_anyres_tile_within_its_own_rows():
 
 def test_prumerge_matches_the_references_one_head_attention_and_key_neighbours():
     """The reference's attention, softmax(q k^T / sqrt(C)) over the full-width q and k projections of
-    the last layer, renormalised over the patches (the probe has no [CLS] self-logit)."""
+    the last layer, renormalised over the patches (the probe has no [CLS] self-logit), and its
+    neighbours by the cosine of the full-width keys of the patches."""
     tiny, processor = model("llava", "eager")
     batch = inputs(processor, photos()[:2], QUESTIONS[:2])
     tower = tiny.model.vision_tower
@@ -230,14 +242,15 @@ def test_prumerge_matches_the_references_one_head_attention_and_key_neighbours()
         heads = block.self_attn.num_heads
         normed = block.layer_norm1(out.hidden_states[layer])
         query = block.self_attn.q_proj(normed[:, :1])  # (2, 1, C): the heads side by side
-        key = block.self_attn.k_proj(normed)
-        keys = key.view(*normed.shape[:2], heads, -1).mean(dim=2)
+        key = block.self_attn.k_proj(normed)  # (2, 1 + n, C)
+        head_mean = key.view(*normed.shape[:2], heads, -1).mean(dim=2)
     features = out.hidden_states[-2][:, 1:]  # what the projector reads (vision_feature_layer -2)
     width = features.shape[-1]
     reference = torch.softmax((query @ key.transpose(1, 2))[:, 0] / width**0.5, dim=-1)  # (2, 1 + n)
     neighbours = 5
     chosen, hidden = entering(tiny, batch, f"prumerge:neighbours={neighbours}", "prumerge")
     placeholders = batch["input_ids"] == tiny.config.image_token_id
+    differs = False  # whether head-mean keys would pick other neighbours (else the test cannot tell)
     for image in range(2):
         a = reference[image, 1:] / (1 - reference[image, 0])
         n = a.numel()
@@ -247,18 +260,25 @@ def test_prumerge_matches_the_references_one_head_attention_and_key_neighbours()
         pruned = torch.tensor([j for j in range(n) if j not in top.tolist()])
         extra_at = pruned[torch.argmax(a[pruned])]
         assert chosen[image].tolist() == sorted(top.tolist() + [int(extra_at)])
-        k = F.normalize(keys[image, 1:], dim=-1)
         rows = []
         for i in top.tolist():
-            similarity = k[i] @ k.T
-            similarity[i] = -float("inf")
-            near = torch.argsort(similarity, descending=True, stable=True)[:neighbours]
+            near, near_by_mean = (nearest(k[image, 1:], i, neighbours) for k in (key, head_mean))
+            differs |= set(near.tolist()) != set(near_by_mean.tolist())
             rows.append(features[image, i] + (a[near, None] * features[image, near]).sum(dim=0))
         rows.append((a[pruned, None] * features[image, pruned]).sum(dim=0))
         with torch.no_grad():
             expected = tiny.model.multi_modal_projector(torch.stack(rows)[None])[0]
         got = hidden[image, image_rows(batch, hidden, image, expected.shape[0], placeholders)]
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert differs
+
+
+def nearest(keys: torch.Tensor, i: int, count: int) -> torch.Tensor:
+    """The `count` patches (other than i) of highest key cosine with patch i, ties to the lower index."""
+    k = F.normalize(keys, dim=-1)
+    similarity = k[i] @ k.T
+    similarity[i] = -float("inf")
+    return torch.argsort(similarity, descending=True, stable=True)[:count]
 
 
 # ---------------------------------------------------------------- bilinear downsampling

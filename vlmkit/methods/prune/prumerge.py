@@ -8,18 +8,20 @@ hooks the q and k projections of `layers[23]` of CLIP ViT-L, whose input is the 
 features LLaVA reads), a_j is the [CLS] attention of patch j as the reference computes it, one head
 over the concatenated projections, softmax_j(q . k_j / sqrt(C)) with C the width of the features the
 projector reads (the tower's width, that of q and k). With l_j the probe's "cls_logits" (mean over
-the H heads of q_h . k_j,h / sqrt(d), d = C / H the head width, the probe's key width),
-q . k_j = sum_h q_h . k_j,h = H sqrt(d) l_j, so
+the H heads of q_h . k_j,h / sqrt(d), d = C / H the head width), q . k_j = sum_h q_h . k_j,h =
+H sqrt(d) l_j, so
 
-    a_j = softmax_j(sqrt(C / d) l_j)   over the row's patches;
+    a_j = softmax_j(sqrt(C / d) l_j)   over the row's patches,
 
-k_j is patch j's key (head mean, below):
+C / d the width of the probe's "full_keys" over that of its head-mean "keys". k_j is patch j's
+key as the reference compares it: the key projection's output at that layer, all heads side by
+side (the probe's "full_keys", [CLS] excluded), L2-normalised for the cosine:
 
 1. prune (adaptive, the default): the outliers of a by the interquartile rule,
    a_j > Q3 + 1.5 (Q3 - Q1) (linear-interpolated quartiles, as `np.percentile`), give a ratio
    r = outliers / n, and the `int(n * r)` patches with the highest a_j are kept, in decreasing a_j;
-2. merge: each kept patch i absorbs its `neighbours` (32) nearest other patches by key cosine
-   similarity (kept or not), weighted by their [CLS] attention, unnormalised,
+2. merge: each kept patch i absorbs its `neighbours` (32) nearest other patches by cosine
+   similarity of k (kept or not), weighted by their [CLS] attention, unnormalised,
 
        y_i = x_i + sum_{j in kNN(i)} a_j x_j,
 
@@ -43,11 +45,10 @@ Deviations from the reference code, and why:
   rule) are the reference's and only the merge weights of the row are larger, all by that one
   factor (on an AnyRes crop the softmax runs over the patches that survive unpadding: again one
   factor per row);
-- k_j is the head-mean key, as the probe gives it: the reference compares the concatenated keys
-  (k_proj's full width), which the probe does not carry;
-- towers without [CLS] (SigLIP, Qwen2-VL), and rows without vision features (where C is unknown:
-  Qwen2-VL, LLaVA-OneVision's pooled videos), score by the probe's head-mean attention after the
+- towers without [CLS] (SigLIP, Qwen2-VL) score by the probe's head-mean attention after the
   softmax ("importance": the [CLS] row, or the mean attention a patch receives without [CLS]);
+- Qwen2-VL's tower (packed attention, fused qkv) gives no "full_keys": there k_j is the head-mean
+  key (probe "keys");
 - the reference is LLaVA-1.5 only (one 576-patch image per batch); here each tower row is treated as
   its image, over the patches that survive AnyRes unpadding;
 - quartiles in float64; at least one patch is kept (the reference keeps none, and PruMerge+ divides
@@ -97,7 +98,7 @@ class PruMerge(TokenSelector):
     example = ""
     neutral = "keep=1.0"
     paper = "https://arxiv.org/abs/2403.15388"
-    needs = frozenset({"vision_attention", "vision_features"})
+    needs = frozenset({"vision_attention", "vision_features", "vision_full_keys"})
 
     def vision_layer(self, adapter) -> int:
         return len(adapter.vision_layers) - 1 if self.config.vision_layer is None else self.config.vision_layer
@@ -126,7 +127,8 @@ class PruMerge(TokenSelector):
     def select_sample(self, visual: VisualTokens, probes) -> SampleSelection:
         """Every tower row of one sample: kept patches (merged with their neighbours) and the extra token."""
         scores = cls_attention(visual, probes)
-        keys = probe_values(visual, probes, "keys")
+        full = all(p is not None and "full_keys" in p for p in probes)
+        keys = probe_values(visual, probes, "full_keys" if full else "keys")  # head means: Qwen2-VL
         groups, changed = [], []  # per tower row: sample indices in entry order; (sample indices, combine rows)
         for unit in tower_rows(visual):
             chosen = self.choose(scores[unit])
@@ -175,15 +177,15 @@ class PruMerge(TokenSelector):
 
 def cls_attention(visual: VisualTokens, probes) -> torch.Tensor:
     """a_j per visual token of the sample: per tower row, softmax(sqrt(C / d) l) of the [CLS] logits
-    where the probe has them and the vision features (of width C; d the key width), else the
+    where the probe has them and the full keys (of width C; d the head-mean key width), else the
     probe's "importance"."""
     scores = probe_values(visual, probes, "importance")
     scaled = torch.zeros_like(scores)
     known = torch.zeros_like(scores, dtype=torch.bool)
     for image, probe in enumerate(probes):
-        if "cls_logits" in probe and "features" in probe:
+        if "cls_logits" in probe and "full_keys" in probe:
             members = visual.image_index(image)
-            heads = probe["features"].shape[-1] / probe["keys"].shape[-1]  # C / d
+            heads = probe["full_keys"].shape[-1] / probe["keys"].shape[-1]  # C / d
             scaled[members] = probe["cls_logits"].float().to(scores.device) * math.sqrt(heads)
             known[members] = True
     for unit in tower_rows(visual):
