@@ -288,3 +288,25 @@ def top_k_sorted(scores: torch.Tensor, count: int) -> torch.Tensor:
 
     order = torch.argsort(scores, descending=True, stable=True)
     return torch.sort(order[:count]).values
+
+
+def layer_list(method: str, name: str, layers, minimum: int | None = None, reason: str = "") -> tuple[int, ...]:
+    """`layers` as a sorted tuple of distinct ints (a single int is one layer), each >= `minimum` if given."""
+    values = (layers,) if isinstance(layers, int) and not isinstance(layers, bool) else layers
+    try:
+        values = tuple(values)
+    except TypeError:
+        raise ConfigError(f"{method}: {name}={layers!r} must be a list of decoder layer indices, e.g. {name}=(4, 5)") from None
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ConfigError(f"{method}: {name}={layers!r} must hold integers (decoder layer indices)")
+    if minimum is not None and any(v < minimum for v in values):
+        raise ConfigError(f"{method}: {name}={layers!r} must be integers >= {minimum}" + (f" ({reason})" if reason else ""))
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{method}: {name}={layers!r} names a layer twice")
+    return tuple(sorted(values))
+
+
+def scaled_layers(reference: tuple[int, ...], num_layers: int, reference_depth: int = 32) -> list[int]:
+    """A reference model's stage layers (of `reference_depth` layers) scaled to `num_layers`:
+    round(l * num_layers / reference_depth) with Python's rounding, clipped to 1..num_layers-1 (repeats kept)."""
+    return [min(max(round(layer * num_layers / reference_depth), 1), num_layers - 1) for layer in reference]

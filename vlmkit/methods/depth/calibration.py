@@ -8,25 +8,10 @@ weights hash differs (the layers were measured on other weights).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from pathlib import Path
 
 from vlmkit.errors import ConfigError
 from vlmkit.hashing import state_dict_hash
-
-
-def layer_list(method: str, name: str, layers: Iterable[int] | int) -> tuple[int, ...]:
-    """`layers` as a sorted tuple of distinct ints (a single int is one layer)."""
-    values = (layers,) if isinstance(layers, int) and not isinstance(layers, bool) else layers
-    try:
-        values = tuple(values)
-    except TypeError:
-        raise ConfigError(f"{method}: {name}={layers!r} must be a list of decoder layer indices, e.g. {name}=(4, 5)") from None
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise ConfigError(f"{method}: {name}={layers!r} must hold integers (decoder layer indices)")
-    if len(set(values)) != len(values):
-        raise ConfigError(f"{method}: {name}={layers!r} names a layer twice")
-    return tuple(sorted(values))
 
 
 def read_calibration(method: str, path: str | None, field: str) -> dict | None:

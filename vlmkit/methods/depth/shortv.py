@@ -29,8 +29,8 @@ import torch
 
 from vlmkit.engine.contexts import Route, RouteContext
 from vlmkit.errors import ConfigError
-from vlmkit.methods.base import MethodConfig, Router
-from vlmkit.methods.depth.calibration import check_calibration, layer_list, read_calibration
+from vlmkit.methods.base import MethodConfig, Router, layer_list
+from vlmkit.methods.depth.calibration import check_calibration, read_calibration
 from vlmkit.registry import register_method
 
 DEFAULT_FRACTION = 0.6  # ShortV freezes 19 of LLaVA-1.5-7B's 32 layers

@@ -97,12 +97,7 @@ from vlmkit.engine.selection import (
     VisualTokens,
 )
 from vlmkit.errors import ConfigError, InputError
-from vlmkit.methods.base import (
-    CacheMethod,
-    TokenBudgetConfig,
-    TokenSelector,
-    top_k_sorted,
-)
+from vlmkit.methods.base import CacheMethod, TokenBudgetConfig, TokenSelector, layer_list, scaled_layers, top_k_sorted
 from vlmkit.registry import register_method
 
 REFERENCE_LAYERS = (3, 7, 11, 15)  # the reference prunes after layers 2, 6, 10, 14 of 32
@@ -147,22 +142,13 @@ class MustDropConfig(TokenBudgetConfig):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ConfigError(f"mustdrop: {name}={value!r} must be a vision layer index (an integer)")
         if self.layers is not None:
-            values = (self.layers,) if isinstance(self.layers, int) else self.layers
-            try:
-                values = tuple(values)
-            except TypeError:
-                raise ConfigError(f"mustdrop: layers={self.layers!r} must be a list of decoder layers, e.g. layers=(3, 7, 11, 15)") from None
-            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
-                raise ConfigError(f"mustdrop: layers={self.layers!r} must be integers >= 1 (the filter reads the layer before)")
-            if len(set(values)) != len(values):
-                raise ConfigError(f"mustdrop: layers={self.layers!r} names a layer twice")
-            object.__setattr__(self, "layers", tuple(sorted(values)))
+            layers = layer_list("mustdrop", "layers", self.layers, minimum=1, reason="the filter reads the layer before")
+            object.__setattr__(self, "layers", layers)
 
 
 def default_layers(num_layers: int) -> tuple[int, ...]:
     """The reference's stage layers 3, 7, 11, 15 (of 32) scaled to `num_layers`, clipped to 1..num_layers-1."""
-    scaled = (min(max(round(layer * num_layers / REFERENCE_DEPTH), 1), num_layers - 1) for layer in REFERENCE_LAYERS)
-    return tuple(sorted(set(scaled)))
+    return tuple(sorted(set(scaled_layers(REFERENCE_LAYERS, num_layers, REFERENCE_DEPTH))))
 
 
 def window_similarity(keys: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 from vlmkit.engine.selection import SampleSelection, Selection, SelectionContext
 from vlmkit.errors import ConfigError, InputError
-from vlmkit.methods.base import TokenBudgetConfig, TokenSelector, top_k_sorted
+from vlmkit.methods.base import TokenBudgetConfig, TokenSelector, layer_list, scaled_layers, top_k_sorted
 from vlmkit.registry import register_method
 
 DEFAULT_LAYERS = (8, 16, 24)  # of LLaVA-1.5-7B's 32 decoder layers
@@ -66,18 +66,10 @@ class PyramidDropConfig(TokenBudgetConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.layers is not None:
-            values = (self.layers,) if isinstance(self.layers, int) else self.layers
-            try:
-                values = tuple(values)
-            except TypeError:
-                raise ConfigError(f"pyramiddrop: layers={self.layers!r} must be a list of decoder layers, e.g. layers=(8, 16, 24)") from None
-            if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
-                raise ConfigError(
-                    f"pyramiddrop: layers={self.layers!r} must be one or more integers >= 1 (the reference ranks after a layer ran)"
-                )
-            if len(set(values)) != len(values):
-                raise ConfigError(f"pyramiddrop: layers={self.layers!r} names a layer twice")
-            object.__setattr__(self, "layers", tuple(sorted(values)))
+            layers = layer_list("pyramiddrop", "layers", self.layers, minimum=1, reason="the reference ranks after a layer ran")
+            if not layers:
+                raise ConfigError("pyramiddrop: layers=() names no stage; give one or more decoder layers, e.g. layers=(8, 16, 24)")
+            object.__setattr__(self, "layers", layers)
         if self.ratio is not None:
             if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0.0 < self.ratio <= 1.0:
                 raise ConfigError(f"pyramiddrop: ratio={self.ratio!r} must be a number in (0, 1] (lambda, kept per stage)")
@@ -89,8 +81,7 @@ class PyramidDropConfig(TokenBudgetConfig):
 
 def default_layers(num_layers: int) -> tuple[int, ...]:
     """The reference's stage layers 8, 16, 24 (of 32) scaled to `num_layers`, clipped to 1..num_layers-1."""
-    scaled = (min(max(round(layer * num_layers / DEFAULT_DEPTH), 1), num_layers - 1) for layer in DEFAULT_LAYERS)
-    return tuple(sorted(set(scaled)))
+    return tuple(sorted(set(scaled_layers(DEFAULT_LAYERS, num_layers, DEFAULT_DEPTH))))
 
 
 @register_method("pyramiddrop", family="prune", sites="layer")

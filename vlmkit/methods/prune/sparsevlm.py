@@ -76,7 +76,7 @@ from vlmkit.engine.selection import (
     VisualTokens,
 )
 from vlmkit.errors import ConfigError, InputError
-from vlmkit.methods.base import TokenBudgetConfig, TokenSelector, top_k_sorted
+from vlmkit.methods.base import TokenBudgetConfig, TokenSelector, layer_list, scaled_layers, top_k_sorted
 from vlmkit.registry import register_method
 
 DEFAULT_DEPTH = 32  # LLaVA-1.5-7B's decoder layers
@@ -110,16 +110,10 @@ class SparseVLMConfig(TokenBudgetConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.layers is not None:
-            values = (self.layers,) if isinstance(self.layers, int) else self.layers
-            try:
-                values = tuple(values)
-            except TypeError:
-                raise ConfigError(f"sparsevlm: layers={self.layers!r} must be a list of decoder layers, e.g. layers=(3, 7, 16)") from None
-            if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
-                raise ConfigError(f"sparsevlm: layers={self.layers!r} must be one or more integers >= 1 (scores come from the layer before)")
-            if len(set(values)) != len(values):
-                raise ConfigError(f"sparsevlm: layers={self.layers!r} names a layer twice")
-            object.__setattr__(self, "layers", tuple(sorted(values)))
+            layers = layer_list("sparsevlm", "layers", self.layers, minimum=1, reason="scores come from the layer before")
+            if not layers:
+                raise ConfigError("sparsevlm: layers=() names no stage; give one or more decoder layers, e.g. layers=(3, 7, 16)")
+            object.__setattr__(self, "layers", layers)
         for name in ("scale", "bias"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -145,11 +139,6 @@ class SparseVLMConfig(TokenBudgetConfig):
         if self.retain_tokens is not None:
             return "retain_tokens"
         return "keep/tokens" if self.keep is not None or self.tokens is not None else "rank"
-
-
-def scaled_layers(layers: tuple[int, ...], num_layers: int) -> list[int]:
-    """Reference stage layers (of 32) scaled to `num_layers`, clipped to 1..num_layers-1 (repeats kept)."""
-    return [min(max(round(layer * num_layers / DEFAULT_DEPTH), 1), num_layers - 1) for layer in layers]
 
 
 def text_raters(visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -225,7 +214,7 @@ class SparseVLM(TokenSelector):
         if self.config.layers is not None:
             return list(zip(self.config.layers, range(len(self.config.layers))))
         plan: dict[int, int] = {}
-        for stage, layer in enumerate(scaled_layers(self._reference_layers(), num_layers)):
+        for stage, layer in enumerate(scaled_layers(self._reference_layers(), num_layers, DEFAULT_DEPTH)):
             plan[layer] = stage
         return sorted(plan.items())
 
