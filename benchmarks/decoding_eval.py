@@ -47,6 +47,23 @@ def run_suite(args: argparse.Namespace) -> int:
     return cli.main(argv)
 
 
+def run_and_collect(script: str, args: argparse.Namespace) -> dict[str, dict[str, dict[str, Any]]] | int:
+    """Run `args.suite` on `args.model` into `args.runs` (unless `args.skip_run`), then the finished runs
+    (`collect`); an exit status instead when the suite failed or no dense POPE run exists."""
+    if not args.skip_run:
+        from vlmkit import cli
+
+        status = cli.main(["eval", "--suite", str(args.suite), "--model", args.model, "--data", str(args.data),
+                           "--out", str(args.runs)])
+        if status:
+            return status
+    found = collect(args.runs)
+    if "baseline" not in found.get("pope", {}):
+        print(f"{script}: no finished dense POPE run under {args.runs}", file=sys.stderr)
+        return 2
+    return found
+
+
 def collect(runs: Path) -> dict[str, dict[str, dict[str, Any]]]:
     """{task: {run name: scores.json}} for every finished run under `runs`."""
     found: dict[str, dict[str, dict[str, Any]]] = {}

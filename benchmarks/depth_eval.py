@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.decoding_eval import collect, save_plot, write_between
+from benchmarks.decoding_eval import run_and_collect, save_plot, write_between
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "eval" / "depth_budgets.yaml"
@@ -106,17 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "depth_flops.png")
     parser.add_argument("--skip-run", action="store_true", help="only rebuild the table and plot from finished runs")
     args = parser.parse_args(argv)
-    if not args.skip_run:
-        from vlmkit import cli
-
-        status = cli.main(["eval", "--suite", str(args.suite), "--model", args.model, "--data", str(args.data),
-                           "--out", str(args.runs)])
-        if status:
-            return status
-    found = collect(args.runs)
-    if "baseline" not in found.get("pope", {}):
-        print(f"depth_eval: no finished dense POPE run under {args.runs}", file=sys.stderr)
-        return 2
+    found = run_and_collect("depth_eval", args)
+    if isinstance(found, int):
+        return found
     text = report(found, args.plot)
     write_between(args.readme, BEGIN, END, text)
     print(text)

@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.decoding_eval import collect, save_plot, write_between
+from benchmarks.decoding_eval import run_and_collect, save_plot, write_between
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "eval" / "pruning.yaml"
@@ -115,8 +115,10 @@ def report(found: dict[str, dict[str, dict[str, Any]]], plots: tuple[Path, Path]
         f"Model `{config['model']['spec']}` (weights sha256 `{config['model']['weights_sha256'][:12]}`), greedy, batch "
         f"size {config['batch_size']}; POPE: 3 x {found['pope']['baseline']['summary']['samples'] // 3} questions; MME: "
         "perception score of the shapes MME (official parser). LLM FLOPs: the prefill's, counted by the engine "
-        "from what ran, relative to dense; prefill: CPU time per sample of a batch-8 prefill, one thread, median "
-        "over 8 batches of POPE questions (vision tower included). Produced by "
+        "from what ran, relative to dense; prefill: "
+        + ("CPU time per sample of a batch-8 prefill, one thread, median over 8 batches of POPE questions "
+           "(vision tower included)" if times else "the eval runs' wall-clock prefill time per sample")
+        + ". Produced by "
         "`python -m benchmarks.pruning_eval` from the runs of `eval/pruning.yaml`.",
         "",
         "| method | kept | visual tokens | POPE mean acc (rand / pop / adv) | of dense | yes ratio | MME perception | LLM FLOPs | prefill ms |",
@@ -227,17 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-run", action="store_true", help="only rebuild the table and plots from finished runs")
     parser.add_argument("--timing-samples", type=int, default=64, help="POPE questions of the prefill timing pass (0: use the eval runs' timings)")
     args = parser.parse_args(argv)
-    if not args.skip_run:
-        from vlmkit import cli
-
-        status = cli.main(["eval", "--suite", str(args.suite), "--model", args.model, "--data", str(args.data),
-                           "--out", str(args.runs)])
-        if status:
-            return status
-    found = collect(args.runs)
-    if "baseline" not in found.get("pope", {}):
-        print(f"pruning_eval: no finished dense POPE run under {args.runs}", file=sys.stderr)
-        return 2
+    found = run_and_collect("pruning_eval", args)
+    if isinstance(found, int):
+        return found
     plots = (ROOT / "docs" / f"{args.block}_tokens.png", ROOT / "docs" / f"{args.block}_time.png")
     times = None
     if args.timing_samples:
