@@ -15,7 +15,7 @@ from vlmkit.adapters import adapter_for
 from vlmkit.engine.runner import TextStackRunner
 from vlmkit.engine.sites import SITES
 from vlmkit.errors import ConfigError, ConflictError
-from vlmkit.methods.base import AttentionMethod, CacheMethod, Method, MethodConfig, PositionMethod
+from vlmkit.methods.base import AttentionMethod, CacheMethod, Method, MethodConfig, PositionMethod, Router
 from vlmkit.registry import register_method
 
 
@@ -236,3 +236,65 @@ def test_masks_are_built_once_per_key_layout(monkeypatch):
         with vlmkit.apply(tiny, spec), torch.no_grad():
             tiny(**batch)
         assert len(built) == expected, spec
+
+
+class WeightedHalf(Router):
+    """Layer 1: the even visual tokens run it, every visual token carries a weight (p-MoD's STRing)."""
+
+    def __init__(self, weight=None, step=0.01):
+        super().__init__()
+        self.weight, self.step = weight, step
+
+    def routed_layers(self, num_layers):
+        return (1,)
+
+    def route(self, context):
+        from vlmkit.engine.contexts import Route
+
+        runs = [torch.arange(0, len(visual), 2) for visual in context.visual]
+        if self.weight is None:
+            return Route(runs)
+        weights = [self.weight + self.step * torch.arange(len(visual), dtype=torch.float32) for visual in context.visual]
+        return Route(runs, weights=weights)
+
+
+def test_route_weights_scale_the_mlp_of_running_tokens_and_the_state_of_resting_ones():
+    """STRing: a running token leaves the layer as x + attn + w * mlp, a resting one as w * x (checked on
+    what the next layer receives, against the unweighted route and the layer's raw MLP outputs)."""
+    tiny, processor = model("llava")
+    batch = inputs(processor, photos()[:2], QUESTIONS[:2])
+    layers = adapter_for(tiny).decoder_layers
+    seen = {}
+    hooks = [
+        layers[1].register_forward_pre_hook(lambda m, a, k: seen.update(x=k.get("hidden_states", a[0] if a else None)), with_kwargs=True),
+        layers[2].register_forward_pre_hook(lambda m, a, k: seen.update(y=k.get("hidden_states", a[0] if a else None)), with_kwargs=True),
+        layers[1].mlp.register_forward_hook(lambda m, a, out: seen.update(mlp=out)),  # before the engine's scaling
+    ]
+    runs = {}
+    try:
+        with torch.no_grad():
+            for name, weight, step in (("plain", None, 0.0), ("ones", 1.0, 0.0), ("weighted", 0.5, 0.01)):
+                with vlmkit.apply(tiny, local(WeightedHalf, "half", ("route",))(weight, step)) as patch:
+                    logits = tiny(**batch).logits
+                    runs[name] = (logits, {k: v.clone() for k, v in seen.items()}, patch.routes["half"][1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert torch.equal(runs["ones"][0], runs["plain"][0])  # weights of 1: the unweighted route, bit for bit
+    (_, plain, running), (_, weighted, _) = runs["plain"], runs["weighted"]
+    assert torch.equal(plain["x"], weighted["x"]) and torch.equal(plain["mlp"], weighted["mlp"])
+    assert plain["x"].shape[1] < plain["y"].shape[1]  # layer 1 ran on a sub-stream
+    for row in range(2):
+        valid = batch["attention_mask"][row].bool()
+        slots = torch.nonzero((batch["input_ids"][row] == tiny.config.image_token_id) & valid).flatten()
+        w = 0.5 + 0.01 * torch.arange(len(slots), dtype=torch.float32)
+        resting = torch.ones(len(slots), dtype=torch.bool)
+        resting[running[row]] = False
+        y_plain, y = plain["y"][row], weighted["y"][row]  # (the layer itself runs on text + running rows)
+        torch.testing.assert_close(y[slots[resting]], w[resting, None] * y_plain[slots[resting]])  # w * x
+        # running: y - y_plain = (w - 1) * mlp for that token's raw MLP output (found among the layer's rows)
+        scaled = ~resting & ((w - 1).abs() > 1e-3)  # (a token of weight 1 is unchanged)
+        difference = (y - y_plain)[slots[scaled]] / (w[scaled, None] - 1)
+        raw = plain["mlp"][row]
+        match = torch.cdist(difference, raw).min(dim=1).values
+        assert float(match.max()) < 1e-3 * float(raw.norm(dim=-1).mean())

@@ -296,6 +296,10 @@ class Adapter:
     def attention_module(self, layer: nn.Module) -> nn.Module:
         return layer.self_attn
 
+    def mlp_module(self, layer: nn.Module) -> nn.Module:
+        """The decoder layer's MLP (its output is added to the residual stream)."""
+        return layer.mlp
+
     def probe_projections(
         self, layer: nn.Module, hidden: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], keys: bool,
         all_queries: bool = False,

@@ -52,10 +52,13 @@ class Route:
             unchanged and the layer caches nothing for them) or "freeze" (their key and value are
             computed from their state and cached, so the running tokens attend to them; no query,
             no MLP: their state passes unchanged).
+        weights: optional, per sample, (n,) a weight w for every visual token (p-MoD's STRing, "skip"
+            mode only): a running token leaves the layer as x + attn + w * mlp, a resting one as w * x.
     """
 
     run: list[torch.Tensor]
     mode: str = "skip"
+    weights: list[torch.Tensor] | None = None
 
     def validate(self, visual: list[VisualTokens], method: str) -> None:
         if self.mode not in ROUTE_MODES:
@@ -69,6 +72,11 @@ class Route:
                 raise InputError(f"{method}: routed index out of range for a sample with {len(tokens)} visual tokens")
             if run.numel() > 1 and not bool((run[1:] > run[:-1]).all()):
                 raise InputError(f"{method}: Route.run must be strictly increasing (sorted, no repeats)")
+        if self.weights is not None:
+            if self.mode != "skip":
+                raise InputError(f"{method}: Route.weights apply to the 'skip' mode only")
+            if len(self.weights) != len(visual) or any(w.shape != (len(t),) for w, t in zip(self.weights, visual)):
+                raise InputError(f"{method}: Route.weights must hold one (n,) weight per visual token of each sample")
 
 
 @dataclass

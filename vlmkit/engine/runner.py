@@ -563,6 +563,14 @@ class TextStackRunner:
         return recorded
 
     @staticmethod
+    def _token_weights(route, stream: Stream) -> torch.Tensor:
+        """(B, L) the route's weight of every stream row (1 for text and padding)."""
+        weight = torch.ones(stream.valid.shape, dtype=torch.float32, device=stream.hidden.device)
+        for row, (visual, weights) in enumerate(zip(stream.visual, route.weights)):
+            weight[row, visual.slots] = weights.float().to(weight.device)
+        return weight
+
+    @staticmethod
     def _update_norms(stream: Stream, previous) -> list[torch.Tensor]:
         """Per sample, each visual token's update norm in the previous layer (0 before layer 1)."""
         if previous is None or previous[2] is not stream.visual:
@@ -604,13 +612,24 @@ class TextStackRunner:
             rotary = self._rotary(sub, run, index)
             layout = self._layout(run, index, sub)
             mask = self._mask(run, index, layout, sub.hidden, stream)
-            output = self.adapter.run_layer(
-                layer, sub.hidden, attention_mask=mask, position_embeddings=rotary,
-                position_ids=self._layer_positions(sub, run, index),
-                past_key_values=run.cache, use_cache=use_cache, **kwargs,
-            )
+            weight = None if route.weights is None else self._token_weights(route, stream)
+            handle = None
+            if weight is not None:  # STRing: a running token's MLP output is scaled by its weight
+                running = weight.gather(1, gather)[..., None].to(sub.hidden.dtype)
+                handle = self.adapter.mlp_module(layer).register_forward_hook(lambda module, args, out: out * running)
+            try:
+                output = self.adapter.run_layer(
+                    layer, sub.hidden, attention_mask=mask, position_embeddings=rotary,
+                    position_ids=self._layer_positions(sub, run, index),
+                    past_key_values=run.cache, use_cache=use_cache, **kwargs,
+                )
+            finally:
+                if handle is not None:
+                    handle.remove()
             self._count(run, query_valid.sum(dim=1), query_valid.sum(dim=1), query_valid.sum(dim=1))
             hidden = stream.hidden.clone()
+            if weight is not None:  # a resting token leaves as w * x
+                hidden = torch.where(resting[..., None], hidden * weight[..., None].to(hidden.dtype), hidden)
             hidden[rows[query_valid], gather[query_valid]] = output[query_valid]
         if run.cache is not None:
             run.cache.layers[index].record(layout, run.length)
