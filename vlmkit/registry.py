@@ -45,6 +45,7 @@ _BUILTIN_TARGETS = {
     "shortv": "vlmkit.methods.depth.shortv:ShortV",
     "vtw": "vlmkit.methods.depth.vtw:VTW",
     "mod": "vlmkit.methods.depth.mod:MoD",
+    "pmod": "vlmkit.methods.depth.pmod:PMoD",
     "v2pe": "vlmkit.methods.position.v2pe:V2PE",
     "cca": "vlmkit.methods.position.cca:CCA",
     "hope": "vlmkit.methods.position.hope:HoPE",
