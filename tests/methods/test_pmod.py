@@ -168,7 +168,7 @@ def test_routers_round_trip_through_save_and_load(tmp_path):
     method.check_adapter(adapter_for(tiny))
     _random_routers(method, seed=3)
     path = tmp_path / "routers.safetensors"
-    save_routers(method, tiny, str(path))
+    save_routers(method, adapter_for(tiny), str(path))
     loaded = PMoD(floor=0.25, routers=str(path))
     with torch.no_grad():
         with vlmkit.apply(tiny, method):
@@ -184,7 +184,7 @@ def test_routers_round_trip_through_save_and_load(tmp_path):
     with pytest.raises(ConfigError, match="routes layers"):
         vlmkit.apply(tiny, PMoD(start=0.5, routers=str(path)))
     with pytest.raises(ConfigError, match="safetensors"):
-        save_routers(method, tiny, str(tmp_path / "routers.pt"))
+        save_routers(method, adapter_for(tiny), str(tmp_path / "routers.pt"))
 
 
 def test_routers_for_another_model_are_refused_by_name(tmp_path):
@@ -192,7 +192,7 @@ def test_routers_for_another_model_are_refused_by_name(tmp_path):
     other, _ = model("llava", attn="eager")  # same architecture, separate weights
     method = PMoD()
     path = tmp_path / "routers.safetensors"
-    save_routers(method, tiny, str(path))
+    save_routers(method, adapter_for(tiny), str(path))
     parameter = next(other.parameters())
     saved = parameter.detach().clone()
     with torch.no_grad():

@@ -184,15 +184,13 @@ def _read_routers(path: str):
     return tensors, parsed, str(file)
 
 
-def save_routers(method: PMoD, model: nn.Module, path: str) -> None:
-    """Write `method`'s routers to a safetensors file, with the base model's weights hash and the schedule."""
+def save_routers(method: PMoD, adapter, path: str) -> None:
+    """Write `method`'s routers to a safetensors file, with the base model's weights hash and the schedule
+    (`adapter`: `vlmkit.adapters.adapter_for(model)` of the model they were trained on)."""
     from safetensors.torch import save_file
-
-    from vlmkit.adapters import adapter_for
 
     if not str(path).endswith(".safetensors"):
         raise ConfigError(f"pmod: save_routers writes safetensors only; name the file *.safetensors, not {path}")
-    adapter = adapter_for(model)
     if not len(method.routers):
         method.check_adapter(adapter)
     tensors = {}
