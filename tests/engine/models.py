@@ -48,3 +48,15 @@ def generate(model, batch, **kwargs):
     with torch.no_grad():
         out = model.generate(**batch, **kwargs)
     return out[:, batch["input_ids"].shape[1] :]
+
+
+def tower_projections(tower, pixel_values, layer: int):
+    """Eager queries and keys of one CLIP-tower layer, projected from its input as its attention does:
+    (images, heads, tokens, d) each, [CLS] at token 0, and the layer's softmax scale."""
+    with torch.no_grad():
+        hidden = tower(pixel_values, output_hidden_states=True).hidden_states[layer]
+        block = tower.encoder.layers[layer]
+        normed = block.layer_norm1(hidden)
+        images, length, _ = normed.shape
+        split = lambda x: x.view(images, length, block.self_attn.num_heads, -1).transpose(1, 2)  # noqa: E731
+        return split(block.self_attn.q_proj(normed)), split(block.self_attn.k_proj(normed)), block.self_attn.scale

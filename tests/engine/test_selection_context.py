@@ -8,7 +8,7 @@ import torch
 
 import vlmkit
 from tests.conftest import photos
-from tests.engine.models import inputs, model
+from tests.engine.models import inputs, model, tower_projections
 from vlmkit.methods.prune.fastv import FastV
 
 QUESTIONS = ["What is shown?", "Is there a cat in the image? Answer yes or no."]  # different lengths: left padding
@@ -81,14 +81,8 @@ def test_the_cls_probe_gives_the_cls_rows_logits_mean_over_heads():
     batch = inputs(processor, photos()[:2], QUESTIONS[:2])
     tower = tiny.model.vision_tower
     layer = len(tower.encoder.layers) - 2  # the layer VisionZip probes on LLaVA
-    with torch.no_grad():
-        hidden = tower(batch["pixel_values"], output_hidden_states=True).hidden_states[layer]
-        block = tower.encoder.layers[layer]
-        normed = block.layer_norm1(hidden)
-        heads = block.self_attn.num_heads
-        query = block.self_attn.q_proj(normed[:, :1]).view(2, 1, heads, -1).transpose(1, 2)
-        key = block.self_attn.k_proj(normed).view(2, normed.shape[1], heads, -1).transpose(1, 2)
-        expected = (query @ key.transpose(-1, -2))[:, :, 0].mean(dim=1) * block.self_attn.scale
+    query, key, scale = tower_projections(tower, batch["pixel_values"], layer)
+    expected = (query[:, :, :1] @ key.transpose(-1, -2))[:, :, 0].mean(dim=1) * scale
     with vlmkit.apply(tiny, "visionzip:tokens=20") as patch, torch.no_grad():
         tiny(**batch)
         metas = [meta for _, meta in patch.state.encoded["image"][1]]
@@ -112,14 +106,9 @@ def test_the_vision_marginals_are_the_patch_to_patch_maps_row_and_column_sums_an
     tower = tiny.model.vision_tower
     layer = len(tower.encoder.layers) - 2
     with torch.no_grad():
-        out = tower(batch["pixel_values"], output_attentions=True, output_hidden_states=True)
-        attention = out.attentions[layer].mean(dim=1)[:, 1:, 1:]
-        block = tower.encoder.layers[layer]
-        normed = block.layer_norm1(out.hidden_states[layer])
-        heads = block.self_attn.num_heads
-        query = block.self_attn.q_proj(normed).view(2, normed.shape[1], heads, -1).transpose(1, 2)
-        key = block.self_attn.k_proj(normed).view(2, normed.shape[1], heads, -1).transpose(1, 2)
-        logits = ((query @ key.transpose(-1, -2)) * block.self_attn.scale).mean(dim=1)[:, 1:, 1:]
+        attention = tower(batch["pixel_values"], output_attentions=True).attentions[layer].mean(dim=1)[:, 1:, 1:]
+    query, key, scale = tower_projections(tower, batch["pixel_values"], layer)
+    logits = ((query @ key.transpose(-1, -2)) * scale).mean(dim=1)[:, 1:, 1:]
     method = Marginals(keep=1.0)
     with vlmkit.apply(tiny, method), torch.no_grad():
         tiny(**batch)
@@ -146,10 +135,8 @@ def test_full_keys_are_the_key_projection_of_every_token():
     batch = inputs(processor, photos()[:2], QUESTIONS[:2])
     tower = tiny.model.vision_tower
     layer = len(tower.encoder.layers) - 2
-    with torch.no_grad():
-        hidden = tower(batch["pixel_values"], output_hidden_states=True).hidden_states[layer]
-        block = tower.encoder.layers[layer]
-        expected = block.self_attn.k_proj(block.layer_norm1(hidden))[:, 1:]
+    _, key, _ = tower_projections(tower, batch["pixel_values"], layer)
+    expected = key.transpose(1, 2).flatten(2)[:, 1:]  # every head's key side by side
     method = FullKeys(keep=1.0)
     with vlmkit.apply(tiny, method), torch.no_grad():
         tiny(**batch)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import vlmkit
 from tests.conftest import photos
-from tests.engine.models import QUESTIONS, inputs, model
+from tests.engine.models import QUESTIONS, inputs, model, tower_projections
 from vlmkit.engine.selection import SelectionContext, VisualTokens
 from vlmkit.errors import ConfigError
 from vlmkit.methods.prune.cdpruner import CDPruner, dpp_greedy
@@ -259,14 +259,8 @@ def test_fopru_matches_the_marginals_of_eager_clip_attention_maps(variant, keep)
     batch = inputs(processor, photos()[:2], QUESTIONS[:2])
     tower = tiny.model.vision_tower
     layer = len(tower.encoder.layers) - 2  # hidden_states[-2] is this layer's output
-    with torch.no_grad():
-        hidden = tower(batch["pixel_values"], output_hidden_states=True).hidden_states[layer]
-        block = tower.encoder.layers[layer]
-        normed = block.layer_norm1(hidden)
-        heads = block.self_attn.num_heads
-        query = block.self_attn.q_proj(normed).view(2, normed.shape[1], heads, -1).transpose(1, 2)
-        key = block.self_attn.k_proj(normed).view(2, normed.shape[1], heads, -1).transpose(1, 2)
-        maps = ((query @ key.transpose(-1, -2)) * block.self_attn.scale).mean(dim=1)[:, 1:, 1:]
+    query, key, scale = tower_projections(tower, batch["pixel_values"], layer)
+    maps = ((query @ key.transpose(-1, -2)) * scale).mean(dim=1)[:, 1:, 1:]
     with vlmkit.apply(tiny, f"fopru:keep={keep},variant={variant}") as patch, torch.no_grad():
         tiny(**batch)
         chosen = patch.selections["fopru"]

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import vlmkit
 from tests.conftest import photos
 from tests.engine.models import QUESTIONS, generate, inputs, model
+from tests.engine.test_composition import hand_fastv_scores
 from vlmkit.adapters import adapter_for
 from vlmkit.engine.selection import SelectionContext, VisualTokens
 from vlmkit.errors import ConfigError
@@ -251,22 +251,6 @@ def _layer_inputs(tiny):
     return seen, handles
 
 
-def _last_row_attention(tiny, index, hidden, mask, rotary) -> torch.Tensor:
-    """(B, L): the last query's attention at decoder layer `index`, mean over heads, in eager arithmetic."""
-    layer = adapter_for(tiny).decoder_layers[index]
-    attention = layer.self_attn
-    normed = layer.input_layernorm(hidden)
-    batch, length, _ = hidden.shape
-    query = attention.q_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
-    key = attention.k_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
-    query, key = apply_rotary_pos_emb(query, key, *rotary)
-    key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
-    logits = (query[:, :, -1:] @ key.transpose(-1, -2))[:, :, 0] * attention.head_dim**-0.5
-    row = mask[:, 0, -1]
-    allowed = row if row.dtype == torch.bool else row == 0
-    return logits.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1).mean(dim=1)
-
-
 def _layer_outputs(tiny):
     """Forward hooks recording (layer index, output hidden state) for every decoder layer."""
     seen, handles = [], []
@@ -303,7 +287,7 @@ def test_pyramiddrop_matches_eager_last_token_attention_stage_by_stage():
         mask, rotary = by_layer[layer - 1]  # the stream before the stage: the layout layer - 1 ran on
         hidden = output_of[layer - 1]
         with torch.no_grad():
-            attention = _last_row_attention(tiny, layer, hidden, mask, rotary)
+            attention = torch.stack(hand_fastv_scores(tiny, hidden, mask, rotary, layer))
         for row in range(2):
             survivors = valid[row] & ~visual[row]
             survivors[current[row]] = True
