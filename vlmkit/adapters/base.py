@@ -248,7 +248,7 @@ class Adapter:
             batch, _, width = hidden_states.shape
             index = query_rows[..., None].expand(-1, -1, width)
             residual = hidden_states.gather(1, index)
-            normed = layer.input_layernorm(hidden_states)
+            normed = self.input_norm(layer, hidden_states)
             cos, sin = (table.expand(batch, -1, -1) for table in position_embeddings)
             rows = query_rows[..., None].expand(-1, -1, cos.shape[-1])
             query = attention.q_proj(normed.gather(1, index)).view(batch, query_rows.shape[1], -1, attention.head_dim).transpose(1, 2)
@@ -296,6 +296,10 @@ class Adapter:
     def attention_module(self, layer: nn.Module) -> nn.Module:
         return layer.self_attn
 
+    def input_norm(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """The decoder layer's normalised input (what its attention projects)."""
+        return layer.input_layernorm(hidden)
+
     def mlp_module(self, layer: nn.Module) -> nn.Module:
         """The decoder layer's MLP (its output is added to the residual stream)."""
         return layer.mlp
@@ -310,7 +314,7 @@ class Adapter:
         Recomputes only the projections needed from the layer's input, exactly as its attention does.
         """
         attention = self.attention_module(layer)
-        normed = layer.input_layernorm(hidden)
+        normed = self.input_norm(layer, hidden)
         cos, sin = rotary
         batch, length, _ = hidden.shape
         rows = length if all_queries else 1

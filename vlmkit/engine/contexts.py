@@ -31,6 +31,10 @@ class RouteContext:
         update: per sample, (n,) norm of each visual token's update in the previous layer
             (`||h_l - h_(l-1)||`), when the router needs "update".
         call_index: how many routes this method has made before.
+        training: whether the model is in training mode (`model.train()`).
+        valid: (B, L) bool, False on padding.
+        normed: (B, L, D) the layer's normalised input (its input norm applied), when the router
+            needs "normed".
     """
 
     hidden: torch.Tensor
@@ -40,6 +44,54 @@ class RouteContext:
     attention: list[torch.Tensor] | None = None
     update: list[torch.Tensor] | None = None
     call_index: int = 0
+    training: bool = False
+    valid: torch.Tensor | None = None
+    normed: torch.Tensor | None = None
+
+
+@dataclass
+class GateContext:
+    """What a token-gating `Router` (`gates_tokens = True`) sees at one routed layer, in every call:
+    the prefill (alongside `route`), each decoding step, and a recomputation of prompt and generated
+    tokens.
+
+    Attributes:
+        hidden: (B, L, D) hidden states entering the layer.
+        valid: (B, L) bool, False on padding.
+        generated: (B, L) bool, the rows that are generated tokens (every row of a decoding step; in a
+            recomputation under `Patch.reuse_selections()`, the rows after the recorded prompt).
+        layer: the routed decoder layer.
+        num_layers: decoder layers in the LLM.
+        training: whether the model is in training mode.
+        normed: (B, L, D) the layer's normalised input, when the router needs "normed".
+    """
+
+    hidden: torch.Tensor
+    valid: torch.Tensor
+    generated: torch.Tensor
+    layer: int
+    num_layers: int
+    training: bool = False
+    normed: torch.Tensor | None = None
+
+
+@dataclass
+class TokenGate:
+    """A token-gating router's decision for every row of a call at one routed layer.
+
+    Attributes:
+        weights: (B, L) the MLP weight w of every running row (it leaves as x + attn + w * mlp).
+        rest: (B, L) bool, generated tokens that skip the layer (no query, key, value or MLP: the
+            state passes unchanged and the layer caches nothing for them); ignored on other rows
+            (visual tokens rest through `Route`, prompt text always runs).
+    """
+
+    weights: torch.Tensor
+    rest: torch.Tensor
+
+    def validate(self, shape: tuple[int, int], method: str) -> None:
+        if tuple(self.weights.shape) != shape or tuple(self.rest.shape) != shape or self.rest.dtype != torch.bool:
+            raise InputError(f"{method}: TokenGate needs (B, L) = {shape} weights and a bool rest mask")
 
 
 @dataclass
@@ -59,6 +111,11 @@ class Route:
     run: list[torch.Tensor]
     mode: str = "skip"
     weights: list[torch.Tensor] | None = None
+
+    def detached(self) -> "Route":
+        """The route with its weights out of the autograd graph (what a recording keeps)."""
+        weights = None if self.weights is None else [w.detach() for w in self.weights]
+        return Route(self.run, self.mode, weights)
 
     def validate(self, visual: list[VisualTokens], method: str) -> None:
         if self.mode not in ROUTE_MODES:

@@ -39,7 +39,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from vlmkit import kernels
 from vlmkit.engine.cache import CompactLayer, SlotLayout, pack
-from vlmkit.engine.contexts import AttentionContext, CacheContext, PositionContext, RouteContext
+from vlmkit.engine.contexts import AttentionContext, CacheContext, GateContext, PositionContext, RouteContext
 from vlmkit.engine.selection import ATTENTION_NEEDS, SelectionContext, VisualTokens
 from vlmkit.errors import ConfigError, InputError
 
@@ -178,7 +178,7 @@ class TextStackRunner:
             visual=self._caller_visual(stream),
         )
         if run.prefill:
-            self.state.start_prefill()
+            self.state.start_prefill(length)
             if self.plan.position is not None:
                 self._set_positions(stream, run)
         full = None  # caller-layout buffer where dropped tokens are frozen
@@ -202,11 +202,14 @@ class TextStackRunner:
                 if full is None:
                     full = stream.hidden.clone()
                 stream = self._apply(selector, selection, stream, full, run, index)
-            router = self.plan.routers.get(index) if run.prefill else None
-            if router is not None and stream.visual is not None:
-                route = self._route(router, stream, index, layer, run, previous)
+            router = self.plan.routers.get(index)
+            routes_visual = router is not None and run.prefill and stream.visual is not None
+            gates = router is not None and router.gates_tokens and (routes_visual or not run.prefill)
+            if routes_visual or gates:
+                route = self._route(router, stream, index, layer, run, previous, text_model.training) if routes_visual else None
+                gate = self._gate(router, stream, index, layer, run, text_model.training) if gates else None
                 layer_input = stream.hidden
-                stream.hidden = self._run_routed(route, layer, index, stream, run, kwargs, use_cache)
+                stream.hidden = self._run_routed(route, gate, layer, index, stream, run, kwargs, use_cache)
             else:
                 layer_input = stream.hidden
                 probe = None
@@ -535,12 +538,13 @@ class TextStackRunner:
         return self.adapter.project(combined.to(parameter.device, parameter.dtype)).to(hidden.device, hidden.dtype)
 
     # ------------------------------------------------------------------ routes
-    def _route(self, router, stream: Stream, index: int, layer, run: Pass, previous):
+    def _route(self, router, stream: Stream, index: int, layer, run: Pass, previous, training: bool):
         recorded = self.state.replay(("route", index))
         if recorded is None:
             context = RouteContext(
                 hidden=stream.hidden, visual=stream.visual, layer=index, num_layers=self.num_layers,
-                call_index=self.state.calls.get(router.name, 0),
+                call_index=self.state.calls.get(router.name, 0), training=training, valid=stream.valid,
+                normed=self.adapter.input_norm(layer, stream.hidden) if "normed" in router.needs else None,
             )
             if "attention" in router.needs:
                 rotary = self._rotary(stream, run, index)
@@ -556,11 +560,26 @@ class TextStackRunner:
             recorded = router.route(context)
             self.state.calls[router.name] = context.call_index + 1
             recorded.validate(stream.visual, router.name)
-            self.state.record(("route", index), recorded)
+            self.state.record(("route", index), recorded.detached())
         self.state.routes.setdefault(router.name, {})[index] = [
             visual.origin[run_].cpu() for visual, run_ in zip(stream.visual, recorded.run)
         ]
         return recorded
+
+    def _gate(self, router, stream: Stream, index: int, layer, run: Pass, training: bool):
+        """The token gate of a routed layer: generated rows are every row of a decoding step, or the rows
+        after the recorded prompt in a recomputation."""
+        if not run.prefill:
+            generated = stream.valid
+        elif self.state.reuse:
+            generated = stream.valid & (stream.slot >= self.state.prompt_length)
+        else:
+            generated = torch.zeros_like(stream.valid)
+        normed = self.adapter.input_norm(layer, stream.hidden) if "normed" in router.needs else None
+        gate = router.gate(GateContext(stream.hidden, stream.valid, generated, index, self.num_layers, training, normed))
+        gate.validate(tuple(stream.valid.shape), router.name)
+        gate.rest = gate.rest & generated
+        return gate
 
     @staticmethod
     def _token_weights(route, stream: Stream) -> torch.Tensor:
@@ -579,16 +598,18 @@ class TextStackRunner:
         change = (after - before).float().norm(dim=-1)
         return [change[row, visual.slots] for row, visual in enumerate(stream.visual)]
 
-    def _run_routed(self, route, layer, index: int, stream: Stream, run: Pass, kwargs, use_cache) -> torch.Tensor:
-        """Run layer `index` for the text tokens and the routed visual tokens; the others keep their state."""
+    def _run_routed(self, route, gate, layer, index: int, stream: Stream, run: Pass, kwargs, use_cache) -> torch.Tensor:
+        """Run layer `index` for the prompt text, the routed visual tokens and the generated tokens the gate
+        lets through; the others keep their state."""
         batch = stream.valid.shape[0]
-        resting = torch.zeros_like(stream.valid)
-        for row, (visual, running) in enumerate(zip(stream.visual, route.run)):
-            resting[row, visual.slots] = True
-            resting[row, visual.slots[running]] = False
+        resting = torch.zeros_like(stream.valid) if gate is None else gate.rest.clone()
+        if route is not None:
+            for row, (visual, running) in enumerate(zip(stream.visual, route.run)):
+                resting[row, visual.slots] = True
+                resting[row, visual.slots[running]] = False
         gather, query_valid, _ = pack(stream.valid & ~resting)
         rows = torch.arange(batch, device=gather.device)[:, None].expand_as(gather)
-        if route.mode == "freeze":
+        if route is not None and route.mode == "freeze":
             # every token keeps its key and value; queries are the running rows (padding rows point at
             # the last token, always real, and are discarded)
             last = stream.valid.shape[1] - 1
@@ -609,28 +630,30 @@ class TextStackRunner:
                 positions=stream.take(stream.positions, gather), layer_positions=stream.take(stream.layer_positions, gather),
                 visual=None,
             )
-            rotary = self._rotary(sub, run, index)
             layout = self._layout(run, index, sub)
-            mask = self._mask(run, index, layout, sub.hidden, stream)
-            weight = None if route.weights is None else self._token_weights(route, stream)
-            handle = None
-            if weight is not None:  # STRing: a running token's MLP output is scaled by its weight
-                running = weight.gather(1, gather)[..., None].to(sub.hidden.dtype)
-                handle = self.adapter.mlp_module(layer).register_forward_hook(lambda module, args, out: out * running)
-            try:
-                output = self.adapter.run_layer(
-                    layer, sub.hidden, attention_mask=mask, position_embeddings=rotary,
-                    position_ids=self._layer_positions(sub, run, index),
-                    past_key_values=run.cache, use_cache=use_cache, **kwargs,
-                )
-            finally:
-                if handle is not None:
-                    handle.remove()
-            self._count(run, query_valid.sum(dim=1), query_valid.sum(dim=1), query_valid.sum(dim=1))
+            string = None if route is None or route.weights is None else self._token_weights(route, stream)
+            weight = gate.weights if gate is not None else string
             hidden = stream.hidden.clone()
-            if weight is not None:  # a resting token leaves as w * x
-                hidden = torch.where(resting[..., None], hidden * weight[..., None].to(hidden.dtype), hidden)
-            hidden[rows[query_valid], gather[query_valid]] = output[query_valid]
+            if string is not None:  # STRing: a resting token leaves as w * x
+                hidden = torch.where(resting[..., None], hidden * string[..., None].to(hidden.dtype), hidden)
+            if gather.shape[1]:  # a decoding step whose tokens all rest skips the layer
+                rotary = self._rotary(sub, run, index)
+                mask = self._mask(run, index, layout, sub.hidden, stream)
+                handle = None
+                if weight is not None:  # a running token's MLP output is scaled by its weight
+                    running = weight.gather(1, gather)[..., None].to(sub.hidden.dtype)
+                    handle = self.adapter.mlp_module(layer).register_forward_hook(lambda module, args, out: out * running)
+                try:
+                    output = self.adapter.run_layer(
+                        layer, sub.hidden, attention_mask=mask, position_embeddings=rotary,
+                        position_ids=self._layer_positions(sub, run, index),
+                        past_key_values=run.cache, use_cache=use_cache, **kwargs,
+                    )
+                finally:
+                    if handle is not None:
+                        handle.remove()
+                hidden[rows[query_valid], gather[query_valid]] = output[query_valid]
+            self._count(run, query_valid.sum(dim=1), query_valid.sum(dim=1), query_valid.sum(dim=1))
         if run.cache is not None:
             run.cache.layers[index].record(layout, run.length)
         return hidden

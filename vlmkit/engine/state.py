@@ -68,6 +68,8 @@ class EngineState:
     # a contrastive-decoding branch that opted out of pruning: its forwards keep every visual token
     bypass: bool = False
     calls: dict[str, int] = field(default_factory=dict)
+    # the caller-layout length of the last prompt (a recomputation's later rows are generated tokens)
+    prompt_length: int = 0
 
     def begin_call(self, input_ids: torch.Tensor | None, sources: dict[str, object]) -> None:
         """The base model's forward starts (its pre-hook): remember the ids and the feature sources."""
@@ -110,12 +112,13 @@ class EngineState:
         self.input_ids, self.sources, self.encoded = None, {}, {}
 
     # ----------------------------------------------------------------- what a prefill decided and cost
-    def start_prefill(self) -> None:
-        """A prefill with visual tokens starts: forget the previous one's selections and routes (and,
-        unless it replays them, its cache edits)."""
+    def start_prefill(self, length: int) -> None:
+        """A prefill of `length` tokens with visual tokens starts: forget the previous one's selections
+        and routes (and, unless it replays them, its cache edits and prompt length)."""
         self.selections, self.stage_selections, self.routes = {}, {}, {}
         if not self.reuse:
             self.evictions = {}
+            self.prompt_length = length
 
     def record(self, key: tuple[str, int], decision: object) -> None:
         """Keep a selection or route (key: (site, layer)) for `replay`."""

@@ -20,7 +20,9 @@ from vlmkit.errors import ConfigError, UnknownMethodError, did_you_mean
 if TYPE_CHECKING:
     import torch
 
-    from vlmkit.engine.contexts import AttentionContext, CacheContext, PositionContext, Route, RouteContext
+    from vlmkit.engine.contexts import (
+        AttentionContext, CacheContext, GateContext, PositionContext, Route, RouteContext, TokenGate,
+    )
     from vlmkit.engine.selection import Selection, SelectionContext
 
 ROUNDINGS = ("half_up", "half_even")
@@ -217,14 +219,20 @@ class Router(Method):
     """
 
     #: what `route` needs the engine to compute: "attention" (the last token's attention to each
-    #: visual token at the routed layer's input) or "update" (each visual token's update norm in the
-    #: previous layer)
+    #: visual token at the routed layer's input), "update" (each visual token's update norm in the
+    #: previous layer) or "normed" (the layer's normalised input, for `route` and `gate`)
     needs: ClassVar[frozenset[str]] = frozenset()
+    #: whether `gate` also weighs every token's MLP output and lets generated tokens skip routed
+    #: layers (gamma-MoD), in every call: prefill, decoding steps and recomputations
+    gates_tokens: ClassVar[bool] = False
 
     def routed_layers(self, num_layers: int) -> tuple[int, ...]:
         raise NotImplementedError
 
     def route(self, context: "RouteContext") -> "Route":
+        raise NotImplementedError
+
+    def gate(self, context: "GateContext") -> "TokenGate":
         raise NotImplementedError
 
 
