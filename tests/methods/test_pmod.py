@@ -181,7 +181,7 @@ def test_routers_round_trip_through_save_and_load(tmp_path):
     with torch.no_grad(), vlmkit.apply(tiny, PMoD(floor=0.25)):
         zero = tiny(**batch).logits
     assert not torch.equal(first, zero)  # the trained routers act
-    with pytest.raises(ConfigError, match="routes layers"):
+    with pytest.raises(ConfigError, match=r"holds routers for layers \(1, 2, 3\).*these settings route layers \(2, 3\)"):
         vlmkit.apply(tiny, PMoD(start=0.5, routers=str(path)))
     with pytest.raises(ConfigError, match="safetensors"):
         save_routers(method, adapter_for(tiny), str(tmp_path / "routers.pt"))
@@ -203,5 +203,18 @@ def test_routers_for_another_model_are_refused_by_name(tmp_path):
     finally:
         with torch.no_grad():
             parameter.copy_(saved)
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match="missing.safetensors' is neither a .safetensors file, a folder"):
         PMoD(routers=str(tmp_path / "missing.safetensors"))
+    from safetensors.torch import save_file
+
+    save_file({"router.weight": torch.zeros(2, 4)}, str(tmp_path / "other.safetensors"), metadata={"method": "gammamod"})
+    with pytest.raises(ConfigError, match="not a pmod routers file .it holds 'gammamod'"):
+        PMoD(routers=str(tmp_path / "other.safetensors"))
+
+
+def test_a_schedule_that_keeps_or_routes_nothing_is_refused():
+    tiny, _ = model("llava")  # 4 decoder layers: r_l = 1, 0.75, 0.25, 0
+    with pytest.raises(ConfigError, match=r"keeps no visual token in layers \[3\] \(keep ratio 0\); raise floor"):
+        vlmkit.apply(tiny, "pmod:floor=0.0")
+    with pytest.raises(ConfigError, match="routes none of the 4 decoder layers; raise start"):
+        vlmkit.apply(tiny, "pmod:start=0.0,floor=0.1,average=0.6")

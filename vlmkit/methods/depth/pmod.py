@@ -34,17 +34,15 @@ the visual rows after the layer then the residual added back for the kept rows),
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from vlmkit.engine.contexts import Route, RouteContext
 from vlmkit.errors import ConfigError
-from vlmkit.hashing import state_dict_hash
 from vlmkit.methods.base import MethodConfig, Router, top_k_sorted
+from vlmkit.methods.depth.router_files import check_routers, read_routers, write_routers
 from vlmkit.methods.depth.schedules import kept_tokens, progressive_ratios
 from vlmkit.registry import register_method
 
@@ -70,7 +68,7 @@ class PMoDConfig(MethodConfig):
     floor: float = field(default=0.15, metadata={"help": "the lowest keep ratio of a routed layer"})
     average: float = field(default=0.5, metadata={"help": "shift of the cosine decay (p-MoD's router factor)"})
     routers: str | None = field(
-        default=None, metadata={"help": "a safetensors file of trained routers (from save_routers); none: zero routers"}
+        default=None, metadata={"help": "trained routers: a safetensors file, its folder or a shipped name (vlmkit train mod); none: zero routers"}
     )
 
     def __post_init__(self) -> None:
@@ -94,7 +92,7 @@ class PMoD(Router):
         super().__init__(config, **params)
         self.routers = nn.ModuleList()  # one Linear(d, 1) per routed layer, in layer order
         self.router_layers: tuple[int, ...] = ()
-        self._file = None if self.config.routers is None else _read_routers(self.config.routers)
+        self._file = None if self.config.routers is None else read_routers("pmod", self.config.routers)
 
     def layer_ratios(self, num_layers: int) -> list[float | None]:
         """The keep ratio of every decoder layer (None: dense, not routed)."""
@@ -104,27 +102,20 @@ class PMoD(Router):
         return tuple(layer for layer, ratio in enumerate(self.layer_ratios(num_layers)) if ratio is not None)
 
     def check_adapter(self, adapter) -> None:
-        layers = len(adapter.decoder_layers)
         hidden = adapter.text_config.hidden_size
-        routed = self.routed_layers(layers)
+        depth = len(adapter.decoder_layers)
+        routed = self.routed_layers(depth)
+        settings = ", ".join(f"{name}={getattr(self.config, name)}" for name in SCHEDULE_FIELDS)
+        if not routed:
+            raise ConfigError(f"pmod: the schedule ({settings}) routes none of the {depth} decoder layers; raise start")
+        ratios = self.layer_ratios(depth)
+        empty = [layer for layer in routed if ratios[layer] <= 0]
+        if empty:
+            raise ConfigError(
+                f"pmod: the schedule ({settings}) keeps no visual token in layers {empty} (keep ratio 0); raise floor"
+            )
         if self._file is not None:
-            tensors, meta, path = self._file
-            if meta["num_layers"] != layers or meta["hidden_size"] != hidden:
-                raise ConfigError(
-                    f"pmod: {path} holds routers for a model with {meta['num_layers']} decoder layers of width "
-                    f"{meta['hidden_size']}; this one has {layers} of width {hidden}"
-                )
-            actual = state_dict_hash(adapter.model)
-            if meta["model_hash"] != actual:
-                raise ConfigError(
-                    f"pmod: {path} holds routers trained for another model (weights hash {meta['model_hash'][:12]}, "
-                    f"this model's is {actual[:12]})"
-                )
-            if tuple(meta["layers"]) != routed:
-                raise ConfigError(
-                    f"pmod: {path} holds routers for layers {tuple(meta['layers'])} (schedule {meta['config']}); "
-                    f"this schedule routes layers {routed}: give the file's start/floor/average"
-                )
+            check_routers("pmod", self._file, adapter, routed)
         if self.router_layers == routed and len(self.routers) and self.routers[0].in_features == hidden:
             return  # already built for this shape (e.g. applied again)
         self.router_layers = routed
@@ -146,12 +137,20 @@ class PMoD(Router):
         ratio = self.layer_ratios(context.num_layers)[context.layer]
         router = self.router(context.layer).to(device=context.hidden.device, dtype=context.hidden.dtype)
         runs, weights = [], []
-        with torch.no_grad():
+        with torch.set_grad_enabled(context.training and torch.is_grad_enabled()):  # training: STRing's gradient
             for row, visual in enumerate(context.visual):
                 w = tanh_norm(router(context.hidden[row, visual.slots]).squeeze(-1))
-                runs.append(top_k_sorted(w, kept_tokens(len(visual), ratio)))
+                runs.append(top_k_sorted(w.detach(), kept_tokens(len(visual), ratio)))
                 weights.append(w)
         return Route(runs, mode="skip", weights=weights)
+
+    def trainable(self) -> nn.Module:
+        """The parameters a fine-tune trains besides the model: the routers."""
+        return self.routers
+
+    def save(self, adapter, path) -> None:
+        """`save_routers(self, adapter, path)`."""
+        save_routers(self, adapter, path)
 
 
 def _zero_router(hidden: int) -> nn.Linear:
@@ -161,49 +160,14 @@ def _zero_router(hidden: int) -> nn.Linear:
     return router
 
 
-def _read_routers(path: str):
-    from safetensors import safe_open
-
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"pmod: routers file {file} does not exist; write one with save_routers")
-    if file.suffix != ".safetensors":
-        raise ConfigError(f"pmod: routers file {file} must be a .safetensors file")
-    with safe_open(str(file), framework="pt") as handle:
-        meta = handle.metadata() or {}
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    if meta.get("method") != "pmod" or "model_hash" not in meta:
-        raise ConfigError(f"pmod: {file} is not a p-MoD routers file (written by save_routers)")
-    parsed = {
-        "model_hash": meta["model_hash"],
-        "num_layers": int(meta["num_layers"]),
-        "hidden_size": int(meta["hidden_size"]),
-        "layers": json.loads(meta["layers"]),
-        "config": json.loads(meta["config"]),
-    }
-    return tensors, parsed, str(file)
-
-
-def save_routers(method: PMoD, adapter, path: str) -> None:
+def save_routers(method: PMoD, adapter, path) -> None:
     """Write `method`'s routers to a safetensors file, with the base model's weights hash and the schedule
     (`adapter`: `vlmkit.adapters.adapter_for(model)` of the model they were trained on)."""
-    from safetensors.torch import save_file
-
-    if not str(path).endswith(".safetensors"):
-        raise ConfigError(f"pmod: save_routers writes safetensors only; name the file *.safetensors, not {path}")
     if not len(method.routers):
         method.check_adapter(adapter)
     tensors = {}
     for layer, router in zip(method.router_layers, method.routers):
-        tensors[f"layer.{layer}.weight"] = router.weight.detach().float().cpu().contiguous()
-        tensors[f"layer.{layer}.bias"] = router.bias.detach().float().cpu().contiguous()
+        tensors[f"layer.{layer}.weight"] = router.weight
+        tensors[f"layer.{layer}.bias"] = router.bias
     config = {k: v for k, v in asdict(method.config).items() if k in SCHEDULE_FIELDS}
-    meta = {
-        "method": "pmod",
-        "model_hash": state_dict_hash(adapter.model),
-        "num_layers": str(len(adapter.decoder_layers)),
-        "hidden_size": str(adapter.text_config.hidden_size),
-        "layers": json.dumps(list(method.router_layers)),
-        "config": json.dumps(config),
-    }
-    save_file(tensors, str(path), metadata=meta)
+    write_routers("pmod", path, tensors, adapter, method.router_layers, config)
