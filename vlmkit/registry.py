@@ -46,6 +46,7 @@ _BUILTIN_TARGETS = {
     "vtw": "vlmkit.methods.depth.vtw:VTW",
     "mod": "vlmkit.methods.depth.mod:MoD",
     "pmod": "vlmkit.methods.depth.pmod:PMoD",
+    "gammamod": "vlmkit.methods.depth.gammamod:GammaMoD",
     "v2pe": "vlmkit.methods.position.v2pe:V2PE",
     "cca": "vlmkit.methods.position.cca:CCA",
     "hope": "vlmkit.methods.position.hope:HoPE",
