@@ -1,11 +1,13 @@
 """`vlmkit train shapes`: train a shapes model on the procedural world (seeded, resumable);
-`vlmkit train finetune`: continue one with a method applied, or the control run without it.
+`vlmkit train finetune`: continue one with a method applied, or the control run without it;
+`vlmkit train mod`: fine-tune mixture-of-depths routers into one (and its control run).
 
 Example:
     nohup vlmkit train shapes --model llava --out runs/shapes-llava > runs/shapes-llava.log 2>&1 &
     vlmkit train shapes --model llava --out runs/shapes-llava   # resumes where it stopped
     vlmkit train finetune --from shapes-llava --method cca --out runs/ft/cca
     vlmkit train finetune --from shapes-llava --method none --out runs/ft/control
+    vlmkit train mod --from shapes-llava-deep --method pmod --out runs/mod/pmod
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from vlmkit.errors import ConfigError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the `train` command and its `shapes`, `finetune` and `evaluate` sub-commands."""
+    """Add the `train` command and its `shapes`, `finetune`, `mod` and `evaluate` sub-commands."""
     parser = subparsers.add_parser("train", help="train the shipped shapes models")
     inner = parser.add_subparsers(dest="train_command", metavar="WHAT")
     shapes = inner.add_parser("shapes", help="train shapes-llava, shapes-llava-deep or shapes-video",
@@ -39,6 +41,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tune.add_argument("--method", required=True, help="a method spec, e.g. cca or v2pe:train=True; none: the control")
     _run_options(tune, "override a fine-tune field (steps, batch, lr, seed, eval_every, eval_images, name)")
     tune.set_defaults(func=_finetune)
+    mod = inner.add_parser("mod", help="fine-tune mixture-of-depths routers (pmod, gammamod) or the control run",
+                           description="Fine-tune p-MoD or gamma-MoD routers into a shapes model with its language "
+                           "model and projector (vision tower frozen); --method none is the control run.")
+    mod.add_argument("--from", dest="base", default="shapes-llava-deep",
+                     help="a shipped shapes checkpoint or a save_pretrained folder (default shapes-llava-deep)")
+    mod.add_argument("--method", required=True, help="pmod, gammamod (with settings, e.g. gammamod:capacity=0.4) or none")
+    _run_options(mod, "override a fine-tune field (steps, batch, lr, seed, eval_every, eval_images, name)")
+    mod.set_defaults(func=_mod)
     check = inner.add_parser("evaluate", help="measure a shapes model on held-out seeds (POPE, CHAIR, MME, video MC)")
     check.add_argument(
         "--model", required=True, help="a shipped checkpoint name or a local save_pretrained folder (e.g. a run's final/)"
@@ -108,21 +118,31 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    import dataclasses
+    from vlmkit.train.finetune import FinetuneConfig, FinetuneRecipe
 
+    config = dataclasses.replace(FinetuneConfig(), base=args.base, method=args.method)
+    return _tune(args, FinetuneRecipe, _overrides(config, args.set))
+
+
+def _mod(args: argparse.Namespace) -> int:
+    from vlmkit.train.mod import ModRecipe, mod_config
+
+    return _tune(args, ModRecipe, _overrides(mod_config(args.base, args.method), args.set))
+
+
+def _tune(args: argparse.Namespace, recipe_cls, config) -> int:
+    """Run a fine-tune recipe in `args.out`, refusing a folder that holds one with other settings."""
     import torch
 
-    from vlmkit.train.finetune import FinetuneConfig, FinetuneRecipe
     from vlmkit.train.trainer import train
 
     torch.set_flush_denormal(True)
-    config = _overrides(dataclasses.replace(FinetuneConfig(), base=args.base, method=args.method), args.set)
     args.out.mkdir(parents=True, exist_ok=True)
     recorded = args.out / "recipe.json"
     if recorded.is_file() and not args.restart and json.loads(recorded.read_text()) != config.to_dict():
         raise ConfigError(f"{args.out} holds a fine-tune with other settings ({recorded}); use another --out or --restart")
     recorded.write_text(json.dumps(config.to_dict(), indent=1))
-    final = train(FinetuneRecipe(config), args.out, resume=not args.restart, checkpoint_every=args.checkpoint_every,
+    final = train(recipe_cls(config), args.out, resume=not args.restart, checkpoint_every=args.checkpoint_every,
                   progress=not args.no_progress, device=args.device)
     print(f"final model: {final}")
     return 0
