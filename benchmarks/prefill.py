@@ -78,6 +78,9 @@ def configurations() -> list[tuple[str, tuple[str, ...]]]:
     for name, spec in (("prd", "mod"), ("prd update", "mod:score='update'"), ("prd floor 0.05", "mod:floor=0.05"),
                        ("prd start 1.0", "mod:start=1.0,floor=0.05")):
         configs.append((f"mod {name}", (spec,)))
+    # trained routers change which tokens run, not how many: untrained ones time the same
+    configs += [("pmod prd", ("pmod",)), ("pmod floor 0.05", ("pmod:floor=0.05",)),
+                ("gammamod p > 0.5", ("gammamod:threshold=0.5",))]
     return configs
 
 
