@@ -218,3 +218,20 @@ def test_a_schedule_that_keeps_or_routes_nothing_is_refused():
         vlmkit.apply(tiny, "pmod:floor=0.0")
     with pytest.raises(ConfigError, match="routes none of the 4 decoder layers; raise start"):
         vlmkit.apply(tiny, "pmod:start=0.0,floor=0.1,average=0.6")
+
+
+def test_resting_tokens_have_no_kv_rows_in_their_layers():
+    tiny, processor = model("llava")
+    batch = inputs(processor, photos()[:2], QUESTIONS[:2])
+    method = PMoD(floor=0.25)
+    with torch.no_grad(), vlmkit.apply(tiny, method):
+        cache = tiny(**batch, use_cache=True).past_key_values
+    ratios = method.layer_ratios(len(cache.layers))
+    for row in range(2):
+        placeholders = batch["input_ids"][row] == tiny.config.image_token_id
+        real = int(batch["attention_mask"][row].sum())
+        visual = int(placeholders.sum())
+        for index, layer in enumerate(cache.layers):
+            cached = int(layer.layout.valid[row].sum())
+            expected = real if ratios[index] is None else real - visual + int(visual * ratios[index])
+            assert cached == expected, (row, index)
