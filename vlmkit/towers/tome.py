@@ -33,6 +33,8 @@ Follows facebookresearch/ToMe @af95e4b: `tome/merge.py` (`bipartite_soft_matchin
   0/1 (B, N, N0) matrix on demand;
 - a schedule list must have one r per block (ToMe pads with zeros); an r that even the first block
   cannot merge is an error; later blocks clamp as ToMe does, with a warning giving the effective r;
+- the size-weighted mean accumulates in float32 (`vlmkit.kernels.merge.merge_tokens`; ToMe sums
+  in the tokens' dtype);
 - timm keys are taken after ``k_norm`` (the identity without qk_norm, which ToMe's copy predates);
 - attention masks passed to a block that merges are refused (merged tokens no longer match them).
 """
