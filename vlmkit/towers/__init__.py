@@ -6,6 +6,8 @@ from vlmkit.towers.tome import (
     install_tome,
     r_schedule,
     raster_order,
+    representatives,
+    unmerge,
 )
 
-__all__ = ["ToMeHandle", "ToMeState", "bipartite_matching", "install_tome", "r_schedule", "raster_order"]
+__all__ = ["ToMeHandle", "ToMeState", "bipartite_matching", "install_tome", "r_schedule", "raster_order", "representatives", "unmerge"]

@@ -150,12 +150,14 @@ class ToMeState:
         patch_token: (B, N0) the current token that holds each original token.
         protected: leading tokens that never merge.
         merged: whether any block has merged yet (proportional attention starts after it).
+        history: `patch_token` after each block of the forward (what each block's output holds).
     """
 
     size: torch.Tensor | None = None
     patch_token: torch.Tensor | None = None
     protected: int = 0
     merged: bool = False
+    history: list[torch.Tensor] = field(default_factory=list)
 
     def reset(self, x: torch.Tensor) -> None:
         """Start a forward on `x` (B, N, C): every token holds itself, with size 1."""
@@ -163,6 +165,7 @@ class ToMeState:
         self.size = torch.ones(batch, tokens, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
         self.patch_token = torch.arange(tokens, device=x.device).expand(batch, -1)
         self.merged = False
+        self.history = []
 
     @property
     def source(self) -> torch.Tensor:
@@ -315,11 +318,14 @@ def _merging_forward(handle: ToMeHandle, index: int):
         r = handle._current[index]
         bias = state.attention_bias(x.dtype) if handle.proportional and state.merged else None
         if r == 0 and bias is None:
-            return type(block).forward(block, x, *args, **kwargs)
-        x, metric = layout.attend(block, x, bias, args, kwargs)
-        if r:
-            x = state.merge(x, metric, r)
-        return layout.feed_forward(block, x)
+            output = type(block).forward(block, x, *args, **kwargs)
+        else:
+            x, metric = layout.attend(block, x, bias, args, kwargs)
+            if r:
+                x = state.merge(x, metric, r)
+            output = layout.feed_forward(block, x)
+        state.history.append(state.patch_token)
+        return output
 
     return forward
 
@@ -359,3 +365,19 @@ def raster_order(tokens: torch.Tensor, state: ToMeState) -> tuple[torch.Tensor, 
         f"tome: raster_order got {tokens.shape[1]} tokens; the last forward left {current} "
         f"({current - state.protected} without the {state.protected} protected)."
     )
+
+
+def unmerge(tokens: torch.Tensor, patch_token: torch.Tensor) -> torch.Tensor:
+    """(B, N, C) merged tokens back on the original layout (B, N0, C): every original token gets the
+    token that holds it (ToMe's dense-prediction unmerge)."""
+    return tokens.gather(1, patch_token[:, :, None].to(tokens.device).expand(-1, -1, tokens.shape[-1]))
+
+
+def representatives(patch_token: torch.Tensor) -> torch.Tensor:
+    """(B, N0) bool: the original tokens that stand for their group (the first one it holds), one per
+    merged token; the others are its duplicates after `unmerge`."""
+    batch, originals = patch_token.shape
+    index = torch.arange(originals, device=patch_token.device).expand(batch, -1)
+    first = torch.full((batch, originals), originals, dtype=torch.long, device=patch_token.device)
+    first = first.scatter_reduce(1, patch_token, index, "amin")
+    return first.gather(1, patch_token) == index
