@@ -20,9 +20,9 @@ from torch import nn
 from vlmkit.adapters import ADAPTERS, adapter_for
 from vlmkit.engine.install import build_plan, install
 from vlmkit.engine.state import EngineState
-from vlmkit.errors import ConfigError, ConflictError
+from vlmkit.errors import ConfigError, ConflictError, UnsupportedModelError
 from vlmkit.methods.base import Method
-from vlmkit.registry import REGISTRY
+from vlmkit.registry import REGISTRY, list_methods
 
 _PATCHED: "weakref.WeakKeyDictionary[nn.Module, Patch]" = weakref.WeakKeyDictionary()
 
@@ -84,15 +84,15 @@ class Patch:
     Attributes:
         model: the patched model.
         methods: the installed method objects, in the order given.
-        adapter: the model family's adapter.
+        adapter: the model family's adapter (None for a bare vision tower).
         state: the engine's per-instance state (selections, routes and cost of the last prefill).
     """
 
-    def __init__(self, model: nn.Module, methods: list[Method]):
+    def __init__(self, model: nn.Module, methods: list[Method], tower: bool = False):
         self.model = model
         self.methods = methods
-        self.adapter = adapter_for(model)
-        self.state = EngineState(self.adapter.placeholder_ids())
+        self.adapter = None if tower else adapter_for(model)
+        self.state = EngineState({} if tower else self.adapter.placeholder_ids())
         self._undo: list[tuple[str, Callable[[], None]]] = []
         self._removed = False
 
@@ -213,10 +213,48 @@ def apply(model: nn.Module, *specs: str | Method) -> Patch:
         if method.name in seen:
             raise ConflictError(f"method {method.name!r} is applied twice; give it once with the parameters you want")
         seen[method.name] = method
+    if _is_bare_tower(model):
+        return _apply_to_tower(model, methods)
     patch = Patch(model, methods)
     plan = build_plan(methods, patch.adapter, tuple(adapter.family for adapter in ADAPTERS))
     install(patch, plan)
     _install_copy_guard(patch, plan)
+    _PATCHED[model] = patch
+    return patch
+
+
+def _is_bare_tower(model: nn.Module) -> bool:
+    """Whether `model` is a vision tower alone (transformers CLIP/SigLIP vision model, timm or open_clip ViT)."""
+    from vlmkit.towers.layouts import find_layout
+
+    try:
+        adapter_for(model)
+        return False
+    except UnsupportedModelError:
+        try:
+            find_layout(model)
+        except (UnsupportedModelError, TypeError):
+            return False
+        return True
+
+
+def _apply_to_tower(model: nn.Module, methods: list[Method]) -> Patch:
+    """Install tower methods (ToMe) on a bare vision tower."""
+    towers = sorted(info.name for info in list_methods() if info.family == "merge")
+    for method in methods:
+        if not hasattr(method, "install_in_tower"):
+            raise UnsupportedModelError(
+                f"{method.name} acts on a vision-language model; on a bare vision tower ({type(model).__name__}) "
+                f"vlmkit applies: {', '.join(towers)}"
+            )
+    patch = Patch(model, methods, tower=True)
+    try:
+        for method in methods:
+            handle = method.install_in_tower(model)
+            patch._record(f"{method.name}:vision", handle.remove)
+    except BaseException:
+        patch.remove()
+        raise
     _PATCHED[model] = patch
     return patch
 

@@ -47,6 +47,7 @@ _BUILTIN_TARGETS = {
     "mod": "vlmkit.methods.depth.mod:MoD",
     "pmod": "vlmkit.methods.depth.pmod:PMoD",
     "gammamod": "vlmkit.methods.depth.gammamod:GammaMoD",
+    "tome": "vlmkit.methods.merge.tome:ToMe",
     "v2pe": "vlmkit.methods.position.v2pe:V2PE",
     "cca": "vlmkit.methods.position.cca:CCA",
     "hope": "vlmkit.methods.position.hope:HoPE",

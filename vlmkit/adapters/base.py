@@ -54,6 +54,11 @@ class Adapter:
         return self.model.config.get_text_config()
 
     @property
+    def vision_tower(self) -> nn.Module:
+        """The vision tower module (what the model calls on pixels)."""
+        return self.base_model.vision_tower
+
+    @property
     def vision_layers(self) -> nn.ModuleList:
         """The vision tower's layers (CLIP and SigLIP towers keep them in `encoder.layers`)."""
         return self.base_model.vision_tower.encoder.layers

@@ -58,9 +58,11 @@ class Plan:
         vision_marginals: whether a method reads the patch-to-patch attention map's marginals
             ("received", "paid"), at the probed layers.
         vision_full_keys: whether a method reads every head's keys side by side ("full_keys").
+        vision_merge: the method that merges tokens inside the vision tower (ToMe), if any.
     """
 
     selectors: dict[int, TokenSelector] = field(default_factory=dict)
+    vision_merge: TokenSelector | None = None
     routers: dict[int, Router] = field(default_factory=dict)
     position: PositionMethod | None = None
     attention: AttentionMethod | None = None
@@ -163,6 +165,9 @@ def build_plan(methods: list[Method], adapter: "Adapter", supported_families: tu
             plan.vision_marginals = True
         if "vision" in sites and "vision_full_keys" in method.needs:
             plan.vision_full_keys = True
+        if "vision" in sites and "vision_merge" in method.needs:
+            claim("vision", "merge", method)
+            plan.vision_merge = method
         if "route" in sites:
             for layer in in_range(method, "layer", tuple(method.routed_layers(num_layers))):
                 claim("route", layer, method)
@@ -263,8 +268,11 @@ def _install_visual_tracking(patch: "Patch", plan: Plan) -> None:
         handle = adapter.projector.register_forward_pre_hook(record_features, with_kwargs=True)
         patch._record("engine:vision:features", handle.remove)
 
+    merged = _install_vision_merge(patch, plan, active)
+
     def forget() -> None:
         projected.clear()
+        merged.clear()
         for found in probes.values():
             found.clear()
 
@@ -285,11 +293,45 @@ def _install_visual_tracking(patch: "Patch", plan: Plan) -> None:
             recorded = _joined_probes(probes, plan.vision_primary)
             if projected:
                 recorded = adapter.with_features(recorded, projected, call)
+            if merged:
+                recorded = [{**(recorded[0] if recorded else {}), "representative": torch.cat(merged)}]
             state.encoded_by_us(_modality, output, adapter.visual_metas(_modality, call, output, recorded or None))
             forget()
             return output
 
         patch._set_instance_attr("engine:vision", base, function_name, functools.wraps(original)(encode))
+
+
+def _install_vision_merge(patch: "Patch", plan: Plan, active: dict) -> list[torch.Tensor]:
+    """Merge inside the vision tower, and give the model its outputs on the patch grid (each patch
+    carrying the token that holds it); returns the list that collects, per tower call while a feature
+    function runs, which patches stand for their merged token at the layer the projector reads."""
+    from vlmkit.towers.tome import representatives, unmerge
+
+    found: list[torch.Tensor] = []
+    method = plan.vision_merge
+    if method is None:
+        return found
+    read = patch.adapter.default_vision_layer()
+    handle = method.install_in_tower(patch.adapter.vision_tower, read)
+    patch._record(f"{method.name}:vision", handle.remove)
+
+    def on_the_grid(module, args, kwargs, output):
+        history = handle.state.history
+        if not history:
+            return output
+        if output.hidden_states is not None:
+            output.hidden_states = (output.hidden_states[0],) + tuple(
+                None if hidden is None else unmerge(hidden, tokens) for hidden, tokens in zip(output.hidden_states[1:], history)
+            )
+        output.last_hidden_state = unmerge(output.last_hidden_state, history[-1])
+        if active["on"]:
+            found.append(representatives(history[read]).float())
+        return output
+
+    hook = patch.adapter.vision_tower.register_forward_hook(on_the_grid, with_kwargs=True)
+    patch._record(f"{method.name}:vision:grid", hook.remove)
+    return found
 
 
 def _joined_probes(probes: dict[int, list[dict[str, torch.Tensor]]], primary: int | None) -> list[dict[str, torch.Tensor]]:

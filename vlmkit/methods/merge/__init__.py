@@ -1,0 +1,1 @@
+"""Methods that merge visual tokens inside the vision tower."""
