@@ -29,6 +29,9 @@ from transformers import (
     LlavaNextConfig,
     LlavaNextImageProcessor,
     LlavaNextProcessor,
+    LlavaNextVideoConfig,
+    LlavaNextVideoProcessor,
+    LlavaNextVideoVideoProcessor,
     LlavaOnevisionConfig,
     LlavaOnevisionImageProcessor,
     LlavaOnevisionProcessor,
@@ -36,6 +39,7 @@ from transformers import (
     LlavaProcessor,
     PreTrainedConfig,
     PreTrainedModel,
+    PreTrainedTokenizerFast,
     ProcessorMixin,
     Qwen2VLConfig,
     Qwen2VLImageProcessor,
@@ -45,7 +49,7 @@ from transformers import (
 from transformers.initialization import no_init_weights
 
 from vlmkit.errors import ConfigError, did_you_mean
-from vlmkit.zoo.tokenizer import tiny_tokenizer
+from vlmkit.zoo.tokenizer import _PARTS, tiny_tokenizer
 
 INIT_STD = 0.2
 
@@ -70,6 +74,11 @@ class _Family:
     # (merged config kwargs, tokenizer) -> {"key" or "sub_config.key": value} set from them
     derived: Callable[[dict[str, Any], Any], dict[str, Any]]
     processor: Callable[[PreTrainedConfig, Any], ProcessorMixin]
+    # the family's tokenizer where it is not `tiny_tokenizer(family)`
+    tokenizer: Callable[[], PreTrainedTokenizerFast] | None = None
+    # never generate an image or video placeholder: its random weights would, now and then, and a
+    # placeholder fed back without an image to fill it breaks a forward over the whole sequence
+    suppress_placeholders: bool = False
 
 
 def _tokenizer_keys(tokenizer) -> dict[str, Any]:
@@ -88,6 +97,10 @@ def _llava_derived(kwargs: dict[str, Any], tokenizer) -> dict[str, Any]:
         "image_token_index": tokenizer.convert_tokens_to_ids("<image>"),
         "image_seq_length": (vision["image_size"] // vision["patch_size"]) ** 2,
     }
+
+
+def _llava_next_video_derived(kwargs: dict[str, Any], tokenizer) -> dict[str, Any]:
+    return {**_llava_derived(kwargs, tokenizer), "video_token_index": tokenizer.convert_tokens_to_ids("<video>")}
 
 
 def _onevision_derived(kwargs: dict[str, Any], tokenizer) -> dict[str, Any]:
@@ -120,18 +133,25 @@ def _square(side: int) -> dict[str, int]:
     return {"height": side, "width": side}
 
 
-def _llava_processor(config: LlavaConfig | LlavaNextConfig, tokenizer) -> LlavaProcessor | LlavaNextProcessor:
-    """LLaVA-1.5 processor, or LLaVA-NeXT's (AnyRes over the config's pinpoints) for a `LlavaNextConfig`."""
+def _llava_processor(
+    config: LlavaConfig | LlavaNextConfig | LlavaNextVideoConfig, tokenizer
+) -> LlavaProcessor | LlavaNextProcessor | LlavaNextVideoProcessor:
+    """LLaVA-1.5 processor; LLaVA-NeXT's (AnyRes over the config's pinpoints) for a `LlavaNextConfig`;
+    LLaVA-NeXT-Video's (LLaVA-NeXT's images, frames resized like the base view) for a `LlavaNextVideoConfig`."""
     side = config.vision_config.image_size
     resize = {"size": {"shortest_edge": side}, "crop_size": _square(side)}
-    if isinstance(config, LlavaNextConfig):
-        processor_class = LlavaNextProcessor
-        image_processor = LlavaNextImageProcessor(**resize, image_grid_pinpoints=config.image_grid_pinpoints)
-    else:
+    media = {}
+    if isinstance(config, LlavaConfig):
         processor_class = LlavaProcessor
-        image_processor = CLIPImageProcessor(**resize)
+        media["image_processor"] = CLIPImageProcessor(**resize)
+    else:
+        processor_class = LlavaNextProcessor
+        media["image_processor"] = LlavaNextImageProcessor(**resize, image_grid_pinpoints=config.image_grid_pinpoints)
+    if isinstance(config, LlavaNextVideoConfig):
+        processor_class = LlavaNextVideoProcessor
+        media["video_processor"] = LlavaNextVideoVideoProcessor(**resize)
     return processor_class(
-        image_processor=image_processor,
+        **media,
         tokenizer=tokenizer,
         patch_size=config.vision_config.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
@@ -174,6 +194,22 @@ def _qwen2_vl_processor(config: Qwen2VLConfig, tokenizer, pixels: tuple[int, int
         tokenizer=tokenizer,
         chat_template=tokenizer.chat_template,
     )
+
+
+def _llava_next_video_tokenizer() -> PreTrainedTokenizerFast:
+    """LLaVA-NeXT-Video-7B's vicuna layout ("USER: <video>\\nWhat is moving? ASSISTANT:"): LLaVA-1.5's
+    tokenizer, its chat template also placing videos."""
+    tokenizer = tiny_tokenizer("llava")
+    tokenizer.chat_template = _PARTS + (
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'system' -%}{{ parts(message, '', '', ' ') }}"
+        "{%- else -%}{{ message['role'] | upper }}{{ ': ' }}{{ parts(message, '<image>\\n', '<video>\\n', ' ') }}"
+        "{%- if message['role'] == 'assistant' -%}{{ '</s>' }}{%- endif -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
+    )
+    return tokenizer
 
 
 _CLIP_TOWER = {
@@ -294,6 +330,26 @@ _FAMILIES: dict[str, _Family] = {
         derived=_qwen2_5_vl_derived,
         processor=_qwen2_vl_processor,
     ),
+    # LLaVA-NeXT-Video: LLaVA-NeXT's images (the same tower, AnyRes and newlines), Llama with the
+    # vicuna template; video frames of 64 tokens average-pooled 2x2 to 16 before the projector, no
+    # newline.
+    "llava_next_video": _Family(
+        config_class=LlavaNextVideoConfig,
+        defaults={
+            "vision_config": {**_CLIP_TOWER, "image_size": 32},
+            "text_config": {"model_type": "llama", **_TEXT},
+            "vision_feature_layer": -2,
+            "vision_feature_select_strategy": "default",
+            "projector_hidden_act": "gelu",
+            "image_grid_pinpoints": _PINPOINTS,
+            "spatial_pool_mode": "average",
+            "spatial_pool_stride": 2,
+        },
+        derived=_llava_next_video_derived,
+        processor=_llava_processor,
+        tokenizer=_llava_next_video_tokenizer,
+        suppress_placeholders=True,
+    ),
 }
 
 FAMILIES: tuple[str, ...] = tuple(_FAMILIES)
@@ -411,7 +467,8 @@ def tiny(
     """A tiny, deterministic, randomly initialised model of `family` with its working processor.
 
     Args:
-        family: one of `FAMILIES`: "llava", "llava_next", "llava_onevision", "qwen2_vl".
+        family: one of `FAMILIES`: "llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl",
+            "llava_next_video".
         seed: weight seed; the same seed gives bit-identical weights in any process.
         attn_implementation: "sdpa", "eager", or any registered `AttentionInterface` name.
         **overrides: fields of the family's top-level config (e.g. `vision_feature_layer=-1`,
@@ -441,7 +498,7 @@ def tiny(
         4
     """
     spec = _family(family)
-    tokenizer = tiny_tokenizer(family)
+    tokenizer = spec.tokenizer() if spec.tokenizer is not None else tiny_tokenizer(family)
     config = spec.config_class(**_merge(spec, overrides, tokenizer))
     model = build_model(
         config, seed, config.text_config.initializer_range, attn_implementation=attn_implementation
@@ -449,4 +506,6 @@ def tiny(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
+    if spec.suppress_placeholders:
+        model.generation_config.suppress_tokens = [config.image_token_id, config.video_token_id]
     return model, spec.processor(config, tokenizer)
