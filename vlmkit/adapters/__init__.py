@@ -6,12 +6,13 @@ from torch import nn
 from vlmkit.adapters.base import Adapter
 from vlmkit.adapters.llava import LlavaAdapter
 from vlmkit.adapters.llava_next import LlavaNextAdapter
+from vlmkit.adapters.llava_next_video import LlavaNextVideoAdapter
 from vlmkit.adapters.llava_onevision import LlavaOnevisionAdapter
 from vlmkit.adapters.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
 from vlmkit.errors import UnsupportedModelError
 
 ADAPTERS: tuple[type[Adapter], ...] = (
-    LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter
+    LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, LlavaNextVideoAdapter
 )
 SUPPORTED: tuple[str, ...] = tuple(name for adapter in ADAPTERS for name in adapter.model_classes)
 

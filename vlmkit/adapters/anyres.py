@@ -100,16 +100,25 @@ def packed_metas(
 
 
 def pooled_video_metas(
-    pool, frames_per_video: list[int], side: int, probe: dict[str, torch.Tensor] | None, newline: bool
+    pool,
+    frames_per_video: list[int],
+    side: int,
+    probe: dict[str, torch.Tensor] | None,
+    newline: bool,
+    pooled_before_projector: bool = False,
 ) -> list[VisualMeta]:
     """One `VisualMeta` per video whose frames go through the model's pooling function `pool`.
 
-    The model pools after projecting, so a pooled token has no vision feature of its own: the video's
-    probe carries no "features".
+    The pooled grid is what `pool` makes of one frame's `side` x `side` patches. Where the model pools
+    after projecting (LLaVA-OneVision), a pooled token has no vision feature of its own: the video's
+    probe carries no "features". With `pooled_before_projector` (LLaVA-NeXT-Video), the probe's
+    "features" (the projector's input) already hold one row per pooled token and are kept as they are.
     """
     metas, start = [], 0
-    pooled_side = math.ceil(side / 2)
+    pooled_side = math.isqrt(pool(torch.zeros(1, side * side, 1)).shape[1])
+    features = None
     if probe is not None:
+        features = probe.get("features") if pooled_before_projector else None
         probe = {name: value for name, value in probe.items() if name != "features"}
     for frames in frames_per_video:
         coords = grid_coords(frames, pooled_side, pooled_side)
@@ -118,6 +127,8 @@ def pooled_video_metas(
             channels, layout = probe_channels(probe, slice(start, start + frames))
             pooled = pool(channels).reshape(frames * pooled_side * pooled_side, -1)
             meta_probe = split_channels(pooled, layout)
+            if features is not None:
+                meta_probe["features"] = features[start : start + frames].flatten(0, 1)
         if newline:
             coords = torch.cat([coords, torch.tensor([[0, 0, 0, -1]])])
             if meta_probe is not None:
