@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from vlmkit.adapters import ADAPTERS, adapter_for
-from vlmkit.engine.install import build_plan, install
+from vlmkit.engine.install import build_plan, install, install_tower_merge
 from vlmkit.engine.state import EngineState
 from vlmkit.errors import ConfigError, ConflictError, UnsupportedModelError
 from vlmkit.methods.base import Method
@@ -225,7 +225,7 @@ def apply(model: nn.Module, *specs: str | Method) -> Patch:
 
 def _is_bare_tower(model: nn.Module) -> bool:
     """Whether `model` is a vision tower alone (transformers CLIP/SigLIP vision model, timm or open_clip ViT)."""
-    from vlmkit.towers.layouts import find_layout
+    from vlmkit.adapters.towers import find_layout
 
     try:
         adapter_for(model)
@@ -242,7 +242,7 @@ def _apply_to_tower(model: nn.Module, methods: list[Method]) -> Patch:
     """Install tower methods (ToMe) on a bare vision tower."""
     towers = sorted(info.name for info in list_methods() if info.family == "merge")
     for method in methods:
-        if not hasattr(method, "install_in_tower"):
+        if not hasattr(method, "tower_schedule"):
             raise UnsupportedModelError(
                 f"{method.name} acts on a vision-language model; on a bare vision tower ({type(model).__name__}) "
                 f"vlmkit applies: {', '.join(towers)}"
@@ -250,8 +250,7 @@ def _apply_to_tower(model: nn.Module, methods: list[Method]) -> Patch:
     patch = Patch(model, methods, tower=True)
     try:
         for method in methods:
-            handle = method.install_in_tower(model)
-            patch._record(f"{method.name}:vision", handle.remove)
+            install_tower_merge(patch, method, model)
     except BaseException:
         patch.remove()
         raise

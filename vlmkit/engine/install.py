@@ -302,6 +302,19 @@ def _install_visual_tracking(patch: "Patch", plan: Plan) -> None:
         patch._set_instance_attr("engine:vision", base, function_name, functools.wraps(original)(encode))
 
 
+def install_tower_merge(patch: "Patch", method, tower: torch.nn.Module, last_block: int | None = None):
+    """Install a tower-merging method (ToMe) on `tower`, recorded in the patch; the method keeps the
+    handle (`method.handle`, whose `state` is the last forward's sizes and sources)."""
+    from vlmkit.adapters.towers import find_layout
+    from vlmkit.towers.tome import install_tome
+
+    config = method.config
+    schedule = method.tower_schedule(len(find_layout(tower).blocks), last_block)
+    method.handle = install_tome(tower, schedule, protect_cls=config.protect_cls, proportional=config.proportional)
+    patch._record(f"{method.name}:vision", method.handle.remove)
+    return method.handle
+
+
 def _install_vision_merge(patch: "Patch", plan: Plan, active: dict) -> list[torch.Tensor]:
     """Merge inside the vision tower, and give the model its outputs on the patch grid (each patch
     carrying the token that holds it); returns the list that collects, per tower call while a feature
@@ -313,8 +326,7 @@ def _install_vision_merge(patch: "Patch", plan: Plan, active: dict) -> list[torc
     if method is None:
         return found
     read = patch.adapter.default_vision_layer()
-    handle = method.install_in_tower(patch.adapter.vision_tower, read)
-    patch._record(f"{method.name}:vision", handle.remove)
+    handle = install_tower_merge(patch, method, patch.adapter.vision_tower, read)
 
     def on_the_grid(module, args, kwargs, output):
         history = handle.state.history

@@ -1,5 +1,5 @@
 """ToMe: "Token Merging: Your ViT But Faster" (Bolya et al., ICLR 2023, arXiv:2210.09461), inside
-vision towers (transformers CLIP/SigLIP, timm and open_clip ViTs; `vlmkit.towers.layouts`).
+vision towers (transformers CLIP/SigLIP, timm and open_clip ViTs; `vlmkit.adapters.towers`).
 
 Site: every transformer block, between the attention and the MLP. With k the block's attention
 keys of its normalised input averaged over heads, A the tokens at even positions and B those at
@@ -49,7 +49,7 @@ from torch import nn
 
 from vlmkit.errors import ConfigError, ConflictError
 from vlmkit.kernels.merge import merge_tokens
-from vlmkit.towers.layouts import TowerLayout, find_layout
+from vlmkit.adapters.towers import TowerLayout, find_layout
 
 
 def r_schedule(r: int | list[int] | tuple[int, float], num_blocks: int) -> list[int]:

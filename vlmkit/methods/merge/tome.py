@@ -88,17 +88,13 @@ class ToMe(TokenSelector):
         """The sizes and sources of the tower's last forward (`vlmkit.towers.ToMeState`)."""
         return None if self.handle is None else self.handle.state
 
-    def install_in_tower(self, tower, last_block: int | None = None):
-        """Merge inside `tower`; blocks after `last_block` (whose output nothing reads) merge nothing."""
-        from vlmkit.towers.layouts import find_layout
-        from vlmkit.towers.tome import install_tome, r_schedule
+    def tower_schedule(self, num_blocks: int, last_block: int | None = None) -> list[int]:
+        """r per block of a `num_blocks`-block tower; blocks after `last_block` (whose output nothing
+        reads) merge nothing."""
+        from vlmkit.towers.tome import r_schedule
 
-        r = self.config.r
-        if last_block is not None:
-            schedule = r_schedule(r if not isinstance(r, list) else list(r), len(find_layout(tower).blocks))
-            r = [value if block <= last_block else 0 for block, value in enumerate(schedule)]
-        self.handle = install_tome(tower, r, protect_cls=self.config.protect_cls, proportional=self.config.proportional)
-        return self.handle
+        schedule = r_schedule(self.config.r, num_blocks)
+        return schedule if last_block is None else [r if block <= last_block else 0 for block, r in enumerate(schedule)]
 
     def select(self, context: SelectionContext) -> Selection:
         samples = []
