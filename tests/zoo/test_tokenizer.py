@@ -24,6 +24,7 @@ RENDERED = {
     ),
 }
 RENDERED["qwen2_5_vl"] = RENDERED["qwen2_vl"]
+RENDERED["llava_next_video"] = RENDERED["llava"]
 
 
 def test_vocabulary_is_frozen():

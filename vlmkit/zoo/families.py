@@ -39,7 +39,6 @@ from transformers import (
     LlavaProcessor,
     PreTrainedConfig,
     PreTrainedModel,
-    PreTrainedTokenizerFast,
     ProcessorMixin,
     Qwen2VLConfig,
     Qwen2VLImageProcessor,
@@ -49,7 +48,7 @@ from transformers import (
 from transformers.initialization import no_init_weights
 
 from vlmkit.errors import ConfigError, did_you_mean
-from vlmkit.zoo.tokenizer import _PARTS, tiny_tokenizer
+from vlmkit.zoo.tokenizer import tiny_tokenizer
 
 INIT_STD = 0.2
 
@@ -74,8 +73,6 @@ class _Family:
     # (merged config kwargs, tokenizer) -> {"key" or "sub_config.key": value} set from them
     derived: Callable[[dict[str, Any], Any], dict[str, Any]]
     processor: Callable[[PreTrainedConfig, Any], ProcessorMixin]
-    # the family's tokenizer where it is not `tiny_tokenizer(family)`
-    tokenizer: Callable[[], PreTrainedTokenizerFast] | None = None
     # never generate an image or video placeholder: its random weights would, now and then, and a
     # placeholder fed back without an image to fill it breaks a forward over the whole sequence
     suppress_placeholders: bool = False
@@ -194,22 +191,6 @@ def _qwen2_vl_processor(config: Qwen2VLConfig, tokenizer, pixels: tuple[int, int
         tokenizer=tokenizer,
         chat_template=tokenizer.chat_template,
     )
-
-
-def _llava_next_video_tokenizer() -> PreTrainedTokenizerFast:
-    """LLaVA-NeXT-Video-7B's vicuna layout ("USER: <video>\\nWhat is moving? ASSISTANT:"): LLaVA-1.5's
-    tokenizer, its chat template also placing videos."""
-    tokenizer = tiny_tokenizer("llava")
-    tokenizer.chat_template = _PARTS + (
-        "{%- for message in messages -%}"
-        "{%- if message['role'] == 'system' -%}{{ parts(message, '', '', ' ') }}"
-        "{%- else -%}{{ message['role'] | upper }}{{ ': ' }}{{ parts(message, '<image>\\n', '<video>\\n', ' ') }}"
-        "{%- if message['role'] == 'assistant' -%}{{ '</s>' }}{%- endif -%}"
-        "{%- endif -%}"
-        "{%- endfor -%}"
-        "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
-    )
-    return tokenizer
 
 
 _CLIP_TOWER = {
@@ -347,7 +328,6 @@ _FAMILIES: dict[str, _Family] = {
         },
         derived=_llava_next_video_derived,
         processor=_llava_processor,
-        tokenizer=_llava_next_video_tokenizer,
         suppress_placeholders=True,
     ),
 }
@@ -498,7 +478,7 @@ def tiny(
         4
     """
     spec = _family(family)
-    tokenizer = spec.tokenizer() if spec.tokenizer is not None else tiny_tokenizer(family)
+    tokenizer = tiny_tokenizer(family)
     config = spec.config_class(**_merge(spec, overrides, tokenizer))
     model = build_model(
         config, seed, config.text_config.initializer_range, attn_implementation=attn_implementation

@@ -77,16 +77,23 @@ _PARTS = (
     "{%- endmacro -%}"
 )
 
+def _vicuna_template(video: str) -> str:
+    """The vicuna layout ("USER: <image>\\nWhat is this? ASSISTANT:") with `video` as a video's placeholder."""
+    return _PARTS + (
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'system' -%}{{ parts(message, '', '', ' ') }}"
+        "{%- else -%}{{ message['role'] | upper }}{{ ': ' }}{{ parts(message, '<image>\\n', '" + video + "', ' ') }}"
+        "{%- if message['role'] == 'assistant' -%}{{ '</s>' }}{%- endif -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
+    )
+
+
 # LLaVA-1.5 (vicuna): "USER: <image>\nWhat is this? ASSISTANT: answer</s>"
-_LLAVA_TEMPLATE = _PARTS + (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}{{ parts(message, '', '', ' ') }}"
-    "{%- else -%}{{ message['role'] | upper }}{{ ': ' }}{{ parts(message, '<image>\\n', '', ' ') }}"
-    "{%- if message['role'] == 'assistant' -%}{{ '</s>' }}{%- endif -%}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
-)
+_LLAVA_TEMPLATE = _vicuna_template("")
+# LLaVA-NeXT-Video-7B (vicuna): "USER: <video>\nWhat is moving? ASSISTANT:"
+_LLAVA_NEXT_VIDEO_TEMPLATE = _vicuna_template("<video>\\n")
 
 # LLaVA-NeXT (mistral): "[INST] <image>\nWhat is this? [/INST] answer</s>"
 _LLAVA_NEXT_TEMPLATE = _PARTS + (
@@ -138,6 +145,7 @@ _QWEN2_VL_TOKENIZER = (
 _FAMILY_TOKENIZERS = {
     "llava": (_LLAMA_ROLES, True, _LLAVA_TEMPLATE, {"image_token": "<image>"}),
     "llava_next": (_LLAMA_ROLES, True, _LLAVA_NEXT_TEMPLATE, {"image_token": "<image>"}),
+    "llava_next_video": (_LLAMA_ROLES, True, _LLAVA_NEXT_VIDEO_TEMPLATE, {"image_token": "<image>", "video_token": "<video>"}),
     "llava_onevision": (
         _QWEN_ROLES,
         False,
