@@ -82,3 +82,29 @@ def test_mod_errors_name_the_choices(tmp_path, capsys):
 
     assert cli.main(["train", "mod", "--method", "fastv", "--out", str(tmp_path / "run"), "--no-progress"]) != 0
     assert "is not one of pmod, gammamod, none" in capsys.readouterr().err
+
+
+SHIPPED = {"shapes-llava-deep-pmod": "pmod", "shapes-llava-deep-gammamod": "gammamod"}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_routers_apply_to_their_model_and_answer_at_the_bar(name):
+    from tests.train.test_checkpoints import MAX_BYTES, SUBSET_SEED
+    from vlmkit.data.shapes import WorldConfig
+    from vlmkit.train.evaluate import pope_eval
+
+    folder = zoo.shipped.CHECKPOINTS / name
+    files = {p.name for p in folder.iterdir()}
+    assert {"model.safetensors", "routers.safetensors", "training.json"} <= files
+    assert not any(f.endswith((".bin", ".pt", ".pth", ".pkl")) for f in files)
+    assert sum(p.stat().st_size for p in folder.iterdir()) <= MAX_BYTES
+    training = json.loads((folder / "training.json").read_text())
+    assert training["config"]["finetune"]["method"] == SHIPPED[name] and training["config"]["finetune"]["base"] == "shapes-llava-deep"
+    model, processor = zoo.load(name)
+    with vlmkit.apply(model, f"{SHIPPED[name]}:routers={name}"):
+        result = pope_eval(model, processor, n_images=100, seed=SUBSET_SEED, config=WorldConfig(image_size=96),
+                           splits=("random",))
+    assert result["random"]["accuracy"] >= 0.88, result
+    base, _ = zoo.load("shapes-llava-deep")
+    with pytest.raises(ConfigError, match="trained for another model"):
+        vlmkit.apply(base, f"{SHIPPED[name]}:routers={name}")
