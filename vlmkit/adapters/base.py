@@ -29,6 +29,8 @@ class Adapter:
 
     family: ClassVar[str] = ""
     model_classes: ClassVar[tuple[str, ...]] = ()
+    #: what the family feeds its LLM: "images", and "videos" where it encodes clips
+    media: ClassVar[tuple[str, ...]] = ("images",)
     #: True when rotary positions are 3-D (M-RoPE)
     mrope: ClassVar[bool] = False
 

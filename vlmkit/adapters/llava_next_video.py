@@ -22,6 +22,7 @@ from vlmkit.adapters.llava_next import LlavaNextAdapter
 class LlavaNextVideoAdapter(LlavaNextAdapter):
     family = "llava_next_video"
     model_classes = ("LlavaNextVideoForConditionalGeneration",)
+    media = ("images", "videos")
 
     def pool_frames(self, values: torch.Tensor) -> torch.Tensor:
         """(frames, side*side, c) per-patch values -> (frames, pooled*pooled, c), over the windows of

@@ -19,6 +19,7 @@ from vlmkit.adapters.base import Adapter, cls_row_probe, received_attention_prob
 class LlavaOnevisionAdapter(Adapter):
     family = "llava_onevision"
     model_classes = ("LlavaOnevisionForConditionalGeneration",)
+    media = ("images", "videos")
 
     def vision_probe(self, attention, hidden, kwargs):
         if self.select_strategy() == "default":  # a CLIP tower: its [CLS] row scores the patches

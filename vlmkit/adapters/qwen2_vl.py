@@ -21,6 +21,7 @@ from vlmkit.errors import UnsupportedModelError
 class Qwen2VLAdapter(Adapter):
     family = "qwen2_vl"
     model_classes = ("Qwen2VLForConditionalGeneration",)
+    media = ("images", "videos")
     mrope = True
 
     def __init__(self, model):

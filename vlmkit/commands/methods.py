@@ -20,7 +20,7 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--update-readme",
         metavar="PATH",
-        help="write the table into PATH's methods-table block (and regenerate the shipped method manifest)",
+        help="write the methods and families tables into PATH's blocks (and regenerate the shipped method manifest)",
     )
     parser.set_defaults(func=run)
 
@@ -32,6 +32,22 @@ def markdown_table() -> str:
         params = ", ".join(f"`{name}={default}`" for name, _, default, _ in info["params"])
         name = f"[`{info['name']}`]({info['paper']})" if info["paper"] else f"`{info['name']}`"
         lines.append(f"| {name} | {info['family']} | {info['site']} | {info['summary']} | {params} |")
+    return "\n".join(lines)
+
+
+def families_table() -> str:
+    """The README's model-family table: each adapter's model classes, what it feeds the LLM, and the
+    registered methods that refuse it (with their reason)."""
+    from vlmkit.adapters import ADAPTERS
+    from vlmkit.registry import REGISTRY
+
+    lines = ["| family | model classes | images / videos | methods that do not run on it |", "|---|---|---|---|"]
+    for adapter in ADAPTERS:
+        media = " / ".join(adapter.media)
+        refused = [f"`{name}` ({REGISTRY.get(name).unsupported[adapter.family]})" for name in REGISTRY.names()
+                   if adapter.family in REGISTRY.get(name).unsupported]
+        classes = ", ".join(f"`{name}`" for name in adapter.model_classes)
+        lines.append(f"| {adapter.family} | {classes} | {media} | {'; '.join(refused) or 'none'} |")
     return "\n".join(lines)
 
 
@@ -49,7 +65,7 @@ def manifest_source() -> str:
 def run(args) -> int:
     if args.update_readme:
         path = Path(args.update_readme)
-        path.write_text(fill_block(path.read_text(), "methods-table", markdown_table()))
+        path.write_text(fill_block(fill_block(path.read_text(), "methods-table", markdown_table()), "families-table", families_table()))
         MANIFEST.write_text(manifest_source())
         return 0
     if args.markdown:
