@@ -157,6 +157,15 @@ def test_merge_by_hand_without_protection_merges_cls_first():
     assert bipartite_matching(METRIC, r=2, protected=0).tolist() == [[2, 2, 2, 3, 0, 4, 1]]
 
 
+def test_without_protection_unmerged_a_tokens_stay_by_descending_edge_as_tome():
+    # A = 0, 2, 4; B = 1, 3. Edges: 0 -> 1 (0.447), 2 -> 1 (1.0), 4 -> 3 (0.981). r = 1 merges 2 into 1;
+    # the unmerged A tokens leave by descending edge, 4 (0.981) before 0 (0.447): order [4, 0, 1, 3]
+    metric = torch.tensor([[[1.0, 2.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.2, 1.0]]])
+    assert bipartite_matching(metric, r=1, protected=0).tolist() == [[1, 2, 2, 3, 0]]
+    # with a protected first token the unmerged A tokens are sorted by position: [0 (protected), 4, 1, 3]
+    assert bipartite_matching(metric, r=1, protected=1).tolist() == [[0, 2, 2, 3, 1]]
+
+
 def test_equal_edges_merge_the_lower_a_token_first():
     metric = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]]])  # both edges are 1
     assert bipartite_matching(metric, r=1).tolist() == [[2, 1, 0, 2]]

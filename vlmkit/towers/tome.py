@@ -9,7 +9,8 @@ odd positions (in the current order):
     partner(a)  = argmax_b score(a, b);  edge(a) = max_b score(a, b)
     the r tokens of A with the highest edges merge into their partners, r <= (N - protected) // 2
     x_t = sum_{i -> t} s_i x_i / sum_{i -> t} s_i,   s_t = sum_{i -> t} s_i     (size-weighted mean)
-    order after the block: [protected, unmerged A, B]
+    order after the block: [protected, unmerged A, B] (A by position when tokens are protected, else
+    by descending edge, as ToMe)
     every later block: logits + log(s_key)                (proportional attention)
 
 The r per block comes from `r_schedule`: an int (every block), a list (one per block) or
@@ -23,8 +24,7 @@ Follows facebookresearch/ToMe @af95e4b: `tome/merge.py` (`bipartite_soft_matchin
   the merge; `ToMeHandle.remove` deletes it and leaves outputs and ``state_dict`` as before;
 - the state is reset when the first block starts rather than by the tower's ``forward``, so every
   entry point (timm ``forward_features``, ``forward_intermediates``) starts afresh;
-- unmerged A tokens keep their order also without a [CLS] (ToMe sorts them only with one and
-  otherwise leaves them by descending edge score), and equal edges merge the lower A index first
+- equal edges merge the lower A index first, and unmerged A tokens with equal edges keep their order
   (ToMe's ``argsort`` leaves ties unordered);
 - all prefix tokens (timm registers too) are protected: their A rows and B columns are -inf and
   they lead the output, which for a lone [CLS] is ToMe's rule and for [CLS] + distillation token
@@ -111,8 +111,8 @@ def bipartite_matching(metric: torch.Tensor, r: int, protected: int = 0) -> torc
 
     Returns:
         (B, N) long: each token's position among the ``N - r`` output tokens, ordered
-        ``[protected, unmerged A, B]`` (A: even positions, B: odd, each in position order); a
-        merged A token points at its B partner.
+        ``[protected, unmerged A, B]`` (A: even positions, B: odd; B in position order, A too when
+        tokens are protected, else by descending edge); a merged A token points at its B partner.
 
     Example:
         >>> metric = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]]])
@@ -127,12 +127,18 @@ def bipartite_matching(metric: torch.Tensor, r: int, protected: int = 0) -> torc
         scores[:, positions[::2] < protected, :] = -torch.inf
         scores[:, :, positions[1::2] < protected] = -torch.inf
         edge, partner = scores.max(dim=-1)
-        merged_a = edge.sort(dim=-1, descending=True, stable=True).indices[:, :r]
+        by_edge = edge.sort(dim=-1, descending=True, stable=True).indices
+        merged_a = by_edge[:, :r]
         merged = torch.zeros(batch, tokens, dtype=torch.bool, device=metric.device)
         merged[:, ::2] = merged.new_zeros(edge.shape).scatter(1, merged_a, True)
-        # rank: protected tokens first, then A, then B, each by position; merged tokens last
+        # rank: protected tokens first, then A, then B; merged tokens last. B keeps its order; A too when
+        # tokens are protected (ToMe sorts them then), else A stays by descending edge (ToMe's order)
+        key = positions.expand(batch, tokens).clone()
+        if not protected:
+            arange = torch.arange(by_edge.shape[1], device=metric.device).expand(batch, -1)
+            key[:, ::2] = torch.empty_like(by_edge).scatter_(1, by_edge, arange)
         group = torch.where(positions < protected, 0, torch.where(positions % 2 == 0, 1, 2))
-        rank = torch.where(merged, 3 * tokens, group * tokens + positions)
+        rank = torch.where(merged, 3 * tokens, group * tokens + key)
         kept = rank.argsort(dim=-1)[:, : tokens - r]
         target = torch.empty(batch, tokens, dtype=torch.long, device=metric.device)
         target.scatter_(1, kept, torch.arange(tokens - r, device=metric.device).expand(batch, -1))
