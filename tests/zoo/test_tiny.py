@@ -17,6 +17,7 @@ GOLDEN_DIGESTS = {
     "qwen2_vl": "2fe36fc230a237e8",
     "qwen2_5_vl": "6fc46e2e274f45f2",
     "llava_next_video": "a2b037ca78196198",  # LLaVA-NeXT's weights: its resampler has none
+    "internvl": "a44a78abdabb574d",
 }
 VIDEO_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "llava_next_video")
 

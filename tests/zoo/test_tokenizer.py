@@ -22,6 +22,10 @@ RENDERED = {
         "<|im_start|>assistant\nA red circle.<|im_end|>\n<|im_start|>user\nAnd now?<|im_end|>\n"
         "<|im_start|>assistant\n"
     ),
+    "internvl": (
+        "<|im_start|>user\n<IMG_CONTEXT>\nWhat is shown?<|im_end|>\n<|im_start|>assistant\nA red circle.<|im_end|>\n"
+        "<|im_start|>user\nAnd now?<|im_end|>\n<|im_start|>assistant\n"
+    ),
 }
 RENDERED["qwen2_5_vl"] = RENDERED["qwen2_vl"]
 RENDERED["llava_next_video"] = RENDERED["llava"]
@@ -51,6 +55,16 @@ def test_any_text_round_trips_and_special_tokens_are_atomic(family):
     assert tokenizer.decode(ids) == text
     assert tokenizer.convert_tokens_to_ids("<image>") in ids
     assert tokenizer.convert_tokens_to_ids("<|im_start|>") in ids
+
+
+def test_internvl_image_tokens_come_after_the_shared_vocabulary():
+    shared, tokenizer = tiny_tokenizer("qwen2_vl"), tiny_tokenizer("internvl")
+    assert len(tokenizer) == len(shared) + 3
+    text = "<img><IMG_CONTEXT></img> Is there a red circle?<|im_end|><video>"
+    ids = tokenizer(text).input_ids
+    assert ids[:3] == [763, 762, 764]  # <IMG_CONTEXT>, <img>, </img> take the next ids, in that order
+    assert ids[3:] == shared(" Is there a red circle?<|im_end|><video>").input_ids
+    assert tokenizer.decode(ids) == text
 
 
 def test_left_padding_uses_the_pad_token():

@@ -25,6 +25,10 @@ from transformers import (
     CONFIG_MAPPING,
     AutoModelForImageTextToText,
     CLIPImageProcessor,
+    GotOcr2ImageProcessor,
+    InternVLConfig,
+    InternVLProcessor,
+    InternVLVideoProcessor,
     LlavaConfig,
     LlavaNextConfig,
     LlavaNextImageProcessor,
@@ -45,6 +49,7 @@ from transformers import (
     Qwen2VLProcessor,
     Qwen2VLVideoProcessor,
 )
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.initialization import no_init_weights
 
 from vlmkit.errors import ConfigError, did_you_mean
@@ -126,6 +131,16 @@ def _qwen2_5_vl_derived(kwargs: dict[str, Any], tokenizer) -> dict[str, Any]:
     return derived
 
 
+def _internvl_derived(kwargs: dict[str, Any], tokenizer) -> dict[str, Any]:
+    vision = kwargs["vision_config"]
+    side = vision["image_size"] // vision["patch_size"]  # patches per tile side, before the pixel shuffle
+    return {
+        **_tokenizer_keys(tokenizer),
+        "image_token_id": tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        "image_seq_length": int(side * kwargs["downsample_ratio"]) ** 2,
+    }
+
+
 def _square(side: int) -> dict[str, int]:
     return {"height": side, "width": side}
 
@@ -189,6 +204,20 @@ def _qwen2_vl_processor(config: Qwen2VLConfig, tokenizer, pixels: tuple[int, int
         image_processor=Qwen2VLImageProcessor(**geometry),
         video_processor=Qwen2VLVideoProcessor(**geometry, cap_pixels_per_frame=True),
         tokenizer=tokenizer,
+        chat_template=tokenizer.chat_template,
+    )
+
+
+def _internvl_processor(config: InternVLConfig, tokenizer) -> InternVLProcessor:
+    """InternVL's processor: each image cut into up to 6 tiles of the tower's size (the grid closest to its
+    aspect ratio) plus a thumbnail, ImageNet normalisation; `image_seq_length` placeholders per tile."""
+    side, _ = config.vision_config.image_size
+    imagenet_norm = {"image_mean": IMAGENET_DEFAULT_MEAN, "image_std": IMAGENET_DEFAULT_STD}
+    return InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(size=_square(side), crop_to_patches=True, max_patches=6, **imagenet_norm),
+        video_processor=InternVLVideoProcessor(size=_square(side), **imagenet_norm),
+        tokenizer=tokenizer,
+        image_seq_length=config.image_seq_length,
         chat_template=tokenizer.chat_template,
     )
 
@@ -330,6 +359,31 @@ _FAMILIES: dict[str, _Family] = {
         processor=_llava_processor,
         suppress_placeholders=True,
     ),
+    # InternVL: InternViT tower ([CLS] first, dropped by "default"; layer scale), last layer; the pixel
+    # shuffle joins 2x2 patches (16x16 -> 64 tokens per 64-pixel tile) before the MLP projector; up to 6
+    # tiles plus a thumbnail per image; Qwen2 with InternVL's chatml template.
+    "internvl": _Family(
+        config_class=InternVLConfig,
+        defaults={
+            "vision_config": {
+                "model_type": "internvl_vision",
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 3,
+                "num_attention_heads": 4,
+                "image_size": 64,
+                "patch_size": 4,
+            },
+            "text_config": {"model_type": "qwen2", **_TEXT},
+            "vision_feature_layer": -1,
+            "vision_feature_select_strategy": "default",
+            "downsample_ratio": 0.5,
+            "projector_hidden_act": "gelu",
+        },
+        derived=_internvl_derived,
+        processor=_internvl_processor,
+        suppress_placeholders=True,
+    ),
 }
 
 FAMILIES: tuple[str, ...] = tuple(_FAMILIES)
@@ -448,7 +502,7 @@ def tiny(
 
     Args:
         family: one of `FAMILIES`: "llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl",
-            "llava_next_video".
+            "llava_next_video", "internvl".
         seed: weight seed; the same seed gives bit-identical weights in any process.
         attn_implementation: "sdpa", "eager", or any registered `AttentionInterface` name.
         **overrides: fields of the family's top-level config (e.g. `vision_feature_layer=-1`,
@@ -487,5 +541,6 @@ def tiny(
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     if spec.suppress_placeholders:
-        model.generation_config.suppress_tokens = [config.image_token_id, config.video_token_id]
+        placeholders = (getattr(config, name, None) for name in ("image_token_id", "video_token_id"))
+        model.generation_config.suppress_tokens = [token for token in placeholders if token is not None]
     return model, spec.processor(config, tokenizer)

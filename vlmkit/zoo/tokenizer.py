@@ -11,7 +11,9 @@ No training and no download: the vocabulary is written out below. It is a byte-l
 
 A word found in the vocabulary is one token; anything else falls back to one token per byte.
 All families share one vocabulary (same ids everywhere); they differ in which special tokens
-play bos/eos/pad, whether `<s>` is prepended, and the chat template.
+play bos/eos/pad, whether `<s>` is prepended, and the chat template. A family whose image tokens
+are not among the shared ones (InternVL's `<img>`, `</img>`, `<IMG_CONTEXT>`) gets them as special
+tokens after the shared vocabulary, so every other id stays the same.
 
 The vocabulary is frozen: trained checkpoints (`vlmkit/zoo/checkpoints/`) and golden test
 values depend on every id, so `SPECIAL_TOKENS` and `_WORDS` must not change.
@@ -126,6 +128,16 @@ _QWEN2_VL_TEMPLATE = _PARTS + (
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
 
+# InternVL (chatml, no default system turn): "<|im_start|>user\n<IMG_CONTEXT>\nWhat?<|im_end|>\n"; the
+# processor expands each <IMG_CONTEXT> to <img>, one <IMG_CONTEXT> per visual token, </img>
+_INTERNVL_TEMPLATE = _PARTS + (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{{ parts(message, '<IMG_CONTEXT>\\n', '<video>\\n', '') }}{{ '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
 _LLAMA_ROLES = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 _QWEN_ROLES = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
 
@@ -154,6 +166,17 @@ _FAMILY_TOKENIZERS = {
     ),
     "qwen2_vl": _QWEN2_VL_TOKENIZER,
     "qwen2_5_vl": _QWEN2_VL_TOKENIZER,  # Qwen2.5-VL kept Qwen2-VL's tokens and template
+    "internvl": (
+        _QWEN_ROLES,
+        False,
+        _INTERNVL_TEMPLATE,
+        {
+            "context_image_token": "<IMG_CONTEXT>",
+            "start_image_token": "<img>",
+            "end_image_token": "</img>",
+            "video_token": "<video>",
+        },
+    ),
 }
 
 
@@ -188,10 +211,12 @@ def tiny_tokenizer(family: str) -> PreTrainedTokenizerFast:
             + did_you_mean(family, _FAMILY_TOKENIZERS)
         )
     roles, prepend_bos, chat_template, named_tokens = _FAMILY_TOKENIZERS[family]
-    backend = Tokenizer(models.BPE(vocab=_vocabulary(), merges=[], ignore_merges=True))
+    vocabulary = _vocabulary()
+    appended = tuple(token for token in named_tokens.values() if token not in vocabulary)
+    backend = Tokenizer(models.BPE(vocab=vocabulary, merges=[], ignore_merges=True))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS + appended])
     if prepend_bos:
         backend.post_processor = processors.TemplateProcessing(
             single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", SPECIAL_TOKENS.index("<s>"))]
