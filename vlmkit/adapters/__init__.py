@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from vlmkit.adapters.base import Adapter
+from vlmkit.adapters.internvl import InternVLAdapter
 from vlmkit.adapters.llava import LlavaAdapter
 from vlmkit.adapters.llava_next import LlavaNextAdapter
 from vlmkit.adapters.llava_next_video import LlavaNextVideoAdapter
@@ -12,7 +13,8 @@ from vlmkit.adapters.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
 from vlmkit.errors import UnsupportedModelError
 
 ADAPTERS: tuple[type[Adapter], ...] = (
-    LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, LlavaNextVideoAdapter
+    LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, LlavaNextVideoAdapter,
+    InternVLAdapter,
 )
 SUPPORTED: tuple[str, ...] = tuple(name for adapter in ADAPTERS for name in adapter.model_classes)
 
