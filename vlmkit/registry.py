@@ -35,6 +35,8 @@ _BUILTIN_TARGETS = {
     "globalcom2": "vlmkit.methods.prune.globalcom2:GlobalCom2",
     "mustdrop": "vlmkit.methods.prune.mustdrop:MustDrop",
     "sparsevlm": "vlmkit.methods.prune.sparsevlm:SparseVLM",
+    "evs": "vlmkit.methods.video.evs:EVS",
+    "dycoke": "vlmkit.methods.video.dycoke:DyCoke",
     "vcd": "vlmkit.methods.decode.vcd:VCD",
     "icd": "vlmkit.methods.decode.icd:ICD",
     "m3id": "vlmkit.methods.decode.m3id:M3ID",

@@ -9,7 +9,9 @@
 - SDPA and eager attention give the same selections, routes and outputs.
 
 Registering a method enrolls it here: the matrix is built from `list_methods()`, each method's
-`example` (a setting that acts) and `neutral` settings, and its `unsupported` families.
+`example` (a setting that acts) and `neutral` settings, and its `unsupported` families. A method that
+acts on videos only (`Method.modalities`) leaves image prompts unchanged: it runs every check on
+video prompts instead, on the families that take videos.
 """
 from __future__ import annotations
 
@@ -74,9 +76,18 @@ def observe(tiny, batch, **decoding):
     return logits, torch.stack(out.scores), out.sequences
 
 
-def single(family, index=0):
+def prompts(processor, method: str, questions: list[str], start: int = 0):
+    """One medium per question, of a kind the method acts on: the photos from `start`, or 4-frame
+    noise videos for a method that acts on videos only."""
+    if "image" in REGISTRY.get(method).modalities:
+        return inputs(processor, photos()[start : start + len(questions)], questions)
+    videos = [noise_video(4, seed=start + offset + 1) for offset in range(len(questions))]
+    return inputs(processor, videos, questions, modality="video")
+
+
+def single(family, method, index=0):
     tiny, processor = model(family)
-    return tiny, inputs(processor, [photos()[index]], [QUESTIONS[index]])
+    return tiny, prompts(processor, method, [QUESTIONS[index]], index)
 
 
 def test_every_method_declares_settings_for_the_matrix():
@@ -90,7 +101,7 @@ def test_every_method_declares_settings_for_the_matrix():
 
 @pytest.mark.parametrize("family,method", cases(WITH_NEUTRAL))
 def test_neutral_setting_is_bit_identical(family, method):
-    tiny, batch = single(family)
+    tiny, batch = single(family, method)
     plain = {name: generate(tiny, batch, **decoding) for name, decoding in DECODINGS.items() if name != "sampling"}
     torch.manual_seed(0)
     plain["sampling"] = generate(tiny, batch, **DECODINGS["sampling"])
@@ -106,7 +117,7 @@ def test_neutral_setting_is_bit_identical(family, method):
 
 @pytest.mark.parametrize("family,method", cases())
 def test_remove_restores_exactly(family, method):
-    tiny, batch = single(family, 1)
+    tiny, batch = single(family, method, 1)
     state = {k: v.clone() for k, v in tiny.state_dict().items()}
     before = observe(tiny, batch)
     with torch.no_grad():  # transformers installs its own output-capturing hooks once, on first use
@@ -139,7 +150,7 @@ def hook_snapshot(tiny):
 @pytest.mark.parametrize("family,method", cases())
 def test_cached_generation_equals_recompute(family, method, decoding):
     tiny, processor = model(family)
-    batch = inputs(processor, photos()[:2], QUESTIONS[:2])
+    batch = prompts(processor, method, QUESTIONS[:2])
     with vlmkit.apply(tiny, spec(method)) as patch:
         torch.manual_seed(0)
         cached = generate(tiny, batch, **DECODINGS[decoding])
@@ -153,16 +164,15 @@ def test_cached_generation_equals_recompute(family, method, decoding):
 def test_padded_batch_equals_single_runs(family, method):
     tiny, processor = model(family)
     questions = ["What is shown?", "Is there a cat in the image? Answer yes or no.", "Colour?", "Describe it in detail."]
-    images = photos()
     with vlmkit.apply(tiny, spec(method)) as patch:
-        batch = inputs(processor, images, questions)
+        batch = prompts(processor, method, questions)
         assert (batch["attention_mask"] == 0).any(), "the batch must be padded"
         with torch.no_grad():
             batched_logits = tiny(**batch).logits[:, -1]
         batched = decisions(patch)
         batched_tokens = generate(tiny, batch)
         for row in range(4):
-            one = inputs(processor, [images[row]], [questions[row]])
+            one = prompts(processor, method, [questions[row]], row)
             with torch.no_grad():
                 logits = tiny(**one).logits[:, -1]
             assert same_decisions(decisions(patch), batched, 0, row), row
@@ -176,7 +186,7 @@ def test_sdpa_equals_eager(family, method):
     results = {}
     for attn in ("sdpa", "eager"):
         tiny, processor = model(family, attn)
-        batch = inputs(processor, photos()[:2], QUESTIONS[:2])
+        batch = prompts(processor, method, QUESTIONS[:2])
         with vlmkit.apply(tiny, spec(method)) as patch:
             with torch.no_grad():
                 logits = tiny(**batch).logits[:, -1]

@@ -105,6 +105,8 @@ class Method:
     neutral: ClassVar[str | None] = None
     example: ClassVar[str] = ""
     unsupported: ClassVar[dict[str, str]] = {}
+    #: the media whose tokens the method acts on; a video-only method leaves image prompts unchanged
+    modalities: ClassVar[frozenset[str]] = frozenset({"image", "video"})
 
     def __init__(self, config: MethodConfig | None = None, **params: Any):
         if config is not None and params:
