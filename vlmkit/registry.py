@@ -37,6 +37,7 @@ _BUILTIN_TARGETS = {
     "sparsevlm": "vlmkit.methods.prune.sparsevlm:SparseVLM",
     "evs": "vlmkit.methods.video.evs:EVS",
     "dycoke": "vlmkit.methods.video.dycoke:DyCoke",
+    "fastvid": "vlmkit.methods.video.fastvid:FastVID",
     "vcd": "vlmkit.methods.decode.vcd:VCD",
     "icd": "vlmkit.methods.decode.icd:ICD",
     "m3id": "vlmkit.methods.decode.m3id:M3ID",
