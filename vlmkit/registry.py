@@ -37,6 +37,7 @@ _BUILTIN_TARGETS = {
     "sparsevlm": "vlmkit.methods.prune.sparsevlm:SparseVLM",
     "evs": "vlmkit.methods.video.evs:EVS",
     "dycoke": "vlmkit.methods.video.dycoke:DyCoke",
+    "holitom": "vlmkit.methods.video.holitom:HoliTom",
     "fastvid": "vlmkit.methods.video.fastvid:FastVID",
     "vcd": "vlmkit.methods.decode.vcd:VCD",
     "icd": "vlmkit.methods.decode.icd:ICD",
