@@ -186,8 +186,7 @@ def merge_rows(anchors: torch.Tensor, pool: torch.Tensor, features: torch.Tensor
 
 @register_method("fastvid", family="video", sites=("vision", "embeds"))
 class FastVID(TokenSelector):
-    """Segment each video by frame similarity, keep salient and density-peak tokens per frame, and merge
-    the rest of each segment into its anchors."""
+    """Segment each video, keep salient and density-peak tokens per frame, merge the rest into anchors."""
 
     Config = FastVIDConfig
     example = "retention=0.5"
