@@ -14,7 +14,15 @@ import vlmkit
 from tests.engine.models import generate
 from tests.methods.test_video_reduction import FRAMES, VIDEO_FAMILIES, clip, selection_context, unit, video_batch, video_embeddings
 from vlmkit.errors import ConfigError, UnsupportedModelError
-from vlmkit.methods.video.holitom import HoliTom, cluster_weights, dpc_knn, rescaled_ratio, static_counts, static_windows
+from vlmkit.methods.video.holitom import (
+    HoliTom,
+    cluster_weights,
+    dpc_knn,
+    inner_merge_weights,
+    rescaled_ratio,
+    static_counts,
+    static_windows,
+)
 
 # ---------------------------------------------------------------- the static windows
 # 4 frames, 3 places: cosine of each place with the next frame (rows t -> t + 1)
@@ -128,6 +136,30 @@ def test_contextual_share_clusters_the_dynamic_tokens_not_kept_by_attention():
     assert centre == 1 and sources.tolist() == [1, 2, 3, 4] and weights.tolist() == pytest.approx([0.6, 0.4 / 3, 0.4 / 3, 0.4 / 3])
 
 
+# ---------------------------------------------------------------- the inner merge
+def test_inner_merge_weights_follow_the_references_in_place_halving():
+    # x_c <- (x_c + x_1) / 2, then <- (x_c + x_4) / 2: x_c / 4 + x_1 / 4 + x_4 / 2
+    assert inner_merge_weights(0, [1, 4], 5).tolist() == [0.25, 0.25, 0.0, 0.0, 0.5]
+    assert inner_merge_weights(2, [3], 5).tolist() == [0.0, 0.0, 0.5, 0.5, 0.0]
+
+
+def test_inner_merge_keeps_the_most_attended_video_tokens_and_folds_the_rest_into_the_most_similar():
+    visual = clip(1, 1, 5, image_tokens=1)  # an image token, then a video of 5 tokens (sample indices 1-5)
+    hidden = torch.tensor([E2, E1, unit(10), E2, unit(80), unit(20)])
+    context = selection_context(visual, hidden, 12)
+    context.layer = 2
+    context.last_row_attention = [torch.tensor([0.9, 0.5, 0.1, 0.4, 0.05, 0.2])]
+    sample = HoliTom(merge_layer=2, merge_share=0.6).merge_inside(context).samples[0]
+    # round(5 x 0.4) = 2 video tokens stay: the most attended, 1 (0.5) and 3 (0.4); 2 (10 degrees) and
+    # 5 (20 degrees) join 1 (E1) in that order, 4 (80 degrees) joins 3 (E2); the image stays
+    assert sample.keep.tolist() == [0, 1, 3]
+    torch.testing.assert_close(sample.combine, torch.tensor([
+        [1.0, 0, 0, 0, 0, 0], [0, 0.25, 0.25, 0, 0, 0.5], [0, 0, 0, 0.5, 0.5, 0],
+    ]))
+    assert HoliTom(merge_layer=2).natural_positions_at(2) == "keep" and HoliTom().natural_positions_at(0) == "reindex"
+    assert HoliTom().sites == ("vision", "embeds") and HoliTom(merge_layer=2).sites == ("vision", "embeds", "layer")
+
+
 # ---------------------------------------------------------------- tiny video models
 def expected_keep_count(features: torch.Tensor, retain_ratio: float, tau: float) -> int:
     """The kept count written out again from the reference's rule, from one video's (T, N, D) embeddings."""
@@ -158,6 +190,17 @@ def test_holitom_on_tiny_video_models_keeps_the_counts_the_rule_gives(family):
             assert [k.numel() for k in kept] == [round(cells * min(frames * 0.1, 1))] * len(kept)
 
 
+@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_vl"])
+def test_holitom_inner_merge_on_tiny_video_models_keeps_half_of_what_enters_layer_k(family):
+    tiny, batch = video_batch(family)
+    with vlmkit.apply(tiny, "holitom:retain_ratio=0.3,merge_layer=2,merge_share=0.5") as patch:
+        generate(tiny, batch, max_new_tokens=2)
+        stages = patch.stage_selections["holitom"]
+    assert sorted(stages) == [0, 2]
+    assert [k.numel() for k in stages[2]] == [round(k.numel() * 0.5) for k in stages[0]]
+    assert all(bool(torch.isin(inner, outer).all()) for inner, outer in zip(stages[2], stages[0]))
+
+
 # ---------------------------------------------------------------- errors
 def test_bad_parameters_name_the_valid_range():
     for name, value, allowed in (("retain_ratio", 0.0, r"\(0, 1\]"), ("retain_ratio", 1.5, r"\(0, 1\]"),
@@ -171,6 +214,14 @@ def test_bad_parameters_name_the_valid_range():
                 HoliTom(**{name: value})
     with pytest.raises(ConfigError, match="positions='middle' is not one of auto, keep, reindex"):
         HoliTom(positions="middle")
+    with pytest.raises(ConfigError, match=r"holitom: merge_share=1.0 is out of range: it must be a number in \[0, 1\)"):
+        HoliTom(merge_share=1.0)
+    with pytest.raises(ConfigError, match=r"holitom: merge_layer=0 is out of range: it must be an integer >= 1"):
+        HoliTom(merge_layer=0)
+    from tests.engine.models import model
+
+    with pytest.raises(ConfigError, match=r"merge_layer=4 is out of range for a language model with 4 decoder layers \(valid: 1..3\)"):
+        vlmkit.apply(model("llava_onevision")[0], "holitom:merge_layer=4")
 
 
 def test_families_without_video_are_refused_by_name():

@@ -7,9 +7,14 @@ Reference: cokeshao/HoliTom @e9b2972, `holitom/llava_arch.py`: `prepare_inputs_l
 `merge_tokens_by_clustering`; defaults from its environment settings (`RETAIN_RATIO` 0.1, `T` 0.8,
 `BETA` 0.6, `D` 0, `K` 7, `MAX_WINDOW_SIZE` 1024; `NO_BETA` unset, so merges use Beta).
 
-Sites: `embeds` (the selection, on the LLM's input) and `vision` (the tower's attention probe that
-ranks the dynamic tokens). Per video of T frames of N tokens, with x_t(p) the LLM-input embedding of
-the token at grid place p of frame t and a_t(p) the mean attention it receives in the vision layer
+Sites: `embeds` (the selection, on the LLM's input), `vision` (the tower's attention probe that
+ranks the dynamic tokens) and, with `merge_layer` set, `layer` (the optional inner merge).
+The inner merge is off by default, as in the reference (its `holitom/main.py` installs it only when
+`HOLITOM_k` and `HOLITOM_r` are both set; then its defaults are k = 3, r = 0.5, its README runs
+k = 18).
+
+Per video of T frames of N tokens, with x_t(p) the LLM-input embedding of the token at grid place p
+of frame t and a_t(p) the mean attention it receives in the vision layer
 the LLM reads (mean over heads and queries; pooled like the features where the model pools):
 
 1. Outer temporal segmentation. s_t(p) = cos(x_t(p), x_{t+1}(p)); a window [s, e] has the static
@@ -32,6 +37,13 @@ the LLM reads (mean over heads and queries; pooled like the features where the m
    j of higher density (the densest point: max d); the centres are the highest rho delta. Every other
    point joins its nearest centre, and a centre c with joiners J becomes
    Beta y_c + (1 - Beta) mean_{j in J} y_j (itself when J is empty).
+6. Inner merge (optional), before decoder layer K = `merge_layer`, per video of n remaining tokens:
+   the round(n (1 - r)) tokens (r = `merge_share`) of the highest attention from the last token at
+   layer K - 1 (softmax over the sequence, mean over heads) stay; every other token, in sequence order,
+   is averaged into the kept token of the highest cosine (similarities taken once, before the merges):
+   x_c <- (x_c + x_j) / 2, so a kept token with joiners j_1 .. j_m becomes
+   2^-m x_c + sum_i 2^-(m - i + 1) x_{j_i}. Positions are kept (the reference's position_ids = the
+   kept indices).
 
 Each kept token takes the place of its own token (a static centre: the window's first frame) and
 its value is written as a `combine` row over the LLM-input embeddings. Tokens enter as the reference
@@ -52,9 +64,10 @@ Deviations from the reference, and why:
 - the attention is the engine's vision probe at the layer the LLM reads (the reference's replaced
   SigLIP returns the last kept layer's attention, mean over heads and queries; towers with [CLS]
   use the [CLS] row);
-- the optional inner-LLM merge (`HOLITOM_k`, `HOLITOM_r`: at layer k, the last token's top (1 - r)
-  tokens kept and the others averaged into their most similar kept token) is left out: it is off
-  unless those variables are set.
+- the inner merge acts on each video's tokens (the reference: the first visual span of the prompt,
+  a LLaVA-OneVision video's newline token included, batch of one); its ties go to the earlier token
+  (the reference: `topk` order, then the most attended of equally similar kept tokens); cosines in
+  float32 (the reference: the model's dtype); `merge_share` < 1 (the reference fails at r = 1).
 
 Positions: the video shortens; on 1-D rotary models the kept tokens are re-indexed (as in the
 reference, which merges before positions exist), under M-RoPE they keep their (t, h, w).
@@ -85,6 +98,8 @@ class HoliTomConfig(MethodConfig):
     neighbours: int = field(default=7, metadata={"help": "K: nearest neighbours of the DPC-kNN density (at most the cluster count), >= 1 (K)"})
     max_window_size: int = field(default=1024, metadata={"help": "longest static window, in frames, >= 1 (1: no windows) (MAX_WINDOW_SIZE)"})
     vision_layer: int | None = field(default=None, metadata={"help": "vision layer whose attention ranks the dynamic tokens (default: the layer the LLM reads)"})
+    merge_layer: int | None = field(default=None, metadata={"help": "inner merge before decoder layer K >= 1, from the last token's attention at layer K - 1; None: off (HOLITOM_k)"})
+    merge_share: float = field(default=0.5, metadata={"help": "share of each video's tokens the inner merge folds into the kept ones, in [0, 1) (HOLITOM_r)"})
     positions: str = field(
         default="auto",
         metadata={"help": "position ids after merging: 'keep', 'reindex', or 'auto' (re-index on 1-D rotary models, keep under M-RoPE)"},
@@ -105,6 +120,11 @@ class HoliTomConfig(MethodConfig):
         number("tau", -1.0, 1.0)
         number("beta", 0.0, 1.0)
         number("contextual_share", 0.0, 1.0)
+        share = self.merge_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share < 1.0:
+            raise ConfigError(f"holitom: merge_share={share!r} is out of range: it must be a number in [0, 1)")
+        if self.merge_layer is not None and (isinstance(self.merge_layer, bool) or not isinstance(self.merge_layer, int) or self.merge_layer < 1):
+            raise ConfigError(f"holitom: merge_layer={self.merge_layer!r} is out of range: it must be an integer >= 1 (it reads the attention of layer merge_layer - 1) or None")
         for name in ("neighbours", "max_window_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -217,23 +237,55 @@ class _Token:
 
 
 # ---------------------------------------------------------------------------- the method
-@register_method("holitom", family="video", sites=("vision", "embeds"))
+def inner_merge_weights(kept: int, joiners: list[int], tokens: int) -> torch.Tensor:
+    """(tokens,) weights of a kept token after the reference's in-place merges x_c <- (x_c + x_j) / 2 of its
+    joiners in order: x_c gets 2^-m and the i-th of m joiners 2^-(m - i + 1)."""
+    weights = torch.zeros(tokens)
+    weights[kept] = 0.5 ** len(joiners)
+    for i, joiner in enumerate(joiners):
+        weights[joiner] = 0.5 ** (len(joiners) - i)
+    return weights
+
+
+@register_method("holitom", family="video", sites=("vision", "embeds", "layer"))
 class HoliTom(TokenSelector):
     """Merge each video's static tokens across the windows a DP finds, then cluster the rest per frame."""
 
     Config = HoliTomConfig
-    example = "retain_ratio=0.5"
+    example = "retain_ratio=0.5,merge_layer=2"
     neutral = "retain_ratio=1.0,max_window_size=1"
     paper = "https://arxiv.org/abs/2505.21334"
     modalities = frozenset({"video"})
     unsupported = WITHOUT_VIDEO
     natural_positions = "reindex"
-    needs = frozenset({"vision_attention"})
+    needs = frozenset({"vision_attention", "last_row_attention"})
+
+    def __init__(self, config=None, **params):
+        super().__init__(config, **params)
+        if self.config.merge_layer is None:  # no inner merge: the decoder layers are left alone
+            self.sites = ("vision", "embeds")
+            self.needs = frozenset({"vision_attention"})
+
+    def check_adapter(self, adapter) -> None:
+        layers = len(adapter.decoder_layers)
+        if self.config.merge_layer is not None and not 1 <= self.config.merge_layer < layers:
+            raise ConfigError(
+                f"holitom: merge_layer={self.config.merge_layer} is out of range for a language model with {layers} "
+                f"decoder layers (valid: 1..{layers - 1})"
+            )
+
+    def selection_layers(self, num_layers: int) -> tuple[int, ...]:
+        return (0,) if self.config.merge_layer is None else (0, self.config.merge_layer)
+
+    def natural_positions_at(self, layer: int | None) -> str:
+        return "keep" if layer else "reindex"  # the inner merge keeps the positions (position_ids = keep_indexs)
 
     def vision_layer(self, adapter) -> int:
         return adapter.default_vision_layer() if self.config.vision_layer is None else self.config.vision_layer
 
     def select(self, context: SelectionContext) -> Selection:
+        if context.layer > 0:
+            return self.merge_inside(context)
         samples = []
         for row, visual in enumerate(context.visual):
             device = visual.slots.device
@@ -324,3 +376,43 @@ class HoliTom(TokenSelector):
             used = torch.nonzero(weights[line]).flatten()
             out.append((int(rest[centre]), rest[used], weights[line, used]))
         return dominant, out
+
+    def merge_inside(self, context: SelectionContext) -> Selection:
+        """The reference's inner merge (`Qwen2Model_holitom.forward`) before layer K, per video: the
+        round(n (1 - r)) tokens of the highest attention from the last token at layer K - 1 stay, and each
+        other token, in sequence order, is averaged into the kept token of the highest cosine."""
+        samples = []
+        for row, visual in enumerate(context.visual):
+            device = visual.slots.device
+            keep = torch.ones(len(visual), dtype=torch.bool, device=device)
+            rows = []  # (kept index, its weights over the sample's tokens)
+            attention = context.last_row_attention[row].float().to(device)
+            for video in videos(visual):
+                members = visual.image_index(video)
+                count = round(members.numel() * (1 - self.config.merge_share))
+                if count >= members.numel() or count == 0:
+                    continue
+                top = top_k_sorted(attention[members], count)
+                others = torch.ones(members.numel(), dtype=torch.bool, device=device)
+                others[top] = False
+                others = torch.nonzero(others).flatten()
+                hidden = F.normalize(context.hidden[row, visual.slots[members]].float(), dim=-1)
+                target = (hidden[others] @ hidden[top].T).argmax(dim=1)
+                keep[members[others]] = False
+                for position, kept in enumerate(top.tolist()):
+                    joiners = others[target == position].tolist()
+                    if joiners:
+                        weights = inner_merge_weights(kept, joiners, members.numel())
+                        line = torch.zeros(len(visual))
+                        line[members.cpu()] = weights
+                        rows.append((int(members[kept]), line))
+            kept = torch.nonzero(keep).flatten()
+            if not rows:
+                samples.append(SampleSelection(kept))
+                continue
+            combine = torch.zeros(kept.numel(), len(visual), device=device)
+            combine[torch.arange(kept.numel(), device=device), kept] = 1.0
+            for index, line in rows:
+                combine[int(torch.searchsorted(kept, torch.tensor(index, device=device)))] = line.to(device)
+            samples.append(SampleSelection(kept, combine=combine, combine_space="llm"))
+        return Selection(samples)
