@@ -92,7 +92,7 @@ class Patch:
         self.model = model
         self.methods = methods
         self.adapter = None if tower else adapter_for(model)
-        self.state = EngineState({} if tower else self.adapter.placeholder_ids())
+        self.state = EngineState({} if tower else self.adapter.placeholder_ids(), None if tower else self.adapter.join_runs)
         self._undo: list[tuple[str, Callable[[], None]]] = []
         self._removed = False
 

@@ -40,7 +40,7 @@ def tower_probe(tiles: int) -> list[dict[str, torch.Tensor]]:
     return [{"importance": importance, "cls_logits": logits, "keys": keys.expand(tiles, -1, -1)}]
 
 
-def test_an_image_is_its_tiles_then_the_thumbnail_one_item_each():
+def test_an_image_is_its_tiles_then_the_thumbnail_joined_as_crops():
     tiny, processor = model(FAMILY)
     image = Image.new("RGB", (128, 64), "red")  # aspect 2: a 2 x 1 tile grid, then the thumbnail
     batch = processor(images=image, text=prompt(processor, "What is shown?"), return_tensors="pt")
@@ -56,15 +56,33 @@ def test_an_image_is_its_tiles_then_the_thumbnail_one_item_each():
         tiny(**batch)
     (visual,) = recorder.visual
     assert visual.slots.tolist() == list(range(start, start + 3 * 64))
-    assert visual.grids == [(1, SIDE, SIDE)] * 3
-    assert visual.spans == [(start, 64), (start + 64, 64), (start + 128, 64)]
-    assert visual.modality == ["image"] * 3
-    # placeholder i: tile i // 64 (the thumbnail is the third), token (row, col) = divmod(i % 64, 8), crop 0
+    # one image: the three adjacent runs joined; the grid is the thumbnail's (the base view)
+    assert visual.grids == [(1, SIDE, SIDE)]
+    assert visual.spans == [(start, 3 * 64)]
+    assert visual.modality == ["image"]
+    # placeholder i: tile i // 64, token (row, col) = divmod(i % 64, 8); tiles are crops 1 and 2, the
+    # thumbnail (the third run) crop 0
     coords = torch.stack([visual.image, visual.frame, visual.row, visual.col, visual.crop], dim=1).tolist()
     assert coords[:2] + coords[7:9] + coords[63:65] == [
-        [0, 0, 0, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 7, 0], [0, 0, 1, 0, 0], [0, 0, 7, 7, 0], [1, 0, 0, 0, 0],
+        [0, 0, 0, 0, 1], [0, 0, 0, 1, 1], [0, 0, 0, 7, 1], [0, 0, 1, 0, 1], [0, 0, 7, 7, 1], [0, 0, 0, 0, 2],
     ]
-    assert coords[128 + 8 * 3 + 5] == [2, 0, 3, 5, 0]
+    assert coords[128 + 8 * 3 + 5] == [0, 0, 3, 5, 0]
+
+
+def test_two_images_stay_apart_and_probes_follow_the_joined_tiles():
+    tiny, processor = model(FAMILY)
+    images = [Image.new("RGB", (128, 64), "red"), Image.new("RGB", (64, 128), "blue")]
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Compare."}]}],
+        add_generation_prompt=True)
+    batch = processor(images=images, text=text, return_tensors="pt")
+    recorder = Recorder(keep=0.5)
+    with vlmkit.apply(tiny, recorder), torch.no_grad():
+        tiny(**batch)
+    (visual,) = recorder.visual
+    assert visual.grids == [(1, SIDE, SIDE)] * 2 and len(visual.spans) == 2
+    assert [int((visual.image == image).sum()) for image in (0, 1)] == [3 * 64, 3 * 64]
+    assert sorted(set(visual.crop[visual.image == 1].tolist())) == [0, 1, 2]
 
 
 def test_probes_join_the_two_by_two_patches_of_each_token():

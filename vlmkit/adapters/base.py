@@ -78,6 +78,10 @@ class Adapter:
             ids["video"] = video
         return ids
 
+    #: how to join the metas of adjacent placeholder runs into one image (families whose encoder takes
+    #: an image's tiles as separate images), or None: every run is its own image
+    join_runs = None
+
     def feature_functions(self) -> dict[str, str]:
         """Name of the base model's encoder function per modality."""
         return {modality: f"get_{modality}_features" for modality in self.placeholder_ids()}

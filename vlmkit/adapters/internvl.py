@@ -6,9 +6,12 @@ placeholder per token of every tile, `</img>`. The model encodes the tiles as a 
 independent images: the "default" strategy drops [CLS] (index 0), the pixel shuffle joins each 2 x 2
 block of patches into one token ((2r, 2c), (2r, 2c+1), (2r+1, 2c), (2r+1, 2c+1) become token (r, c)),
 and the projector maps each token alone. Nothing in that call says which tiles belong to one image,
-so each tile is one visual item of its own (crop 0) with row/col in its own grid; a method's "image"
-is a tile. Tower probes are joined over the same 2 x 2 blocks by the model's own pixel shuffle:
-attention masses add up, logits and vectors average. Text positions are 1-D.
+but the prompt does: an image's tiles fill one run of placeholders, and images are apart (`</img><img>`).
+So the engine joins adjacent runs into one image (`join_runs`): its tiles are crops 1..n in the
+processor's row-major order and the thumbnail, last in the run, is crop 0 (the base view, as
+LLaVA-NeXT's); rows and columns stay those of each tile's own grid (the tile grid's shape is not in
+the encoder call). Tower probes are joined over the same 2 x 2 blocks by the model's own pixel
+shuffle: attention masses add up, logits and vectors average. Text positions are 1-D.
 """
 from __future__ import annotations
 
@@ -86,3 +89,16 @@ class InternVLAdapter(Adapter):
             VisualMeta("image", (1, side, side), coords, None if probe is None else {k: v[tile] for k, v in probe.items()})
             for tile in range(tiles)
         ]
+
+    def join_runs(self, metas: list[VisualMeta]) -> VisualMeta:
+        """The tiles of one image (adjacent placeholder runs) as one image: tiles are crops 1..n, the
+        thumbnail (the last run) crop 0."""
+        crops = list(range(1, len(metas))) + [0]
+        coords = []
+        for meta, crop in zip(metas, crops):
+            tile = meta.coords.clone()
+            tile[:, 3] = crop
+            coords.append(tile)
+        probes = [meta.probe for meta in metas]
+        probe = None if probes[0] is None else {key: torch.cat([p[key] for p in probes]) for key in probes[0]}
+        return VisualMeta("image", metas[-1].grid, torch.cat(coords), probe)

@@ -44,6 +44,8 @@ class VisualMeta:
 @dataclass
 class EngineState:
     image_token_ids: dict[str, int]
+    # the adapter's `join_runs`: joins the metas of adjacent placeholder runs into one image, or None
+    join_runs: object = None
     input_ids: torch.Tensor | None = None
     # per modality, where this call's features come from: None = encoded inside the call, else the
     # `mm_encoder_outputs` entry generate() passed in
@@ -183,6 +185,8 @@ class EngineState:
         any_visual = False
         for row in range(num_rows):
             parts = _sample_parts(input_ids[row], self.image_token_ids, queues, row)
+            if self.join_runs is not None:
+                parts = _joined_runs(parts, self.join_runs)
             any_visual |= bool(parts)
             samples.append(_visual_tokens(parts, device))
         leftover = {m: len(q) for m, q in queues.items() if q}
@@ -216,6 +220,20 @@ def _sample_parts(ids: torch.Tensor, token_ids: dict[str, int], queues: dict[str
             parts.append((span[0], meta))
             cursor += meta.num_tokens
     return sorted(parts, key=lambda part: part[0])
+
+
+def _joined_runs(parts, join) -> list:
+    """[(start, meta)] with each group of image runs that follow one another with no token between them
+    joined by `join(metas) -> meta` (the tiles of one image, for families whose encoder sees tiles as
+    separate images)."""
+    groups: list[list] = []
+    for start, meta in parts:
+        last = groups[-1][-1] if groups else None
+        if last is not None and meta.modality == last[1].modality == "image" and last[0] + last[1].num_tokens == start:
+            groups[-1].append((start, meta))
+        else:
+            groups.append([(start, meta)])
+    return [(group[0][0], join([meta for _, meta in group]) if len(group) > 1 else group[0][1]) for group in groups]
 
 
 def _visual_tokens(parts, device: torch.device) -> VisualTokens:

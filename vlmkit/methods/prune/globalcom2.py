@@ -79,6 +79,8 @@ class GlobalCom2(TokenSelector):
         "llava": NO_TILES.format("LLaVA-1.5", "one view per image"),
         "qwen2_vl": NO_TILES.format("Qwen2-VL", "one native-resolution grid per image"),
         "qwen2_5_vl": NO_TILES.format("Qwen2.5-VL", "one native-resolution grid per image"),
+        "internvl": "GlobalCom² places each tile in the image's tile grid under its thumbnail; InternVL's encoder call "
+                    "does not say where a tile sits in that grid",
     }
 
     def vision_layer(self, adapter) -> int:
