@@ -233,6 +233,14 @@ _CLIP_TOWER = {
 }
 # AnyRes grids (pixels) for a 32-pixel tower: every image is tiled into 2 or 4 crops.
 _PINPOINTS = [[32, 64], [64, 32], [64, 64]]
+_LLAVA_NEXT = {
+    "vision_config": {**_CLIP_TOWER, "image_size": 32},
+    "text_config": {"model_type": "llama", **_TEXT},
+    "vision_feature_layer": -2,
+    "vision_feature_select_strategy": "default",
+    "projector_hidden_act": "gelu",
+    "image_grid_pinpoints": _PINPOINTS,
+}
 
 _FAMILIES: dict[str, _Family] = {
     # LLaVA-1.5 layout: CLIP tower with [CLS], second-to-last layer, CLS dropped, 2-layer MLP.
@@ -253,14 +261,7 @@ _FAMILIES: dict[str, _Family] = {
     # `_PINPOINTS` plus the base image, unpadding and one image_newline per row of patches.
     "llava_next": _Family(
         config_class=LlavaNextConfig,
-        defaults={
-            "vision_config": {**_CLIP_TOWER, "image_size": 32},
-            "text_config": {"model_type": "llama", **_TEXT},
-            "vision_feature_layer": -2,
-            "vision_feature_select_strategy": "default",
-            "projector_hidden_act": "gelu",
-            "image_grid_pinpoints": _PINPOINTS,
-        },
+        defaults=_LLAVA_NEXT,
         derived=_llava_derived,
         processor=_llava_processor,
     ),
@@ -345,16 +346,7 @@ _FAMILIES: dict[str, _Family] = {
     # newline.
     "llava_next_video": _Family(
         config_class=LlavaNextVideoConfig,
-        defaults={
-            "vision_config": {**_CLIP_TOWER, "image_size": 32},
-            "text_config": {"model_type": "llama", **_TEXT},
-            "vision_feature_layer": -2,
-            "vision_feature_select_strategy": "default",
-            "projector_hidden_act": "gelu",
-            "image_grid_pinpoints": _PINPOINTS,
-            "spatial_pool_mode": "average",
-            "spatial_pool_stride": 2,
-        },
+        defaults={**_LLAVA_NEXT, "spatial_pool_mode": "average", "spatial_pool_stride": 2},
         derived=_llava_next_video_derived,
         processor=_llava_processor,
         suppress_placeholders=True,
