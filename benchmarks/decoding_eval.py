@@ -47,9 +47,9 @@ def run_suite(args: argparse.Namespace) -> int:
     return cli.main(argv)
 
 
-def run_and_collect(script: str, args: argparse.Namespace) -> dict[str, dict[str, dict[str, Any]]] | int:
+def run_and_collect(script: str, args: argparse.Namespace, task: str = "pope") -> dict[str, dict[str, dict[str, Any]]] | int:
     """Run `args.suite` on `args.model` into `args.runs` (unless `args.skip_run`), then the finished runs
-    (`collect`); an exit status instead when the suite failed or no dense POPE run exists."""
+    (`collect`); an exit status instead when the suite failed or `task` has no finished dense run."""
     if not args.skip_run:
         from vlmkit import cli
 
@@ -58,8 +58,8 @@ def run_and_collect(script: str, args: argparse.Namespace) -> dict[str, dict[str
         if status:
             return status
     found = collect(args.runs)
-    if "baseline" not in found.get("pope", {}):
-        print(f"{script}: no finished dense POPE run under {args.runs}", file=sys.stderr)
+    if "baseline" not in found.get(task, {}):
+        print(f"{script}: no finished dense {task} run under {args.runs}", file=sys.stderr)
         return 2
     return found
 

@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from benchmarks.decoding_eval import collect, write_between
+from benchmarks.decoding_eval import run_and_collect, write_between
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "eval" / "video_methods.yaml"
@@ -57,17 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, default=Path("runs/video_methods"))
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
     parser.add_argument("--skip-run", action="store_true", help="only rebuild the table from finished runs")
+    parser.add_argument("--suite", type=Path, default=SUITE)
     args = parser.parse_args(argv)
-    if not args.skip_run:
-        from vlmkit import cli
-
-        status = cli.main(["eval", "--suite", str(SUITE), "--model", args.model, "--data", str(args.data), "--out", str(args.runs)])
-        if status:
-            return status
-    found = collect(args.runs)
-    if "baseline" not in found.get("video8", {}):
-        print(f"video_methods_eval: no finished dense run under {args.runs}", file=sys.stderr)
-        return 2
+    found = run_and_collect("video_methods_eval", args, task="video8")
+    if isinstance(found, int):
+        return found
     text = report(found)
     write_between(args.readme, BEGIN, END, text)
     print(text)
