@@ -277,3 +277,41 @@ def test_train_command_rejects_bad_settings_by_name(tmp_path, capsys, argv, mess
 
     code = main(["train", "shapes", "--model", "llava", "--out", str(tmp_path), *argv])
     assert code != 0 and message in capsys.readouterr().err
+
+
+def test_video_recipe_continues_shapes_video_cycling_frame_counts():
+    """Continuing `shapes-video` loads it as it is (no layers added) and its clip batches cycle through
+    `frame_counts`, each with its own number of video tokens; the losses read the batch's frame count."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from vlmkit.train.cli import _overrides
+    from vlmkit.train.video import VideoRecipe, VideoRecipeConfig
+    from vlmkit.zoo.shipped import CHECKPOINTS
+
+    config = _overrides(VideoRecipeConfig(pointing_steps=0, steps=0, letter_steps=8, batch=2, eval_every=0),
+                        ["init=shapes-video", "frame_counts=8,16"])
+    assert config.frame_counts == (8, 16)
+    recipe = VideoRecipe(config)
+    shipped = LlavaOnevisionForConditionalGeneration.from_pretrained(CHECKPOINTS / "shapes-video")
+    assert all(torch.equal(recipe.model.state_dict()[k], v) for k, v in shipped.state_dict().items())
+    assert recipe.gist_layer == 3 and [s.name for s in recipe.stages] == ["letters"]
+    letters = recipe.stages[0]
+    frames = {step: recipe.batch(letters, step)["pixel_values_videos"].shape[1] for step in (0, 1, 4, 5)}
+    assert frames == {0: 8, 1: 16, 4: 8, 5: 16}  # steps 2 and 3 are an image and a text batch
+    long = recipe.batch(letters, 1)
+    assert (long["input_ids"] == recipe.model.config.video_token_index).sum(1).tolist() == [16 * 36 + 1] * 2
+    assert long["category"].shape == (2, 16, 12, 12) and long["event"].shape == (2, 2, 16, 6, 6)
+    loss, metrics = recipe.loss(letters, long)
+    assert torch.isfinite(loss) and "attention_loss" in metrics
+
+
+def test_train_set_parses_lists_and_names_bad_values():
+    from vlmkit.errors import ConfigError
+    from vlmkit.train.cli import _overrides
+    from vlmkit.train.video import VideoRecipeConfig
+
+    assert _overrides(VideoRecipeConfig(), ["frame_counts=8,16,32"]).frame_counts == (8, 16, 32)
+    with pytest.raises(ConfigError, match="frame_counts=8,x.*not a tuple"):
+        _overrides(VideoRecipeConfig(), ["frame_counts=8,x"])
+    with pytest.raises(ConfigError, match="only numbers, strings and comma-separated lists"):
+        _overrides(VideoRecipeConfig(), ["mixture=3"])

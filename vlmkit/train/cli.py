@@ -57,6 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="comma-separated subset of pope,chair,mme,video")
     check.add_argument("--n", type=int, default=200, help="images (clips) per bench; 30 per MME subtask")
     check.add_argument("--seed", type=int, default=None, help="first held-out seed (default: the benchmarks' own)")
+    check.add_argument("--num-frames", type=int, default=8, help="frames per clip of the video bench (default 8)")
     threads.add_option(check)
     check.add_argument("--out", type=Path, default=None, help="also write the results here as JSON")
     check.set_defaults(func=_evaluate)
@@ -83,9 +84,19 @@ def _overrides(config, pairs: list[str]):
             raise ConfigError(f"--set {pair!r}: use KEY=VALUE with KEY one of {sorted(fields)}.")
         current = getattr(config, key)
         if isinstance(current, (int, float, str)) and not isinstance(current, bool):
-            changes[key] = type(current)(value)
+            parse = type(current)
+        elif isinstance(current, tuple) and current and isinstance(current[0], (int, float, str)):
+            kind = type(current[0])
+
+            def parse(text: str) -> tuple:
+                return tuple(kind(v) for v in text.split(","))
         else:
-            raise ConfigError(f"--set {key}: only numbers and strings can be set from the command line.")
+            raise ConfigError(f"--set {key}: only numbers, strings and comma-separated lists of them can be "
+                              "set from the command line.")
+        try:
+            changes[key] = parse(value)
+        except ValueError:
+            raise ConfigError(f"--set {pair!r}: {value!r} is not a {type(current).__name__} like {current!r}.") from None
     return dataclasses.replace(config, **changes)
 
 
@@ -108,7 +119,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             results[bench] = evaluate.mme_eval(model, processor, 30, seed, world)
         elif bench == "video":
             results[bench] = evaluate.video_eval(model, processor, args.n, seed,
-                                                 WorldConfig(image_size=size, max_objects=3))
+                                                 WorldConfig(image_size=size, max_objects=3), args.num_frames)
         else:
             raise ConfigError(f"--bench {bench!r} is unknown; use any of pope,chair,mme,video.")
         print(json.dumps({bench: results[bench]}), flush=True)

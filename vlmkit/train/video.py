@@ -45,6 +45,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -73,18 +75,24 @@ _STAGE_SEED_STRIDE = 100_000_000
 
 def build_onevision(init: str | Path, seed: int = 0, extra_layers: int = 0):
     """`shapes-video` before training: a OneVision model holding `init`'s (a `shapes-llava`
-    checkpoint) ViT, projector and Llama, its tokenizer, and the OneVision processor.
+    checkpoint) ViT, projector and Llama, its tokenizer, and the OneVision processor; or, when
+    `init` is already a OneVision checkpoint (`shapes-video`, to continue it), that model as it is.
 
     Args:
-        init: the `shapes-llava` checkpoint.
+        init: the `shapes-llava` checkpoint, or a OneVision one.
         seed: seed of the new parameters.
         extra_layers: decoder layers added on top of the Llama's, as identities (their attention
-            output and MLP down projections are zero), so the grown model computes what `init` does.
+            output and MLP down projections are zero), so the grown model computes what `init` does
+            (none are added to a OneVision `init`).
 
     Returns:
         `(model, processor)`; the newline vector and the added layers are drawn with `seed`.
     """
     path = _resolve(init)
+    if json.loads((path / "config.json").read_text()).get("model_type") == "llava_onevision":
+        from vlmkit import zoo
+
+        return zoo.load(path)
     llava = LlavaForConditionalGeneration.from_pretrained(path, local_files_only=True, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     source = llava.config
@@ -140,8 +148,9 @@ class VideoRecipeConfig:
     Attributes:
         init: the `shapes-llava` checkpoint it grows from (a shipped name or a folder).
         seed: seed of the new parameters and first training scene seed.
-        num_frames: frames per clip.
-        extra_layers: decoder layers added on top of `shapes-llava`'s (`build_onevision`).
+        frame_counts: frames per clip; clip batches cycle through these counts (one count a batch).
+        extra_layers: decoder layers on top of `shapes-llava`'s (`build_onevision` adds them when
+            growing from `shapes-llava`; a OneVision `init` has them already).
         pointing_steps: steps of the text pointing stage.
         pointing_lr: its peak learning rate.
         steps: steps of the video stage.
@@ -160,7 +169,7 @@ class VideoRecipeConfig:
 
     init: str = "shapes-llava"
     seed: int = 500_000_000
-    num_frames: int = 8
+    frame_counts: tuple[int, ...] = (8,)
     extra_layers: int = 2
     pointing_steps: int = 600
     pointing_lr: float = 1e-3
@@ -203,7 +212,8 @@ class VideoRecipe:
         probe = self.processor(text=["<image>"], images=[np.zeros((self.side, self.side, 3), np.uint8)])
         image_tokens = probe["input_ids"][0].count(ids("<image>"))  # the processor's AnyRes expansion
         self.image_encoder = ConversationEncoder(self.tokenizer, [ids("<image>")] * image_tokens)
-        self.video_encoder = ConversationEncoder(self.tokenizer, [ids("<video>")] * (config.num_frames * self.cells + 1))
+        self.video_encoders = {n: ConversationEncoder(self.tokenizer, [ids("<video>")] * (n * self.cells + 1))
+                               for n in config.frame_counts}
         self.text_encoder = ConversationEncoder(self.tokenizer, [])
         self.paren_id = ids("(")
         self.category_ids = torch.tensor(ids(list(CATEGORIES)))
@@ -252,21 +262,25 @@ class VideoRecipe:
         return {"image": torch.from_numpy(render_array(scene)), **self._encode(self.image_encoder, qas, image_choice(scene, rng)),
                 **{k: torch.from_numpy(dense[k]) for k in _DENSE}}
 
-    def _clip_sample(self, stage: Stage, index: int) -> dict:
+    def _clip_sample(self, stage: Stage, index: int, num_frames: int) -> dict:
         seed = self._seed(stage, index)
-        clip = sample_clip(seed, self.clip_world, self.config.num_frames)
+        clip = sample_clip(seed, self.clip_world, num_frames)
         item = clip_question(clip, np.random.default_rng([seed, 4]))
         frames = [patch_labels(dataclasses.replace(clip.scene, objects=frame_objects(clip, t)), self.patch_size)
                   for t in range(clip.num_frames)]
         category = np.stack([f["category"] for f in frames])
-        return {"image": torch.from_numpy(render_clip(clip)), **self._encode(self.video_encoder, [], item),
+        return {"image": torch.from_numpy(render_clip(clip)), **self._encode(self.video_encoders[num_frames], [], item),
                 "event": torch.from_numpy(event_cells(clip, category, CATEGORIES.index(clip.subject.category))),
                 **{k: torch.from_numpy(np.stack([f[k] for f in frames])) for k in _DENSE}}
 
     def batch(self, stage: Stage, step: int) -> dict:
-        """Batch `step`: text pointing in the pointing stage; clips, images and text in turn (`_ROTATION`) after."""
+        """Batch `step`: text pointing in the pointing stage; clips, images and text in turn (`_ROTATION`)
+        after, the clip batches cycling through `frame_counts`."""
         kind = "text" if stage.name == "pointing" else _ROTATION[step % len(_ROTATION)]
-        make = {"text": self._text_sample, "image": self._image_sample, "clip": self._clip_sample}[kind]
+        clip_batch = step // len(_ROTATION) * _ROTATION.count("clip") + _ROTATION[:step % len(_ROTATION)].count("clip")
+        num_frames = self.config.frame_counts[clip_batch % len(self.config.frame_counts)]
+        make = {"text": self._text_sample, "image": self._image_sample,
+                "clip": functools.partial(self._clip_sample, num_frames=num_frames)}[kind]
         first = step * stage.batch_size
         samples = [make(stage, i) for i in range(first, first + stage.batch_size)]
         out = collate(samples, self.tokenizer.pad_token_id, dense=_DENSE + ("event",) if kind == "clip" else
@@ -337,7 +351,8 @@ class VideoRecipe:
             metrics["readout_loss"] = round(readout.item(), 4)
         if "pixel_values_videos" in batch:
             start = (batch["input_ids"] == self.model.config.video_token_index).int().argmax(1)
-            attention = frame_attention_loss(captured["frame_attention"][:, 0], start, self.config.num_frames, self.cells)
+            frames = batch["pixel_values_videos"].shape[1]
+            attention = frame_attention_loss(captured["frame_attention"][:, 0], start, frames, self.cells)
             attention = attention + event_attention_loss(captured["event_attention"][:, :2], query,
                                                          start, batch["event"])
             total = total + self.config.attention_weight * attention
@@ -377,12 +392,14 @@ class VideoRecipe:
         return F.cross_entropy(logits, labels[rows, query + 1])
 
     def evaluate(self, stage: Stage, step: int) -> dict | None:
-        """Video multiple-choice accuracy on held-out clips every `eval_every` steps of the video stage."""
+        """Video multiple-choice accuracy on held-out clips every `eval_every` steps of the video and
+        letters stages, at each of `frame_counts` (keyed by the count when there are several)."""
         every = self.config.eval_every
         if stage.name == "pointing" or not every or (step % every and step != stage.steps):
             return None
-        return video_eval(self.model, self.processor, self.config.eval_clips,
-                          config=self.clip_world, num_frames=self.config.num_frames)
+        results = {n: video_eval(self.model, self.processor, self.config.eval_clips, config=self.clip_world,
+                                 num_frames=n) for n in self.config.frame_counts}
+        return results.popitem()[1] if len(results) == 1 else {f"frames_{n}": r for n, r in results.items()}
 
     def export(self, path: str | Path) -> None:
         """Write the model, processor and the recipe in `save_pretrained` layout."""
