@@ -51,6 +51,28 @@ def test_includes_merge_and_grids_expand(tmp_path):
     assert runs[0].settings["batch_size"] == 4 and runs[0].settings["limit"] == 2
 
 
+def test_a_list_of_frame_counts_is_a_sweep_axis(tmp_path):
+    folder = write(tmp_path, base=BASE, frames="""
+include: base.yaml
+version: 1
+tasks:
+  clips: {version: 2, bench: video, data: "video{num_frames}", num_frames: [16, 32]}
+methods:
+  baseline: []
+  evs: ["evs:pruning_rate={drop}"]
+budgets:
+  drop: [0.5]
+""")
+    runs = suite.runs(suite.load(folder / "frames.yaml"), folder / "frames.yaml")
+    assert [(r.task, r.name, r.settings["num_frames"], r.settings["data"]) for r in runs] == [
+        ("clips_16f", "baseline", 16, "video16"), ("clips_16f", "evs_drop=0.5", 16, "video16"),
+        ("clips_32f", "baseline", 32, "video32"), ("clips_32f", "evs_drop=0.5", 32, "video32"),
+    ]
+    write(tmp_path, bad="tasks: {clips: {version: 1, bench: video, num_frames: [16, 0]}}")
+    with pytest.raises(ConfigError, match=r"num_frames \[16, 0\] must be a positive integer or a non-empty list"):
+        suite.load(tmp_path / "bad.yaml")
+
+
 def test_shipped_suites_are_valid():
     files = sorted((REPO / "eval").glob("*.yaml"))
     assert "base.yaml" in [f.name for f in files] and len(files) >= 3

@@ -13,6 +13,9 @@ A suite file (read with ``yaml.safe_load`` only) has these top-level keys:
   and old run directories refuse to resume), a ``bench``, ``data`` (relative to ``--data``; default
   ``.``), the data options of ``vlmkit eval`` (``media``, ``annotations``, ``synonyms``, ``split``,
   ``num_images``, ``data_seed``, ``num_frames``, ``video_format``), ``style``, and any of the defaults.
+* A video task's ``num_frames`` may be a list: the task then runs once per frame count, as the task
+  ``<name>_<count>f``, and a ``{num_frames}`` in its ``data`` takes the count (one data folder per
+  clip length, e.g. ``data: video{num_frames}``).
 * ``methods``: ``{variant: [spec, ...]}``; specs may hold ``{placeholders}`` filled from ``budgets``.
   An empty list is the unpatched model.
 * ``budgets``: ``{placeholder: [values]}``. A variant runs once per combination of the placeholders
@@ -125,8 +128,7 @@ def runs(suite: Mapping[str, Any], path: str | os.PathLike) -> list[SuiteRun]:
     methods = suite.get("methods") or {"baseline": []}
     budgets = suite.get("budgets") or {}
     expanded = []
-    for task, spec in suite["tasks"].items():
-        settings = _merge(defaults, {k: v for k, v in spec.items() if k != "version"})
+    for task, spec, settings in _frame_tasks(suite["tasks"], defaults):
         for variant, templates in methods.items():
             names = sorted({field for t in templates for _, field, _, _ in string.Formatter().parse(t) if field})
             unknown = [name for name in names if name not in budgets]
@@ -143,6 +145,19 @@ def runs(suite: Mapping[str, Any], path: str | os.PathLike) -> list[SuiteRun]:
                 _check_name(label, f"run name {label!r} (method variant {variant!r} with budgets {filled})", path)
                 expanded.append(SuiteRun(str(task), label, spec["version"], specs, settings))
     return expanded
+
+
+def _frame_tasks(tasks: Mapping[str, Any], defaults: Mapping[str, Any]):
+    """`(name, task, settings)` per task, a task with a list of frame counts once per count."""
+    for task, spec in tasks.items():
+        settings = _merge(defaults, {k: v for k, v in spec.items() if k != "version"})
+        counts = settings.get("num_frames")
+        if not isinstance(counts, list):
+            yield str(task), spec, settings
+            continue
+        for count in counts:
+            data = str(settings.get("data", ".")).replace("{num_frames}", str(count))
+            yield f"{task}_{count}f", spec, {**settings, "num_frames": count, "data": data}
 
 
 def _read(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
@@ -198,6 +213,10 @@ def _check(suite: Mapping[str, Any], path: Path) -> None:
                 raise ConfigError(f"{path} task {name!r} has no {key!r}; every task needs a version and a bench.")
         if not isinstance(task["version"], int):
             raise ConfigError(f"{path} task {name!r}: version {task['version']!r} must be an integer.")
+        counts = task.get("num_frames")
+        if isinstance(counts, list) and not (counts and all(isinstance(c, int) and c > 0 for c in counts)):
+            raise ConfigError(f"{path} task {name!r}: num_frames {counts!r} must be a positive integer or a "
+                              "non-empty list of them (e.g. [8, 16, 32]).")
     methods = suite.get("methods") or {}
     if not isinstance(methods, Mapping) or not all(
         isinstance(specs, list) and all(isinstance(s, str) for s in specs) for specs in methods.values()
