@@ -9,6 +9,12 @@ reports the *logical* length (the prompt as the user sent it plus the generated 
 layout, and its physical length through `physical_length`. Layers that hold the same slots share
 one layout object, so the engine builds one mask for them. Beam search reorders, repeats and
 selects rows of the layout together with the keys and values.
+
+A per-head cache edit (`vlmkit.engine.contexts.HeadEdit`, LOOK-M) leaves each KV head of a layer
+holding its own tokens, some of them rewritten as merges; every head of a row keeps the same count,
+so one `valid` per row still describes the slots, and `SlotLayout.head_slot` says which token each
+head holds in each slot. Such a layer also keeps, per head and slot, the attention its entries
+have received (`CompactLayer.scores`) when a cache method asks for it.
 """
 from __future__ import annotations
 
@@ -29,25 +35,46 @@ class SlotLayout:
             (the `reindex` policy, position methods).
         visual: per row, the visual tokens of the prefill that filled the cache, their `slots` in the
             caller's layout (what attention and cache methods read at decoding steps), or None.
+        head_slot: (B, H_kv, S) long, per KV head, the caller-layout position of the token each slot
+            holds (a merged entry: the kept token it was merged into), after a per-head edit made the
+            heads differ; None while every head holds the tokens `slot` names. Then `slot` is head
+            0's row of it: right for the slots every head agrees on (the prompt's text, the recent
+            window, every later token) and for masks over this call's queries, but not a name for
+            another head's entry; the engine refuses attention methods (which mask by key slot) next to
+            a per-head cache method, and cache methods read `CacheContext.head_slots`.
     """
 
     valid: torch.Tensor
     slot: torch.Tensor
     shift: torch.Tensor
     visual: list | None = None
+    head_slot: torch.Tensor | None = None
 
     def extended(self, valid: torch.Tensor, slot: torch.Tensor) -> "SlotLayout":
         """The layout after appending slots (a decoding step's tokens)."""
-        return SlotLayout(torch.cat([self.valid, valid], dim=1), torch.cat([self.slot, slot], dim=1), self.shift, self.visual)
+        head_slot = None
+        if self.head_slot is not None:
+            added = slot[:, None, :].expand(-1, self.head_slot.shape[1], -1)
+            head_slot = torch.cat([self.head_slot, added], dim=2)
+        return SlotLayout(torch.cat([self.valid, valid], dim=1), torch.cat([self.slot, slot], dim=1), self.shift, self.visual,
+                          head_slot)
 
     def rows(self, index: torch.Tensor) -> "SlotLayout":
         """The layout of the rows `index` (reordered, repeated or selected)."""
         index = index.to(self.valid.device)
         visual = None if self.visual is None else [self.visual[row] for row in index.tolist()]
-        return SlotLayout(self.valid[index], self.slot[index], self.shift[index], visual)
+        head_slot = None if self.head_slot is None else self.head_slot[index]
+        return SlotLayout(self.valid[index], self.slot[index], self.shift[index], visual, head_slot)
 
     def cropped(self, physical: int) -> "SlotLayout":
-        return SlotLayout(self.valid[:, :physical], self.slot[:, :physical], self.shift, self.visual)
+        head_slot = None if self.head_slot is None else self.head_slot[:, :, :physical]
+        return SlotLayout(self.valid[:, :physical], self.slot[:, :physical], self.shift, self.visual, head_slot)
+
+    def slots_per_head(self, heads: int) -> torch.Tensor:
+        """(B, heads, S) the caller-layout position of each head's token in each slot (-1: none)."""
+        if self.head_slot is not None:
+            return self.head_slot
+        return self.slot.masked_fill(~self.valid, -1)[:, None, :].expand(-1, heads, -1)
 
 
 class CompactLayer(DynamicLayer):
@@ -57,6 +84,13 @@ class CompactLayer(DynamicLayer):
         super().__init__()
         self.layout: SlotLayout | None = None
         self.logical_length = 0
+        # (B, H_kv, S) float32, per KV head, the attention each slot has received (summed over the
+        # query heads of that KV head and over every query since the prefill), when a cache method
+        # needs it; None otherwise
+        self.scores: torch.Tensor | None = None
+        # every change of the rows, in order: (logical length, index), the new row r being the old
+        # row index[r] (beam search), so that a recomputation finds each row's past
+        self.row_maps: list[tuple[int, torch.Tensor]] = []
 
     @classmethod
     def from_layer(cls, layer: DynamicLayer, attention_mask: torch.Tensor | None) -> "CompactLayer":
@@ -110,32 +144,59 @@ class CompactLayer(DynamicLayer):
         self.keys, self.values = self.keys.gather(2, index), self.values.gather(2, index)
         self.layout = layout
 
+    def edit_heads(self, gather: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: SlotLayout) -> None:
+        """Replace the cache by a per-head one: slot j of head h of row b holds what slot
+        `gather[b, h, j]` of `keys` / `values` (B, H_kv, S, d) holds, `layout` the layout after it."""
+        index = gather[..., None].expand(-1, -1, -1, keys.shape[-1])
+        self.keys, self.values = keys.gather(2, index), values.gather(2, index)
+        if self.scores is not None:
+            self.scores = self.scores.gather(2, gather)
+        self.layout = layout
+
+    def add_scores(self, received: torch.Tensor) -> None:
+        """Add one call's attention per head (B, H_kv, S) to the slots' accumulated scores (the slots
+        this call appended start from 0)."""
+        if self.scores is None:
+            self.scores = torch.zeros_like(received)
+        elif self.scores.shape[2] < received.shape[2]:
+            self.scores = torch.nn.functional.pad(self.scores, (0, received.shape[2] - self.scores.shape[2]))
+        self.scores = self.scores + received
+
+    def _rows(self, index: torch.Tensor) -> None:
+        if self.layout is not None:
+            self.layout = self.layout.rows(index)
+        if self.scores is not None:
+            self.scores = self.scores[index.to(self.scores.device)]
+        self.row_maps.append((self.logical_length, index.detach().cpu()))
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        if self.layout is not None:
-            self.layout = self.layout.rows(beam_idx)
+        self._rows(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
         if self.layout is not None:
             rows = torch.arange(self.layout.valid.shape[0], device=self.layout.valid.device)
-            self.layout = self.layout.rows(rows.repeat_interleave(repeats))
+            self._rows(rows.repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
         if self.layout is not None:
             rows = torch.arange(self.layout.valid.shape[0], device=self.layout.valid.device)
-            self.layout = self.layout.rows(rows[indices])
+            self._rows(rows[indices])
 
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)
         if tokens_to_remove < 0 and self.layout is not None:
             self.layout = self.layout.cropped(self.layout.valid.shape[1] + tokens_to_remove)
             self.logical_length += tokens_to_remove
+            if self.scores is not None:
+                self.scores = self.scores[:, :, : self.layout.valid.shape[1]]
 
     def reset(self) -> None:
         super().reset()
-        self.layout, self.logical_length = None, 0
+        self.layout, self.logical_length, self.scores = None, 0, None
+        self.row_maps = []
 
 
 def pack(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

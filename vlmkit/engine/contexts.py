@@ -183,6 +183,13 @@ class CacheContext:
         logical_length: tokens the caller has sent so far (prompt and generated).
         attention: per decoder layer, (B, S) the attention the call's last token paid each cache slot
             in that layer (mean over heads), when the method needs "attention" (output-aware pruning).
+        head_slots: per decoder layer, (B, H_kv, S) long, per KV head, the caller-layout position of
+            the token each slot holds (-1: none); after a per-head edit the heads differ.
+        head_attention: per decoder layer, (B, H_kv, S) float32, the attention each slot of each KV
+            head has received since the prefill: softmax probabilities summed over every valid query
+            row of every call and over the query heads that share that KV head (H2O's accumulated
+            score), when the method needs "head_attention"; None for a layer that did not compute it
+            (a routed layer).
     """
 
     keys: list[torch.Tensor]
@@ -192,3 +199,54 @@ class CacheContext:
     prefill: bool
     logical_length: int
     attention: list[torch.Tensor] | None = None
+    head_slots: list[torch.Tensor] | None = None
+    head_attention: list[torch.Tensor | None] | None = None
+
+
+@dataclass
+class HeadEdit:
+    """A cache method's per-KV-head edit of one layer (what `CacheMethod.edit_cache` may return for a
+    layer instead of a (B, S) keep mask): each head keeps its own slots, and a kept entry may become a
+    weighted sum of entries (merging).
+
+    Slot j of head h of row b, if kept, becomes ``sum_s weight[b, h, s] * x[b, h, s]`` over the slots
+    s with ``target[b, h, s] == j`` (x: its key, and with the same weights its value); a kept slot
+    that no other slot targets is left as it is. Keys are rotated (post-RoPE) and merged entries keep
+    the kept slot's position: later tokens keep their positions.
+
+    Attributes:
+        keep: (B, H_kv, S) bool, the slots each head keeps; every head of a row keeps the same count.
+        target: (B, H_kv, S) long or None: per slot, the slot (kept, of the same head) its entry is
+            added into, -1 for none; a kept slot that is a target targets itself. None: no merging.
+        weight: (B, H_kv, S) float, each slot's coefficient in its target (with `target`).
+    """
+
+    keep: torch.Tensor
+    target: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+
+    def validate(self, valid: torch.Tensor, heads: int, method: str) -> None:
+        batch, slots = valid.shape
+        shape = (batch, heads, slots)
+        if tuple(self.keep.shape) != shape or self.keep.dtype != torch.bool:
+            raise InputError(f"{method}: HeadEdit.keep must be a bool tensor of shape {shape}, got {self.keep.dtype} {tuple(self.keep.shape)}")
+        counts = (self.keep & valid[:, None, :]).sum(dim=2)
+        if not bool((counts == counts[:, :1]).all()):
+            raise InputError(f"{method}: HeadEdit.keep must keep the same number of slots in every head of a row, got {counts.tolist()}")
+        if (self.target is None) != (self.weight is None):
+            raise InputError(f"{method}: HeadEdit needs both target and weight, or neither")
+        if self.target is None:
+            return
+        if tuple(self.target.shape) != shape or tuple(self.weight.shape) != shape or self.target.dtype != torch.long:
+            raise InputError(f"{method}: HeadEdit.target (long) and weight must have shape {shape}")
+        live = (self.target >= 0) & valid[:, None, :]
+        if bool((self.target >= slots).any()):
+            raise InputError(f"{method}: HeadEdit.target out of range for {slots} slots")
+        into = self.keep.gather(2, self.target.clamp(min=0))
+        if not bool(into[live].all()):
+            raise InputError(f"{method}: HeadEdit.target must name slots the same head keeps")
+        own = torch.arange(slots, device=self.target.device).expand(shape)
+        targeted = torch.zeros(shape, dtype=torch.long, device=self.keep.device)
+        targeted = targeted.scatter_add(2, self.target.clamp(min=0), live.long()) > 0
+        if not bool((self.target == own)[targeted & self.keep].all()):
+            raise InputError(f"{method}: a kept slot that HeadEdit.target names must target itself")

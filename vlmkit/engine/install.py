@@ -176,6 +176,11 @@ def build_plan(methods: list[Method], adapter: "Adapter", supported_families: tu
             if site in sites:
                 claim(site, None, method)
                 setattr(plan, attribute, method)
+    if plan.cache is not None and plan.cache.per_head and plan.attention is not None:
+        raise ConflictError(
+            f"{plan.cache.name!r} edits the KV cache per head, so a cache slot no longer names one token for "
+            f"every head, and {plan.attention.name!r} masks keys by slot; apply one of them"
+        )
     if plan.position is not None:
         for selector in dict.fromkeys(plan.selectors.values()):
             selector.position_policy(adapter.mrope, plan.position.name)

@@ -18,7 +18,9 @@ call on the cache it built); other calls go to the stock forward:
 * masks come from the adapter, per distinct key layout, combined with an attention method's mask;
 * each layer's KV cache holds only what that layer saw (`CompactLayer` with its `SlotLayout`), so
   decoding attends to the kept tokens with no double cache and no recomputation; a cache method
-  edits it after the prefill and after each step.
+  edits it after the prefill and after each step, by slot or per KV head (`HeadEdit`: each head
+  keeps its own entries, merged ones rewritten), reading each slot's accumulated attention per head
+  when it needs it (one extra query-key pass per layer, whatever the attention implementation).
 
 Scores for in-LLM selection and routing are computed from the one query row needed (the last token)
 against that layer's keys, whatever the attention implementation (no eager attention, no layer run
@@ -39,7 +41,8 @@ from transformers.utils.output_capturing import capture_outputs
 
 from vlmkit import kernels
 from vlmkit.engine.cache import CompactLayer, SlotLayout, pack
-from vlmkit.engine.contexts import AttentionContext, CacheContext, GateContext, PositionContext, RouteContext
+from vlmkit.engine.contexts import AttentionContext, CacheContext, GateContext, HeadEdit, PositionContext, RouteContext
+from vlmkit.engine.heads import HeadReplay, apply_head_edit
 from vlmkit.engine.selection import ATTENTION_NEEDS, SelectionContext, VisualTokens
 from vlmkit.errors import ConfigError, InputError
 
@@ -217,20 +220,28 @@ class TextStackRunner:
                 last_query = None
                 if self._cache_reads_attention(run):
                     last_query, _ = self.adapter.probe_projections(layer, stream.hidden, rotary, keys=False)
+                head_query = None
+                if self._cache_reads_heads(run):
+                    head_query, _ = self.adapter.probe_projections(layer, stream.hidden, rotary, keys=False, all_queries=True)
                 reader = self.probe_layers.get(index) if stream.visual is not None else None
                 if reader is not None:
                     probe = self.adapter.probe_projections(
                         layer, stream.hidden, rotary, keys=run.cache is None, all_queries="text_attention" in reader.needs
                     )
                 layout = self._layout(run, index, stream)
-                mask = self._mask(run, index, layout, stream.hidden, stream)
+                replay = self._head_replay(run, index, stream)
+                if replay is not None:
+                    mask = self.adapter.mask(stream.hidden, replay.key_valid(), replay.key_valid().shape[1] - length,
+                                             extra=replay.mask_function(), replace_causal=True)
+                else:
+                    mask = self._mask(run, index, layout, stream.hidden, stream)
                 stream.hidden = self.adapter.run_layer(
                     layer,
                     stream.hidden,
                     attention_mask=mask,
                     position_embeddings=rotary,
                     position_ids=self._layer_positions(stream, run, index),
-                    past_key_values=run.cache,
+                    past_key_values=run.cache if replay is None else replay,
                     use_cache=use_cache,
                     **kwargs,
                 )
@@ -239,6 +250,10 @@ class TextStackRunner:
                     scores = self._attention_scores(reader, layer, index, probe, stream, layout.valid, run.cache)
                 if run.cache is not None:
                     run.cache.layers[index].record(layout, length)
+                if head_query is not None:
+                    run.cache.layers[index].add_scores(
+                        self._head_scores(layer, head_query, run.cache.layers[index].keys, stream.valid, layout.valid)
+                    )
                 if last_query is not None:
                     attention = self.adapter.attention_module(layer)
                     run.cache_attention[index] = kernels.attention_rows(
@@ -366,6 +381,34 @@ class TextStackRunner:
 
     def _cache_reads_attention(self, run: Pass) -> bool:
         return run.cache is not None and self.plan.cache is not None and "attention" in self.plan.cache.cache_needs
+
+    def _cache_reads_heads(self, run: Pass) -> bool:
+        return run.cache is not None and self.plan.cache is not None and "head_attention" in self.plan.cache.cache_needs
+
+    def _head_scores(self, layer, query: torch.Tensor, keys: torch.Tensor, query_valid: torch.Tensor,
+                     key_valid: torch.Tensor) -> torch.Tensor:
+        """(B, H_kv, S) the attention each cached slot received from this call's valid queries, per KV
+        head (summed over its query heads), the queries being the last rows of the keys (causal)."""
+        attention = self.adapter.attention_module(layer)
+        groups = attention.num_key_value_groups
+        return torch.stack([
+            kernels.attention_colsum(
+                query[:, head * groups : (head + 1) * groups], keys[:, head : head + 1], scale=attention.scaling,
+                causal=True, q_mask=query_valid, kv_mask=key_valid, num_kv_groups=groups,
+            )
+            for head in range(keys.shape[1])
+        ], dim=1)
+
+    def _head_replay(self, run: Pass, index: int, stream: Stream) -> HeadReplay | None:
+        """A recomputation under `reuse_selections()` of a generation whose cache had per-head edits in
+        layer `index`: the replay that shows each query the entries it saw then."""
+        records = self.state.head_edits.get(index) if self.state.reuse and run.cache is None else None
+        if not records:
+            return None
+        config = self.adapter.text_config
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        replay = HeadReplay(records, self.state.row_maps, stream.slot, stream.valid, heads)
+        return replay if replay.active else None
 
     @staticmethod
     def _caller_visual(stream: Stream) -> list[VisualTokens] | None:
@@ -690,11 +733,22 @@ class TextStackRunner:
         )
         if "attention" in self.plan.cache.cache_needs:
             context.attention = [run.cache_attention.get(index) for index in range(self.num_layers)]
+        if self.plan.cache.per_head:
+            context.head_slots = [layer.layout.slots_per_head(layer.keys.shape[1]) for layer in layers]
+        if "head_attention" in self.plan.cache.cache_needs:
+            context.head_attention = [layer.scores for layer in layers]
+        if run.prefill and not self.state.reuse:
+            self.state.row_maps = layers[0].row_maps
         edits = self.plan.cache.edit_cache(context) or {}
         rebuilt: dict = {}
         for index, keep in edits.items():
             layer = layers[index]
             if keep is None:
+                continue
+            if isinstance(keep, HeadEdit):
+                record = apply_head_edit(layer, keep, self.plan.cache.name, context.logical_length)
+                if record is not None:
+                    self.state.head_edits.setdefault(index, []).append(record)
                 continue
             if keep.shape != layer.layout.valid.shape:
                 raise InputError(f"{self.plan.cache.name}: the keep mask of layer {index} must have shape {tuple(layer.layout.valid.shape)}")

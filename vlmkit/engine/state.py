@@ -65,6 +65,12 @@ class EngineState:
     # (row, caller-layout slot, logical length when removed) tensors; a recomputation masks a removed
     # key for the queries from that length on
     evictions: dict[int, list[tuple[torch.Tensor, torch.Tensor, int]]] = field(default_factory=dict)
+    # per-head cache edits of the last generation (`vlmkit.engine.replay.HeadEditRecord`), per decoder
+    # layer in time order, and the row changes of its cache (beam search: `CompactLayer.row_maps`), for
+    # `Patch.reuse_selections()`: a recomputation shows the queries from each edit's logical length on
+    # the edited entries in place of the prefix
+    head_edits: dict[int, list] = field(default_factory=dict)
+    row_maps: list = field(default_factory=list)
     # what the last prefill cost, counted from what ran: {"llm_flops": per sample, "kv_bytes": per sample}
     cost: dict[str, list[float]] = field(default_factory=dict)
     # a contrastive-decoding branch that opted out of pruning: its forwards keep every visual token
@@ -119,7 +125,7 @@ class EngineState:
         and routes (and, unless it replays them, its cache edits and prompt length)."""
         self.selections, self.stage_selections, self.routes = {}, {}, {}
         if not self.reuse:
-            self.evictions = {}
+            self.evictions, self.head_edits, self.row_maps = {}, {}, []
             self.prompt_length = length
 
     def record(self, key: tuple[str, int], decision: object) -> None:

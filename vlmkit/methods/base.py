@@ -281,12 +281,19 @@ class CacheMethod(Method):
     `edit_cache(context)` returns, per decoder layer, a (rows, slots) bool tensor of the cache slots
     to keep (or None to keep all); the engine removes the others from that layer's cache, and records
     the removals so that `Patch.reuse_selections()` recomputes the sequence with the same keys hidden
-    from the same queries.
+    from the same queries. A method that sets `per_head` may return for a layer a
+    `vlmkit.engine.contexts.HeadEdit` instead: per KV head, the slots kept and merges into them
+    (LOOK-M); the engine rewrites and packs the layer's cache per head and records the edit so that a
+    recomputation shows the later queries the same edited entries.
     """
 
     #: what `edit_cache` needs the engine to compute: "attention" (each layer's attention from the
-    #: call's last token to every cache slot)
+    #: call's last token to every cache slot), "head_attention" (each slot's attention received per
+    #: KV head, accumulated over every query since the prefill)
     cache_needs: ClassVar[frozenset[str]] = frozenset()
+    #: whether `edit_cache` returns per-head edits (`HeadEdit`); the context then carries `head_slots`,
+    #: and no attention method (which masks keys by slot) may share the patch
+    per_head: ClassVar[bool] = False
 
     def edit_cache(self, context: "CacheContext") -> "dict[int, torch.Tensor] | None":
         raise NotImplementedError
