@@ -38,6 +38,7 @@ _BUILTIN_TARGETS = {
     "evs": "vlmkit.methods.video.evs:EVS",
     "dycoke": "vlmkit.methods.video.dycoke:DyCoke",
     "holitom": "vlmkit.methods.video.holitom:HoliTom",
+    "lookm": "vlmkit.methods.video.lookm:LookM",
     "fastvid": "vlmkit.methods.video.fastvid:FastVID",
     "vcd": "vlmkit.methods.decode.vcd:VCD",
     "icd": "vlmkit.methods.decode.icd:ICD",
