@@ -28,15 +28,14 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteriaList
 
 import vlmkit
 
-from benchmarks._twin_model import TEXT_TOKENS, build_inputs, build_model
+from benchmarks._twin_model import TEXT_TOKENS, StepStamps, build_inputs, build_model
 
 # (configuration, method specs, baseline specs, batch size)
 CONFIGS = [
@@ -51,21 +50,10 @@ PEAKED = [config for config in CONFIGS if config[0] in ("vcd (1 branch)", "vcd (
 HEAD_SCALE = 10.0
 
 
-class _Stamps(StoppingCriteria):
-    """Records (CPU time, wall time) at every decoding step; never stops generation."""
-
-    def __init__(self):
-        self.stamps = [(time.process_time(), time.perf_counter())]
-
-    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
-        self.stamps.append((time.process_time(), time.perf_counter()))
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-
 def measure(model, inputs, specs: tuple[str, ...], tokens: int) -> dict[str, float]:
     """Prefill and median per-token decode cost (CPU and wall seconds) of one configuration."""
     patch = vlmkit.apply(model, *specs) if specs else None
-    stamps = _Stamps()
+    stamps = StepStamps()
     try:
         with torch.no_grad():
             model.generate(
