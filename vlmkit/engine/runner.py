@@ -250,7 +250,8 @@ class TextStackRunner:
                     scores = self._attention_scores(reader, layer, index, probe, stream, layout.valid, run.cache)
                 if run.cache is not None:
                     run.cache.layers[index].record(layout, length)
-                if head_query is not None:
+                if head_query is not None and (run.prefill or run.cache.layers[index].scores is not None):
+                    # scores start at a prefill (a layer routed then has none: its later sums would be partial)
                     run.cache.layers[index].add_scores(
                         self._head_scores(layer, head_query, run.cache.layers[index].keys, stream.valid, layout.valid)
                     )
