@@ -18,6 +18,8 @@ GOLDEN_DIGESTS = {
     "qwen2_5_vl": "6fc46e2e274f45f2",
     "llava_next_video": "a2b037ca78196198",  # LLaVA-NeXT's weights: its resampler has none
     "internvl": "a44a78abdabb574d",
+    "idefics3": "680a0d3078556c22",
+    "smolvlm": "1ed4fb2f4651e707",
 }
 VIDEO_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "llava_next_video")
 

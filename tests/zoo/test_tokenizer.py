@@ -26,7 +26,12 @@ RENDERED = {
         "<|im_start|>user\n<IMG_CONTEXT>\nWhat is shown?<|im_end|>\n<|im_start|>assistant\nA red circle.<|im_end|>\n"
         "<|im_start|>user\nAnd now?<|im_end|>\n<|im_start|>assistant\n"
     ),
+    "idefics3": (
+        "User:<image>What is shown?<end_of_utterance>\nAssistant: A red circle.<end_of_utterance>\n"
+        "User: And now?<end_of_utterance>\nAssistant:"
+    ),
 }
+RENDERED["smolvlm"] = "<|im_start|>" + RENDERED["idefics3"]
 RENDERED["qwen2_5_vl"] = RENDERED["qwen2_vl"]
 RENDERED["llava_next_video"] = RENDERED["llava"]
 
@@ -65,6 +70,22 @@ def test_internvl_image_tokens_come_after_the_shared_vocabulary():
     assert ids[:3] == [763, 762, 764]  # <IMG_CONTEXT>, <img>, </img> take the next ids, in that order
     assert ids[3:] == shared(" Is there a red circle?<|im_end|><video>").input_ids
     assert tokenizer.decode(ids) == text
+
+
+@pytest.mark.parametrize("family", ["idefics3", "smolvlm"])
+def test_idefics3_image_tokens_come_after_the_shared_vocabulary(family):
+    shared, tokenizer = tiny_tokenizer("llava"), tiny_tokenizer(family)
+    assert len(tokenizer) == len(shared) + 3 + 36
+    text = "<fake_token_around_image><row_1_col_2><image><global-img> Is there a red circle?<end_of_utterance><video>"
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    # <fake_token_around_image>, <global-img>, <end_of_utterance>, then <row_1_col_1> ... <row_6_col_6>
+    assert ids[:4] == [762, 762 + 3 + 1, 4, 763]
+    assert tokenizer.convert_tokens_to_ids(["<end_of_utterance>", "<row_6_col_6>"]) == [764, 762 + 3 + 35]
+    assert ids[4:-2] == shared(" Is there a red circle?", add_special_tokens=False).input_ids
+    assert ids[-2:] == [764, 5]
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.eos_token == "<end_of_utterance>"
+    assert tokenizer("Hi").input_ids[0] == (1 if family == "idefics3" else tokenizer.convert_tokens_to_ids("H"))
 
 
 def test_left_padding_uses_the_pad_token():

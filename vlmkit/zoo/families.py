@@ -26,6 +26,9 @@ from transformers import (
     AutoModelForImageTextToText,
     CLIPImageProcessor,
     GotOcr2ImageProcessor,
+    Idefics3Config,
+    Idefics3ImageProcessor,
+    Idefics3Processor,
     InternVLConfig,
     InternVLProcessor,
     InternVLVideoProcessor,
@@ -48,6 +51,8 @@ from transformers import (
     Qwen2VLImageProcessor,
     Qwen2VLProcessor,
     Qwen2VLVideoProcessor,
+    SmolVLMConfig,
+    SmolVLMImageProcessor,
 )
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.initialization import no_init_weights
@@ -141,6 +146,10 @@ def _internvl_derived(kwargs: dict[str, Any], tokenizer) -> dict[str, Any]:
     }
 
 
+def _idefics3_derived(kwargs: dict[str, Any], tokenizer) -> dict[str, Any]:
+    return {**_tokenizer_keys(tokenizer), "image_token_id": tokenizer.convert_tokens_to_ids("<image>")}
+
+
 def _square(side: int) -> dict[str, int]:
     return {"height": side, "width": side}
 
@@ -218,6 +227,22 @@ def _internvl_processor(config: InternVLConfig, tokenizer) -> InternVLProcessor:
         video_processor=InternVLVideoProcessor(size=_square(side), **imagenet_norm),
         tokenizer=tokenizer,
         image_seq_length=config.image_seq_length,
+        chat_template=tokenizer.chat_template,
+    )
+
+
+def _idefics3_processor(config: Idefics3Config | SmolVLMConfig, tokenizer) -> Idefics3Processor:
+    """Idefics3's processor (SmolVLM's image processor for a `SmolVLMConfig`): each image resized to a
+    longest edge of two tiles, cut into the tiles of the tower's size (up to 2 x 2, row-major) plus the
+    whole image at one tile's size (the global image); (tower side / patch / scale_factor)^2
+    placeholders per tile. SmolVLM's own processor writes the same image prompt but needs `num2words`
+    (for its video timestamps), so both families use Idefics3's."""
+    side = config.vision_config.image_size
+    image_processor_class = SmolVLMImageProcessor if isinstance(config, SmolVLMConfig) else Idefics3ImageProcessor
+    return Idefics3Processor(
+        image_processor=image_processor_class(size={"longest_edge": 2 * side}, max_image_size={"longest_edge": side}),
+        tokenizer=tokenizer,
+        image_seq_len=(side // config.vision_config.patch_size // config.scale_factor) ** 2,
         chat_template=tokenizer.chat_template,
     )
 
@@ -376,6 +401,49 @@ _FAMILIES: dict[str, _Family] = {
         processor=_internvl_processor,
         suppress_placeholders=True,
     ),
+    # Idefics3: SigLIP-style tower (no [CLS]; NaViT position buckets), last layer after its
+    # post-layernorm; the connector's pixel shuffle joins 2x2 patches (16x16 -> 64 tokens per 64-pixel
+    # tile) before one linear map; up to 2 x 2 tiles plus the global image; Llama.
+    "idefics3": _Family(
+        config_class=Idefics3Config,
+        defaults={
+            "vision_config": {
+                "model_type": "idefics3_vision",
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "image_size": 64,
+                "patch_size": 4,
+            },
+            "text_config": {"model_type": "llama", **_TEXT},
+            "scale_factor": 2,
+        },
+        derived=_idefics3_derived,
+        processor=_idefics3_processor,
+        suppress_placeholders=True,
+    ),
+    # SmolVLM: Idefics3's architecture with SmolVLM-Instruct's wider shuffle: 3x3 patches per token
+    # (24x24 2-pixel patches -> 64 tokens per 48-pixel tile; the released model: 27x27 -> 81).
+    "smolvlm": _Family(
+        config_class=SmolVLMConfig,
+        defaults={
+            "vision_config": {
+                "model_type": "smolvlm_vision",
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "image_size": 48,
+                "patch_size": 2,
+            },
+            "text_config": {"model_type": "llama", **_TEXT},
+            "scale_factor": 3,
+        },
+        derived=_idefics3_derived,
+        processor=_idefics3_processor,
+        suppress_placeholders=True,
+    ),
 }
 
 FAMILIES: tuple[str, ...] = tuple(_FAMILIES)
@@ -494,7 +562,7 @@ def tiny(
 
     Args:
         family: one of `FAMILIES`: "llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl",
-            "llava_next_video", "internvl".
+            "llava_next_video", "internvl", "idefics3", "smolvlm".
         seed: weight seed; the same seed gives bit-identical weights in any process.
         attn_implementation: "sdpa", "eager", or any registered `AttentionInterface` name.
         **overrides: fields of the family's top-level config (e.g. `vision_feature_layer=-1`,

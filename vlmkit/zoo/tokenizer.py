@@ -12,8 +12,9 @@ No training and no download: the vocabulary is written out below. It is a byte-l
 A word found in the vocabulary is one token; anything else falls back to one token per byte.
 All families share one vocabulary (same ids everywhere); they differ in which special tokens
 play bos/eos/pad, whether `<s>` is prepended, and the chat template. A family whose image tokens
-are not among the shared ones (InternVL's `<img>`, `</img>`, `<IMG_CONTEXT>`) gets them as special
-tokens after the shared vocabulary, so every other id stays the same.
+are not among the shared ones (InternVL's `<img>`, `</img>`, `<IMG_CONTEXT>`; Idefics3's and SmolVLM's
+`<fake_token_around_image>`, `<global-img>`, `<end_of_utterance>` and the 36 `<row_i_col_j>` tile
+tags) gets them as special tokens after the shared vocabulary, so every other id stays the same.
 
 The vocabulary is frozen: trained checkpoints (`vlmkit/zoo/checkpoints/`) and golden test
 values depend on every id, so `SPECIAL_TOKENS` and `_WORDS` must not change.
@@ -138,8 +139,42 @@ _INTERNVL_TEMPLATE = _PARTS + (
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
 
+def _idefics3_template(prefix: str) -> str:
+    """Idefics3's layout ("User:<image>What is this?<end_of_utterance>\nAssistant:"; ": " after the role
+    when the turn does not open with an image), after `prefix` (SmolVLM's "<|im_start|>")."""
+    return _PARTS + (
+        "{{ '" + prefix + "' }}"
+        "{%- for message in messages -%}"
+        "{{ message['role'] | capitalize }}"
+        "{%- if message['content'] is not string and message['content'][0]['type'] == 'image' -%}{{ ':' }}"
+        "{%- else -%}{{ ': ' }}{%- endif -%}"
+        "{{ parts(message, '<image>', '<video>', '') }}{{ '<end_of_utterance>\\n' }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ 'Assistant:' }}{%- endif -%}"
+    )
+
+
+# Idefics3 (Llama 3): "<s>User:<image>What?<end_of_utterance>\nAssistant:"; the processor expands each
+# <image> to its tiles (<fake_token_around_image><row_i_col_j> and one <image> per visual token each,
+# a newline after each row of tiles) and the global image (\n<fake_token_around_image><global-img>
+# <image>... <fake_token_around_image>)
+_IDEFICS3_TEMPLATE = _idefics3_template("")
+# SmolVLM: the same turns after "<|im_start|>"
+_SMOLVLM_TEMPLATE = _idefics3_template("<|im_start|>")
+_IDEFICS3_TOKENS = {
+    "image_token": "<image>",
+    "fake_image_token": "<fake_token_around_image>",
+    "global_image_token": "<global-img>",
+    "end_of_utterance_token": "<end_of_utterance>",
+}
+# the tile tags, after the named tokens: <row_1_col_1> ... <row_6_col_6>, row-major
+_TILE_TAGS = tuple(f"<row_{row}_col_{col}>" for row in range(1, 7) for col in range(1, 7))
+
 _LLAMA_ROLES = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 _QWEN_ROLES = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+# both end a turn with <end_of_utterance>, which is what generation stops at
+_IDEFICS3_ROLES = {**_LLAMA_ROLES, "eos_token": "<end_of_utterance>"}
+_SMOLVLM_ROLES = {"bos_token": "<|im_start|>", "eos_token": "<end_of_utterance>", "pad_token": "<|endoftext|>"}
 
 _QWEN2_VL_TOKENIZER = (
     _QWEN_ROLES,
@@ -177,7 +212,11 @@ _FAMILY_TOKENIZERS = {
             "video_token": "<video>",
         },
     ),
+    "idefics3": (_IDEFICS3_ROLES, True, _IDEFICS3_TEMPLATE, _IDEFICS3_TOKENS),
+    "smolvlm": (_SMOLVLM_ROLES, False, _SMOLVLM_TEMPLATE, _IDEFICS3_TOKENS),
 }
+# special tokens a family appends after its named ones, without a name of their own
+_APPENDED = {"idefics3": _TILE_TAGS, "smolvlm": _TILE_TAGS}
 
 
 def _vocabulary() -> dict[str, int]:
@@ -212,7 +251,7 @@ def tiny_tokenizer(family: str) -> PreTrainedTokenizerFast:
         )
     roles, prepend_bos, chat_template, named_tokens = _FAMILY_TOKENIZERS[family]
     vocabulary = _vocabulary()
-    appended = tuple(token for token in named_tokens.values() if token not in vocabulary)
+    appended = tuple(token for token in named_tokens.values() if token not in vocabulary) + _APPENDED.get(family, ())
     backend = Tokenizer(models.BPE(vocab=vocabulary, merges=[], ignore_merges=True))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()
