@@ -4,17 +4,19 @@ from __future__ import annotations
 from torch import nn
 
 from vlmkit.adapters.base import Adapter
+from vlmkit.adapters.idefics3 import Idefics3Adapter, SmolVLMAdapter
 from vlmkit.adapters.internvl import InternVLAdapter
 from vlmkit.adapters.llava import LlavaAdapter
 from vlmkit.adapters.llava_next import LlavaNextAdapter
 from vlmkit.adapters.llava_next_video import LlavaNextVideoAdapter
 from vlmkit.adapters.llava_onevision import LlavaOnevisionAdapter
 from vlmkit.adapters.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
+from vlmkit.adapters.qwen3_vl import Qwen3VLAdapter
 from vlmkit.errors import UnsupportedModelError
 
 ADAPTERS: tuple[type[Adapter], ...] = (
     LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, LlavaNextVideoAdapter,
-    InternVLAdapter,
+    InternVLAdapter, Idefics3Adapter, SmolVLMAdapter, Qwen3VLAdapter,
 )
 SUPPORTED: tuple[str, ...] = tuple(name for adapter in ADAPTERS for name in adapter.model_classes)
 

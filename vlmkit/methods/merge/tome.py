@@ -77,7 +77,10 @@ class ToMe(TokenSelector):
     needs = frozenset({"vision_merge"})
     unsupported = dict.fromkeys(
         ("qwen2_vl", "qwen2_5_vl"), "its packed ViT joins 2 x 2 patches in a merger after the blocks; merging inside breaks that grouping"
-    ) | {"internvl": "its pixel shuffle joins 2 x 2 patches after the InternViT blocks (no ToMe layout); merging inside breaks that grouping"}
+    ) | {"internvl": "its pixel shuffle joins 2 x 2 patches after the InternViT blocks (no ToMe layout); merging inside breaks that grouping"} | dict.fromkeys(
+        ("idefics3", "smolvlm"),
+        "its connector's pixel shuffle joins s x s patches after the SigLIP blocks (no ToMe layout); merging inside breaks that grouping",
+    )
 
     def __init__(self, config=None, **params):
         super().__init__(config, **params)

@@ -81,6 +81,11 @@ class GlobalCom2(TokenSelector):
         "qwen2_5_vl": NO_TILES.format("Qwen2.5-VL", "one native-resolution grid per image"),
         "internvl": "GlobalCom² places each tile in the image's tile grid under its thumbnail; InternVL's encoder call "
                     "does not say where a tile sits in that grid",
+        **dict.fromkeys(
+            ("idefics3", "smolvlm"),
+            "GlobalCom² places each tile in the image's tile grid under its thumbnail; Idefics3's tiles reach the LLM "
+            "as separate images (text tile tags such as row_1_col_2 sit between them)",
+        ),
     }
 
     def vision_layer(self, adapter) -> int:
