@@ -288,6 +288,8 @@ def _install_visual_tracking(patch: "Patch", plan: Plan) -> None:
         signature = inspect.signature(original)
 
         def encode(*args, _original=original, _modality=modality, _signature=signature, **kwargs):
+            if active["on"]:  # called by another encoder function (Qwen3-VL encodes videos through the image one)
+                return _original(*args, **kwargs)
             forget()
             active["on"] = True
             try:
@@ -313,6 +315,10 @@ def install_tower_merge(patch: "Patch", method, tower: torch.nn.Module, last_blo
     from vlmkit.adapters.towers import find_layout
     from vlmkit.towers.tome import install_tome
 
+    if hasattr(method, "install_tower"):  # a method with its own tower merge (DyMU's thresholds)
+        method.handle = method.install_tower(tower, last_block)
+        patch._record(f"{method.name}:vision", method.handle.remove)
+        return method.handle
     config = method.config
     schedule = method.tower_schedule(len(find_layout(tower).blocks), last_block)
     method.handle = install_tome(tower, schedule, protect_cls=config.protect_cls, proportional=config.proportional)

@@ -26,9 +26,15 @@ class VisualTokens:
         crop: (n,) AnyRes crop the token came from (0 = the base view), 0 where not applicable.
         grids: per image, its (frames, rows, cols) token grid.
         spans: per image, (first slot, placeholder count) of its placeholder run in the prefill's
-            layout, structural tokens (image newlines) included.
+            layout, structural tokens (image newlines) included; for an item whose placeholders come
+            in several runs (Qwen3-VL's frames), from its first placeholder to its last, the text
+            between the runs included.
         modality: per image, "image" or "video".
         probes: per image, vision-tower probe results for its tokens (before any pruning), or None.
+        deepstack: (levels, n, D) each token's DeepStack features (Qwen3-VL), what the engine adds to
+            its hidden state after the decoder layers that take them; None for families without.
+            Subsets carry each kept token's own features; the engine combines them where a
+            selection merges tokens.
     """
 
     slots: torch.Tensor
@@ -42,6 +48,7 @@ class VisualTokens:
     spans: list[tuple[int, int]] = field(default_factory=list)
     modality: list[str] = field(default_factory=list)
     probes: list[dict[str, torch.Tensor] | None] = field(default_factory=list)
+    deepstack: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.slots.numel())
@@ -49,12 +56,14 @@ class VisualTokens:
     def subset(self, index: torch.Tensor) -> "VisualTokens":
         """The tokens at `index` (an index into this sample's visual tokens), slots unchanged.
 
-        Vision probes describe the tokens before pruning, so the subset carries none.
+        Vision probes describe the tokens before pruning, so the subset carries none; DeepStack
+        features go with their tokens.
         """
         pick = lambda t: t[index]  # noqa: E731
         return VisualTokens(
             pick(self.slots), pick(self.origin), pick(self.image), pick(self.frame), pick(self.row),
             pick(self.col), pick(self.crop), list(self.grids), list(self.spans), list(self.modality),
+            deepstack=None if self.deepstack is None else self.deepstack[:, index.to(self.deepstack.device)],
         )
 
     def image_index(self, image: int) -> torch.Tensor:

@@ -29,12 +29,16 @@ class VisualMeta:
             marks a structural token (e.g. LLaVA-NeXT's image newline) that is never pruned.
         probe: vision-tower probe results mapped to the n tokens ("importance" (n,), "keys" (n, d)),
             when a method asked for them.
+        runs: the placeholder count of each run when the prompt splits the item's placeholders into
+            several runs with text between them (Qwen3-VL's frames, each after its timestamp), in
+            order; None: one contiguous run.
     """
 
     modality: str
     grid: tuple[int, int, int]
     coords: torch.Tensor
     probe: dict[str, torch.Tensor] | None = None
+    runs: tuple[int, ...] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -205,7 +209,8 @@ class EngineState:
 
 
 def _sample_parts(ids: torch.Tensor, token_ids: dict[str, int], queues: dict[str, list[VisualMeta]], row: int):
-    """[(start, meta)] for each image/video span in one row of input ids."""
+    """[(start, meta, positions)] for each image/video in one row of input ids (positions: (n,) long,
+    the item's placeholder positions)."""
     parts = []
     for modality, token_id in token_ids.items():
         positions = torch.nonzero(ids == token_id).flatten().tolist()
@@ -218,36 +223,47 @@ def _sample_parts(ids: torch.Tensor, token_ids: dict[str, int], queues: dict[str
                 )
             meta = queues[modality].pop(0)
             span = positions[cursor : cursor + meta.num_tokens]
-            if len(span) != meta.num_tokens or span[-1] - span[0] != meta.num_tokens - 1:
+            runs, first, contiguous = meta.runs or (meta.num_tokens,), 0, len(span) == meta.num_tokens
+            for count in runs if contiguous else ():
+                contiguous &= span[first + count - 1] - span[first] == count - 1
+                first += count
+            if not contiguous:
+                what = "contiguous placeholder tokens" if meta.runs is None else f"placeholder tokens in runs of {list(runs)}"
                 raise InputError(
                     f"image/placeholder count mismatch in sample {row}: a {modality} has {meta.num_tokens} "
-                    f"features but {len(span)} contiguous placeholder tokens"
+                    f"features but {len(span)} {what}"
                 )
-            parts.append((span[0], meta))
+            parts.append((span[0], meta, torch.tensor(span, dtype=torch.long)))
             cursor += meta.num_tokens
     return sorted(parts, key=lambda part: part[0])
 
 
 def _joined_runs(parts, join) -> list:
-    """[(start, meta)] with each group of image runs that follow one another with no token between them
-    joined by `join(metas) -> meta` (the tiles of one image, for families whose encoder sees tiles as
-    separate images)."""
+    """[(start, meta, positions)] with each group of image runs that follow one another with no token
+    between them joined by `join(metas) -> meta` (the tiles of one image, for families whose encoder sees
+    tiles as separate images)."""
     groups: list[list] = []
-    for start, meta in parts:
+    for part in parts:
+        start, meta, _ = part
         last = groups[-1][-1] if groups else None
-        if last is not None and meta.modality == last[1].modality == "image" and last[0] + last[1].num_tokens == start:
-            groups[-1].append((start, meta))
+        if (last is not None and meta.modality == last[1].modality == "image" and meta.runs is None
+                and last[1].runs is None and last[0] + last[1].num_tokens == start):
+            groups[-1].append(part)
         else:
-            groups.append([(start, meta)])
-    return [(group[0][0], join([meta for _, meta in group]) if len(group) > 1 else group[0][1]) for group in groups]
+            groups.append([part])
+    return [
+        (group[0][0], join([meta for _, meta, _ in group]), torch.cat([positions for _, _, positions in group]))
+        if len(group) > 1 else group[0]
+        for group in groups
+    ]
 
 
 def _visual_tokens(parts, device: torch.device) -> VisualTokens:
     slots, coords, image, probes = [], [], [], []
-    for index, (start, meta) in enumerate(parts):
+    for index, (_, meta, positions) in enumerate(parts):
         prunable = meta.coords[:, 3] >= 0
         probes.append(None if meta.probe is None else {k: v[prunable] for k, v in meta.probe.items()})
-        slots.append(torch.arange(start, start + meta.num_tokens)[prunable])
+        slots.append(positions[prunable])
         coords.append(meta.coords[prunable])
         image.append(torch.full((int(prunable.sum()),), index, dtype=torch.long))
     if not parts:
@@ -260,8 +276,8 @@ def _visual_tokens(parts, device: torch.device) -> VisualTokens:
         origin=torch.arange(slots_t.numel(), device=device),
         image=torch.cat(image).to(device),
         frame=coords_t[:, 0], row=coords_t[:, 1], col=coords_t[:, 2], crop=coords_t[:, 3],
-        grids=[meta.grid for _, meta in parts],
-        spans=[(start, meta.num_tokens) for start, meta in parts],
-        modality=[meta.modality for _, meta in parts],
+        grids=[meta.grid for _, meta, _ in parts],
+        spans=[(start, int(positions[-1]) - start + 1) for start, _, positions in parts],
+        modality=[meta.modality for _, meta, _ in parts],
         probes=probes,
     )
