@@ -11,6 +11,7 @@ how to probe attention scores from a layer's input without running the layer twi
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -262,8 +263,8 @@ class Adapter:
             normed = self.input_norm(layer, hidden_states)
             cos, sin = (table.expand(batch, -1, -1) for table in position_embeddings)
             rows = query_rows[..., None].expand(-1, -1, cos.shape[-1])
-            query = attention.q_proj(normed.gather(1, index)).view(batch, query_rows.shape[1], -1, attention.head_dim).transpose(1, 2)
-            key = attention.k_proj(normed).view(batch, hidden_states.shape[1], -1, attention.head_dim).transpose(1, 2)
+            query = self.llm_queries(attention, normed.gather(1, index))
+            key = self.llm_keys(attention, normed)
             value = attention.v_proj(normed).view(batch, hidden_states.shape[1], -1, attention.head_dim).transpose(1, 2)
             query = rotate(query, cos.gather(-2, rows), sin.gather(-2, rows))
             key = rotate(key, cos, sin)
@@ -329,12 +330,46 @@ class Adapter:
         cos, sin = rotary
         batch, length, _ = hidden.shape
         rows = length if all_queries else 1
-        query = attention.q_proj(normed[:, -rows:]).view(batch, rows, -1, attention.head_dim).transpose(1, 2)
-        query = rotate(query, cos[..., -rows:, :], sin[..., -rows:, :])
+        query = rotate(self.llm_queries(attention, normed[:, -rows:]), cos[..., -rows:, :], sin[..., -rows:, :])
         if not keys:
             return query, None
-        key = attention.k_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
-        return query, rotate(key, cos, sin)
+        return query, rotate(self.llm_keys(attention, normed), cos, sin)
+
+    def llm_queries(self, attention: nn.Module, normed: torch.Tensor) -> torch.Tensor:
+        """(B, H, L, d) a decoder attention's queries of normalised inputs (B, L, D), before rotary."""
+        batch, length, _ = normed.shape
+        return attention.q_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
+
+    def llm_keys(self, attention: nn.Module, normed: torch.Tensor) -> torch.Tensor:
+        """(B, H_kv, L, d) a decoder attention's keys of normalised inputs (B, L, D), before rotary."""
+        batch, length, _ = normed.shape
+        return attention.k_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
+
+    # ----------------------------------------------------------------- DeepStack
+    def deepstack_inputs(self, kwargs: dict[str, Any]) -> "DeepStackInputs | None":
+        """Remove the text model's DeepStack arguments from `kwargs` (the text model's call) and return
+        them, or None where the family has none or the call carries none.
+
+        DeepStack (Qwen3-VL) adds visual features from intermediate vision layers to the hidden states
+        of the visual tokens after some of the first decoder layers; the engine, which runs the decoder
+        loop, adds each kept visual token's own features (`vlmkit.engine.runner`).
+        """
+        return None
+
+
+@dataclass
+class DeepStackInputs:
+    """The DeepStack features of one text-model call.
+
+    Attributes:
+        mask: (B, L) bool, the visual positions of the call, in batch-major order.
+        features: (levels, N, D) one feature per visual position (N = mask.sum()) and level.
+        layers: the decoder layer after whose output each level is added (one per level).
+    """
+
+    mask: torch.Tensor
+    features: torch.Tensor
+    layers: tuple[int, ...]
 
 
 def rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,11 @@ call on the cache it built); other calls go to the stock forward:
 * positions follow the selection's policy (`keep` the original ids, or `reindex` the kept
   sequence) or a position method; decoding continues from the recorded shift;
 * masks come from the adapter, per distinct key layout, combined with an attention method's mask;
+* DeepStack (Qwen3-VL: visual features of intermediate vision layers added to the visual tokens'
+  hidden states after the first decoder layers) follows the stream: after each such layer every
+  visual token still in it gets its own features at its current row (pruned tokens get none, routed
+  and skipped tokens get theirs, as the addition is to the residual stream, not the layer's work),
+  and a kept token that a selection merges from others gets the same combination of their features;
 * each layer's KV cache holds only what that layer saw (`CompactLayer` with its `SlotLayout`), so
   decoding attends to the kept tokens with no double cache and no recomputation; a cache method
   edits it after the prefill and after each step, by slot or per KV head (`HeadEdit`: each head
@@ -100,6 +105,7 @@ class Pass:
     layouts: dict  # a decoding step: old layout -> extended layout (shared by the layers that shared it)
     visual: list[VisualTokens] | None  # the prefill's visual tokens, caller-layout slots
     flops: torch.Tensor  # (B,) float64 LLM FLOPs of this call
+    deepstack: Any = None  # the adapter's `DeepStackInputs` of this call, if any
     cache_attention: dict = field(default_factory=dict)  # layer -> (B, S) last token's attention, for the cache method
 
 
@@ -157,6 +163,7 @@ class TextStackRunner:
         if visual is None and not engine_cache:
             return self._original(text_model, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache, kwargs)
 
+        deepstack = self.adapter.deepstack_inputs(kwargs)  # removed from what the layers receive
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=text_model.config)
         logical_past = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -174,11 +181,13 @@ class TextStackRunner:
         )
         slot = (torch.arange(length, device=device) + logical_past).expand(batch, length)
         stream = Stream(inputs_embeds, valid, slot, positions, layer_positions, visual)
+        if deepstack is not None and visual is not None:
+            self._attach_deepstack(deepstack, visual, length)
         zero = torch.zeros(batch, device=device, dtype=positions.dtype)
         run = Pass(
             cache=past_key_values, logical_past=logical_past, length=length, prefill=visual is not None,
             shift=zero, no_shift=zero, masks={}, layouts={}, flops=torch.zeros(batch, dtype=torch.float64, device=device),
-            visual=self._caller_visual(stream),
+            visual=self._caller_visual(stream), deepstack=deepstack,
         )
         if run.prefill:
             self.state.start_prefill(length)
@@ -262,6 +271,8 @@ class TextStackRunner:
                         num_kv_groups=attention.num_key_value_groups, reduce="mean",
                     )[:, 0]
             previous = (layer_input, stream.hidden, stream.visual)
+            if run.deepstack is not None and index in run.deepstack.layers:
+                stream.hidden = self._add_deepstack(stream, run, run.deepstack.layers.index(index))
 
         if run.cache is not None and self.plan.cache is not None:
             self._edit_cache(run)
@@ -412,6 +423,35 @@ class TextStackRunner:
         return replay if replay.active else None
 
     @staticmethod
+    def _attach_deepstack(deepstack, visual: list[VisualTokens], length: int) -> None:
+        """Give each sample's visual tokens their DeepStack features (the call's features are in
+        batch-major order of its visual positions)."""
+        mask = deepstack.mask[:, -length:].to(visual[0].slots.device)
+        rank = mask.flatten().long().cumsum(0).view(mask.shape) - 1  # each visual position's feature row
+        for row, tokens in enumerate(visual):
+            if not bool(mask[row, tokens.slots].all()):
+                raise InputError("DeepStack features do not cover every visual token of the prompt; pass the "
+                                 "visual_pos_masks the model builds from input_ids")
+            tokens.deepstack = deepstack.features[:, rank[row, tokens.slots].to(deepstack.features.device)]
+
+    @staticmethod
+    def _add_deepstack(stream: Stream, run: Pass, level: int) -> torch.Tensor:
+        """The stream's hidden states with DeepStack level `level` added: at each remaining visual
+        token its own (or merged) features; without visual tokens in the stream (a prompt continuing a
+        cache keeps its images whole), at the call's visual positions."""
+        hidden = stream.hidden.clone()
+        if stream.visual is None:
+            mask = run.deepstack.mask[:, -run.length:].to(hidden.device)
+            if mask.shape == stream.valid.shape:  # the caller's layout (nothing was selected)
+                hidden[mask] = hidden[mask] + run.deepstack.features[level].to(hidden.device, hidden.dtype)
+            return hidden
+        for row, tokens in enumerate(stream.visual):
+            if len(tokens):
+                features = tokens.deepstack[level].to(hidden.device, hidden.dtype)
+                hidden[row, tokens.slots] = hidden[row, tokens.slots] + features
+        return hidden
+
+    @staticmethod
     def _caller_visual(stream: Stream) -> list[VisualTokens] | None:
         """The stream's visual tokens with caller-layout positions as slots."""
         if stream.visual is None:
@@ -531,7 +571,10 @@ class TextStackRunner:
                     if merged_hidden is None:
                         merged_hidden = hidden.clone()
                     merged_hidden[row, kept_slots[changed]] = self._combined(selector, sample, changed, visual, hidden[row])
-            new_visual.append(visual.subset(sample.keep if sample.order is None else sample.keep[sample.order]))
+            kept = visual.subset(sample.keep if sample.order is None else sample.keep[sample.order])
+            if visual.deepstack is not None and (sample.merge_target is not None or sample.combine is not None):
+                kept.deepstack = self._merged_deepstack(sample, visual.deepstack)
+            new_visual.append(kept)
             stage = self.state.stage_selections.setdefault(selector.name, {}).setdefault(layer, [])
             stage.append(torch.sort(visual.origin[sample.keep]).values.cpu())
             self.state.selections[selector.name] = stage  # the method's latest stage
@@ -563,6 +606,27 @@ class TextStackRunner:
             layer_positions=layer_positions,
             visual=new_visual,
         )
+
+    @staticmethod
+    def _merged_deepstack(sample, deepstack: torch.Tensor) -> torch.Tensor:
+        """(levels, k, D) the kept tokens' DeepStack features when the selection merges tokens: the
+        same combination of the sample's features as of its tokens (the `merge_target` mean with its
+        weights, or the `combine` rows; for combine_space "vision" too, applied to the DeepStack
+        features as the LLM receives them), in the order the kept tokens enter the sequence."""
+        if sample.merge_target is not None:
+            merged, _ = kernels.merge_tokens(
+                deepstack, sample.merge_target[None].expand(deepstack.shape[0], -1).to(deepstack.device),
+                None if sample.merge_weight is None else sample.merge_weight[None].expand(deepstack.shape[0], -1).to(deepstack.device),
+                num_targets=int(sample.keep.numel()),
+            )
+            merged = merged.to(deepstack.dtype)
+        else:
+            merged = deepstack[:, sample.keep.to(deepstack.device)].clone()
+            changed = sample.changed_rows()
+            if changed.numel():
+                weights = sample.combine[changed].float().to(deepstack.device)
+                merged[:, changed.to(deepstack.device)] = (weights @ deepstack.float()).to(deepstack.dtype)
+        return merged if sample.order is None else merged[:, sample.order.to(deepstack.device)]
 
     def _combined(self, selector, sample, changed: torch.Tensor, visual: VisualTokens, hidden: torch.Tensor) -> torch.Tensor:
         """The kept tokens at `changed` (positions in `keep`) as `sample.combine` defines them, in
