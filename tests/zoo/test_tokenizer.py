@@ -33,6 +33,7 @@ RENDERED = {
 }
 RENDERED["smolvlm"] = "<|im_start|>" + RENDERED["idefics3"]
 RENDERED["qwen2_5_vl"] = RENDERED["qwen2_vl"]
+RENDERED["qwen3_vl"] = RENDERED["qwen2_vl"].removeprefix("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
 RENDERED["llava_next_video"] = RENDERED["llava"]
 
 

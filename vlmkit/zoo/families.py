@@ -51,6 +51,9 @@ from transformers import (
     Qwen2VLImageProcessor,
     Qwen2VLProcessor,
     Qwen2VLVideoProcessor,
+    Qwen3VLConfig,
+    Qwen3VLProcessor,
+    Qwen3VLVideoProcessor,
     SmolVLMConfig,
     SmolVLMImageProcessor,
 )
@@ -217,6 +220,25 @@ def _qwen2_vl_processor(config: Qwen2VLConfig, tokenizer, pixels: tuple[int, int
     )
 
 
+def _qwen3_vl_processor(config: Qwen3VLConfig, tokenizer) -> Qwen3VLProcessor:
+    """Qwen3-VL's processor: Qwen2-VL's image geometry (8x8 to 16x16 tokens per image); a video's frames
+    as Qwen3-VL's video processor samples them, each temporal patch after its timestamp."""
+    vision = config.vision_config
+    unit = vision.patch_size * vision.spatial_merge_size
+    geometry = {
+        "patch_size": vision.patch_size,
+        "temporal_patch_size": vision.temporal_patch_size,
+        "merge_size": vision.spatial_merge_size,
+        "size": {"shortest_edge": (8 * unit) ** 2, "longest_edge": (16 * unit) ** 2},
+    }
+    return Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**geometry),
+        video_processor=Qwen3VLVideoProcessor(**geometry, do_sample_frames=False, cap_pixels_per_frame=True),
+        tokenizer=tokenizer,
+        chat_template=tokenizer.chat_template,
+    )
+
+
 def _internvl_processor(config: InternVLConfig, tokenizer) -> InternVLProcessor:
     """InternVL's processor: each image cut into up to 6 tiles of the tower's size (the grid closest to its
     aspect ratio) plus a thumbnail, ImageNet normalisation; `image_seq_length` placeholders per tile."""
@@ -365,6 +387,36 @@ _FAMILIES: dict[str, _Family] = {
         },
         derived=_qwen2_5_vl_derived,
         processor=_qwen2_vl_processor,
+    ),
+    # Qwen3-VL: Qwen2-VL's geometry with a learned position grid (8x8, interpolated to each image) in the
+    # tower, DeepStack (the merged outputs of tower blocks 0 and 1 added to the hidden states of the
+    # visual tokens after decoder layers 0 and 1), q/k norms and interleaved M-RoPE sections in the decoder.
+    "qwen3_vl": _Family(
+        config_class=Qwen3VLConfig,
+        defaults={
+            "vision_config": {
+                "model_type": "qwen3_vl_vision",
+                "depth": 3,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_heads": 4,
+                "patch_size": 4,
+                "spatial_merge_size": 2,
+                "temporal_patch_size": 2,
+                "num_position_embeddings": 64,
+                "deepstack_visual_indexes": [0, 1],
+            },
+            "text_config": {
+                "model_type": "qwen3_vl_text",
+                **_TEXT,
+                "head_dim": 16,
+                "rope_parameters": {
+                    "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True,
+                },
+            },
+        },
+        derived=_qwen2_5_vl_derived,
+        processor=_qwen3_vl_processor,
     ),
     # LLaVA-NeXT-Video: LLaVA-NeXT's images (the same tower, AnyRes and newlines), Llama with the
     # vicuna template; video frames of 64 tokens average-pooled 2x2 to 16 before the projector, no
@@ -562,7 +614,7 @@ def tiny(
 
     Args:
         family: one of `FAMILIES`: "llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl",
-            "llava_next_video", "internvl", "idefics3", "smolvlm".
+            "llava_next_video", "internvl", "idefics3", "smolvlm", "qwen3_vl".
         seed: weight seed; the same seed gives bit-identical weights in any process.
         attn_implementation: "sdpa", "eager", or any registered `AttentionInterface` name.
         **overrides: fields of the family's top-level config (e.g. `vision_feature_layer=-1`,

@@ -129,6 +129,17 @@ _QWEN2_VL_TEMPLATE = _PARTS + (
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
 
+# Qwen3-VL: Qwen2-VL's chatml and vision tokens without the default system turn; the processor expands a
+# video's <|video_pad|> to one "<t seconds><|vision_start|><|video_pad|>...<|vision_end|>" run per
+# temporal patch (the layout Qwen3-VL's own processor gives the whole vision_start/pad/end triple)
+_QWEN3_VL_TEMPLATE = _PARTS + (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{{ parts(message, '<|vision_start|><|image_pad|><|vision_end|>', '<|video_pad|>', '') }}{{ '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
 # InternVL (chatml, no default system turn): "<|im_start|>user\n<IMG_CONTEXT>\nWhat?<|im_end|>\n"; the
 # processor expands each <IMG_CONTEXT> to <img>, one <IMG_CONTEXT> per visual token, </img>
 _INTERNVL_TEMPLATE = _PARTS + (
@@ -201,6 +212,7 @@ _FAMILY_TOKENIZERS = {
     ),
     "qwen2_vl": _QWEN2_VL_TOKENIZER,
     "qwen2_5_vl": _QWEN2_VL_TOKENIZER,  # Qwen2.5-VL kept Qwen2-VL's tokens and template
+    "qwen3_vl": (_QWEN_ROLES, False, _QWEN3_VL_TEMPLATE, _QWEN2_VL_TOKENIZER[3]),
     "internvl": (
         _QWEN_ROLES,
         False,
