@@ -53,6 +53,7 @@ _BUILTIN_TARGETS = {
     "pmod": "vlmkit.methods.depth.pmod:PMoD",
     "gammamod": "vlmkit.methods.depth.gammamod:GammaMoD",
     "tome": "vlmkit.methods.merge.tome:ToMe",
+    "dymu": "vlmkit.methods.merge.dymu:DyMU",
     "v2pe": "vlmkit.methods.position.v2pe:V2PE",
     "cca": "vlmkit.methods.position.cca:CCA",
     "hope": "vlmkit.methods.position.hope:HoPE",

@@ -103,7 +103,7 @@ def test_apply_on_a_bare_tower_equals_the_tower_merge_and_removes_exactly(build)
 
 
 def test_a_bare_tower_refuses_vlm_methods_by_name():
-    with pytest.raises(UnsupportedModelError, match=r"fastv acts on a vision-language model; .* vlmkit applies: tome"):
+    with pytest.raises(UnsupportedModelError, match=r"fastv acts on a vision-language model; .* vlmkit applies: dymu, tome"):
         vlmkit.apply(timm_tower(), "fastv:keep=0.5")
     with pytest.raises(UnsupportedModelError, match="tome does not support qwen2_vl: its packed ViT joins 2 x 2 patches"):
         vlmkit.apply(model("qwen2_vl")[0], "tome:r=2")
