@@ -82,3 +82,31 @@ def test_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"t.json holds thresholds for VisionTransformer \(timm VisionTransformer, 12 blocks.*this tower is CLIPVisionModel"):
         vlmkit.apply(tiny, f"dymu:calibration='{path}'")
     assert vlmkit.patch_of(tiny) is None
+
+
+class Sample:
+    """The part of a benchmark sample calibration reads."""
+
+    def __init__(self, image):
+        self.image = image
+
+    def load_media(self):
+        return [self.image]
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_calibrating_a_vlm_tower_from_its_processor(family, tmp_path):
+    from vlmkit.commands.calibrate import calibrate_dymu
+
+    tiny, processor = model(family)
+    adapter = adapter_for(tiny)
+    read = adapter.default_vision_layer()
+    samples = [Sample(image) for image in photos()]
+    calibration = calibrate_dymu(tiny, processor, samples, r=4, batch_size=2)
+    assert calibration["batches"] == 2 and calibration["r"] == [4 if block <= read else 0 for block in range(len(adapter.vision_layers))]
+    assert all((value is None) == (block > read) for block, value in enumerate(calibration["thresholds"]))
+    path = write_thresholds(tmp_path / "dymu.json", calibration)
+    batch = inputs(processor, photos()[:2], QUESTIONS[:2])
+    with vlmkit.apply(tiny, f"dymu:calibration='{path}'") as patch, torch.no_grad():
+        tiny(**batch)
+        assert all(0 < len(kept) for kept in patch.selections["dymu"])

@@ -1,5 +1,5 @@
-"""`vlmkit calibrate shortv|vtw` and `vlmkit analyze arank`: measure a model's layers on a seeded
-sample of a benchmark, and write what the layer-skipping methods read.
+"""`vlmkit calibrate shortv|vtw|dymu` and `vlmkit analyze arank`: measure a model's layers on a seeded
+sample of a benchmark, and write what the layer-skipping methods (and DyMU's thresholds) read.
 
 Example:
     vlmkit data shapes --out data/shapes --n 50 --bench pope
@@ -7,6 +7,9 @@ Example:
     vlmkit eval --model shapes-llava-deep --bench pope --data data/shapes/pope \\
         --method shortv:calibration=runs/shortv.json,fraction=0.5 --out runs/pope_shortv
     vlmkit analyze arank --model shapes-llava-deep --data data/shapes/pope --out runs/arank
+    vlmkit calibrate dymu --model shapes-llava --data data/shapes/pope --r 8 --out runs/dymu.json
+    vlmkit eval --model shapes-llava --bench pope --data data/shapes/pope --method dymu:calibration=runs/dymu.json \\
+        --out runs/pope_dymu
 """
 from __future__ import annotations
 
@@ -40,6 +43,11 @@ def register(subparsers) -> None:
     vtw.add_argument("--min-layer", type=int, default=5, help="first layer tried (default 5, as the paper)")
     vtw.add_argument("--out", type=Path, required=True, help="the JSON file to write (vtw:calibration=FILE)")
     vtw.set_defaults(func=_calibrate)
+    dymu = inner.add_parser("dymu", help="DyMU's similarity threshold per vision-tower block (variable tokens per image)")
+    _common(dymu)
+    dymu.add_argument("--r", type=int, default=8, help="tokens ToMe merges per image and block while measuring (default 8)")
+    dymu.add_argument("--out", type=Path, required=True, help="the JSON file to write (dymu:calibration=FILE)")
+    dymu.set_defaults(func=_calibrate_dymu)
     calibrate.set_defaults(func=lambda args: calibrate.print_help() or 2)
 
     analyze = subparsers.add_parser("analyze", help="describe a model's layers")
@@ -88,6 +96,44 @@ def _calibrate(args) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(f"{summary}\nwrote {args.out}")
+    return 0
+
+
+def calibrate_dymu(model, processor, samples, r: int, batch_size: int) -> dict:
+    """DyMU's thresholds for `model`'s vision tower (`vlmkit.towers.calibrate_thresholds`), measured
+    on the images of `samples` in batches of `batch_size` samples; every tile of an AnyRes image is
+    one tower input, and the blocks after the one the projector reads measure nothing."""
+    import torch
+
+    from vlmkit.adapters import adapter_for
+    from vlmkit.towers import calibrate_thresholds
+
+    adapter = adapter_for(model)
+    tower = adapter.vision_tower
+    parameter = next(tower.parameters())
+
+    def batches():
+        for start in range(0, len(samples), batch_size):
+            tiles = []
+            for sample in samples[start : start + batch_size]:
+                for image in sample.load_media():
+                    pixels = processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+                    tiles.append(pixels.reshape(-1, *pixels.shape[-3:]))
+            yield torch.cat(tiles).to(parameter.device, parameter.dtype)
+
+    return calibrate_thresholds(tower, batches(), r=r, last_block=adapter.default_vision_layer())
+
+
+def _calibrate_dymu(args) -> int:
+    from vlmkit.towers import write_thresholds
+
+    samples = _samples(args)
+    model, processor = _load(args)
+    result = calibrate_dymu(model, processor, samples, args.r, args.batch_size)
+    result.update(model=str(args.model), bench=args.bench, data=str(args.data), seed=args.seed, n=args.n)
+    write_thresholds(args.out, result)
+    shown = ", ".join("-" if value is None else f"{value:.3f}" for value in result["thresholds"])
+    print(f"thresholds per block: {shown}\nwrote {args.out}")
     return 0
 
 
