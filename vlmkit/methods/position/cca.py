@@ -75,7 +75,7 @@ class CCA(PositionMethod, AttentionMethod):
     replaces_causal = True
     unsupported = {
         family: "CCA sets 1-D rotary positions; M-RoPE gives each visual token a 3-D position"
-        for family in ("qwen2_vl", "qwen2_5_vl")
+        for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
     }
 
     def check_adapter(self, adapter) -> None:

@@ -63,7 +63,7 @@ class V2PE(PositionMethod):
     paper = "https://arxiv.org/abs/2412.09616"
     unsupported = {
         family: "V2PE is defined for 1-D rotary positions; M-RoPE gives each visual token a 3-D position"
-        for family in ("qwen2_vl", "qwen2_5_vl")
+        for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
     }
 
     def __init__(self, config=None, **params):
