@@ -1,6 +1,6 @@
 """Video methods on a left-padded batch of clips of different lengths.
 
-Qwen2-VL and Qwen2.5-VL take clips of different frame counts in one batch (each with its own
+Qwen2-VL, Qwen2.5-VL and Qwen3-VL take clips of different frame counts in one batch (each with its own
 `video_grid_thw`); LLaVA-OneVision and LLaVA-NeXT-Video stack a batch's frames into one tensor, so
 their clips share a length (a limit of those models, not of vlmkit). On the families that can, each
 video method (evs, dycoke, fastvid, holitom, lookm) keeps each sample as it is alone, and KV-cached generation equals the
@@ -18,7 +18,7 @@ from tests.engine.test_invariants import cases, decisions, same_decisions, spec
 from vlmkit.registry import REGISTRY
 
 VIDEO_METHODS = sorted(info.name for info in vlmkit.list_methods() if REGISTRY.get(info.name).family == "video")
-FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 CLIPS = [(6, "What happens in the video?"), (2, "Which object appears?"), (4, "Describe the video.")]
 
 
