@@ -35,6 +35,11 @@ RENDERED["smolvlm"] = "<|im_start|>" + RENDERED["idefics3"]
 RENDERED["qwen2_5_vl"] = RENDERED["qwen2_vl"]
 RENDERED["qwen3_vl"] = RENDERED["qwen2_vl"].removeprefix("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
 RENDERED["llava_next_video"] = RENDERED["llava"]
+# FastVLM: a turn's images first, then each text after a newline (an assistant turn opens with one)
+RENDERED["fast_vlm"] = (
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\nWhat is shown?<|im_end|>\n"
+    "<|im_start|>assistant\n\nA red circle.<|im_end|>\n<|im_start|>user\n\nAnd now?<|im_end|>\n<|im_start|>assistant\n"
+)
 
 
 def test_vocabulary_is_frozen():

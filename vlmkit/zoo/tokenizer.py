@@ -150,6 +150,24 @@ _INTERNVL_TEMPLATE = _PARTS + (
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
 
+# FastVLM (Qwen2 chatml with a default system turn): a turn's images first, then each text after a newline
+# ("<|im_start|>user\n<image>\nWhat?<|im_end|>\n"); the processor expands each <image> to one per token
+_FAST_VLM_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string -%}{{ '\\n' + message['content'] }}"
+    "{%- else -%}"
+    "{%- for item in message['content'] if item['type'] == 'image' -%}{{ '<image>' }}{%- endfor -%}"
+    "{%- for item in message['content'] if item['type'] == 'text' -%}{{ '\\n' + item['text'] }}{%- endfor -%}"
+    "{%- endif -%}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
 def _idefics3_template(prefix: str) -> str:
     """Idefics3's layout ("User:<image>What is this?<end_of_utterance>\nAssistant:"; ": " after the role
     when the turn does not open with an image), after `prefix` (SmolVLM's "<|im_start|>")."""
@@ -226,6 +244,7 @@ _FAMILY_TOKENIZERS = {
     ),
     "idefics3": (_IDEFICS3_ROLES, True, _IDEFICS3_TEMPLATE, _IDEFICS3_TOKENS),
     "smolvlm": (_SMOLVLM_ROLES, False, _SMOLVLM_TEMPLATE, _IDEFICS3_TOKENS),
+    "fast_vlm": (_QWEN_ROLES, False, _FAST_VLM_TEMPLATE, {"image_token": "<image>"}),
 }
 # special tokens a family appends after its named ones, without a name of their own
 _APPENDED = {"idefics3": _TILE_TAGS, "smolvlm": _TILE_TAGS}
