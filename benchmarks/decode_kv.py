@@ -16,6 +16,8 @@ peak resident set (`VmHWM`, reset before each configuration), which includes the
 Targets: the KV bytes of a method within 5% of its budget (LOOK-M at 20%: heavy hitters 10% and
 recent window 10% of the prompt), and its decode tokens/s at least dense decoding's.
 
+Writes `benchmarks/results/decode_kv.{json,md}` and the README's `decode-kv` block.
+
 Usage:
     python -m benchmarks.decode_kv [--frames 16] [--tokens 64] [--device cpu] [--out benchmarks/results/decode_kv]
 """
@@ -31,13 +33,18 @@ from transformers import StoppingCriteriaList
 
 import vlmkit
 from benchmarks._twin_model import StepStamps, build_video_inputs, build_video_model
+from benchmarks.decoding_eval import write_between
 from benchmarks.prefill import peak_memory_mb, reset_peak_memory
+
+ROOT = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- decode-kv:begin (benchmarks/decode_kv.py) -->", "<!-- decode-kv:end -->"
 
 # (configuration, method specs, share of the prompt's KV the method is meant to keep; None: no budget)
 CONFIGS = [
     ("dense", (), None),
     ("dycoke (ttm_drop=0.95, kv_drop=0.8)", ("dycoke:ttm_drop=0.95,kv_drop=0.8",), None),
     ("lookm 20% (heavy 0.1, recent 0.1)", ("lookm:heavy=0.1,recent=0.1",), 0.2),
+    ("lookm 20%, decode=True", ("lookm:heavy=0.1,recent=0.1,decode=True",), 0.2),
 ]
 
 
@@ -108,6 +115,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/decode_kv"))
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md", help="README whose decode-kv block gets the table")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -125,8 +133,10 @@ def main() -> None:
               f"tokens; {device}, {torch.get_num_threads()} threads.")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"setup": header, "results": results}, indent=1))
-    args.out.with_suffix(".md").write_text(header + "\n\n" + table(results, dense_kv) + "\n")
-    print(header + "\n\n" + table(results, dense_kv))
+    text = header + "\n\n" + table(results, dense_kv) + "\n"
+    args.out.with_suffix(".md").write_text(text)
+    write_between(args.readme, BEGIN, END, text)
+    print(text)
 
 
 if __name__ == "__main__":
