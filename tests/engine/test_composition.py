@@ -161,9 +161,11 @@ def hand_fastv_scores(tiny, hidden: torch.Tensor, mask, rotary, layer_index: int
     attention = layer.self_attn
     normed = layer.input_layernorm(hidden)
     batch, length, _ = hidden.shape
-    query = attention.q_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
-    key = attention.k_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
-    query, key = apply_rotary_pos_emb(query, key, *rotary)
+    query = attention.q_proj(normed).view(batch, length, -1, attention.head_dim)
+    key = attention.k_proj(normed).view(batch, length, -1, attention.head_dim)
+    if hasattr(attention, "q_norm"):  # Qwen3-VL: an RMS norm over each head's query and key
+        query, key = attention.q_norm(query), attention.k_norm(key)
+    query, key = apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), *rotary)
     key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
     logits = (query[:, :, -1:] @ key.transpose(-1, -2))[:, :, 0] * attention.head_dim**-0.5
     logits = logits.masked_fill(~valid_keys_of_last_query(hidden, mask)[:, None], float("-inf"))
