@@ -21,6 +21,7 @@ GOLDEN_DIGESTS = {
     "idefics3": "680a0d3078556c22",
     "smolvlm": "1ed4fb2f4651e707",
     "qwen3_vl": "e993c79b06807dfd",
+    "fast_vlm": "c7fc073b29d379a8",
 }
 VIDEO_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "llava_next_video", "qwen3_vl")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,7 @@ from transformers import (
     CONFIG_MAPPING,
     AutoModelForImageTextToText,
     CLIPImageProcessor,
+    FastVlmConfig,
     GotOcr2ImageProcessor,
     Idefics3Config,
     Idefics3ImageProcessor,
@@ -153,6 +155,16 @@ def _idefics3_derived(kwargs: dict[str, Any], tokenizer) -> dict[str, Any]:
     return {**_tokenizer_keys(tokenizer), "image_token_id": tokenizer.convert_tokens_to_ids("<image>")}
 
 
+def _fast_vlm_derived(kwargs: dict[str, Any], tokenizer) -> dict[str, Any]:
+    model_args = kwargs["vision_config"]["model_args"]
+    return {
+        **_tokenizer_keys(tokenizer),
+        "image_token_index": tokenizer.convert_tokens_to_ids("<image>"),
+        # FastViT's final conv widens the last stage by its cls_ratio (2): the features the projector reads
+        "vision_config.hidden_size": int(model_args["embed_dims"][-1] * model_args.get("cls_ratio", 2.0)),
+    }
+
+
 def _square(side: int) -> dict[str, int]:
     return {"height": side, "width": side}
 
@@ -265,6 +277,27 @@ def _idefics3_processor(config: Idefics3Config | SmolVLMConfig, tokenizer) -> Id
         image_processor=image_processor_class(size={"longest_edge": 2 * side}, max_image_size={"longest_edge": side}),
         tokenizer=tokenizer,
         image_seq_len=(side // config.vision_config.patch_size // config.scale_factor) ** 2,
+        chat_template=tokenizer.chat_template,
+    )
+
+
+#: FastViTHD's output stride: a 4x stem and four 2x downsampling stages (one token per 64x64 pixels)
+FAST_VLM_STRIDE = 64
+
+
+def _fast_vlm_processor(config: FastVlmConfig, tokenizer) -> LlavaProcessor:
+    """FastVLM's processor (LLaVA's, as the converted checkpoints ship it): each image resized to a
+    shortest edge of sqrt(`image_seq_length`) * 64 pixels and centre-cropped square, pixel values in
+    [0, 1] (no mean or std), one placeholder per 64 x 64 pixels."""
+    side = math.isqrt(config.image_seq_length) * FAST_VLM_STRIDE
+    return LlavaProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": side}, crop_size=_square(side), image_mean=[0.0, 0.0, 0.0], image_std=[1.0, 1.0, 1.0]
+        ),
+        tokenizer=tokenizer,
+        patch_size=FAST_VLM_STRIDE,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=0,
         chat_template=tokenizer.chat_template,
     )
 
@@ -496,6 +529,32 @@ _FAMILIES: dict[str, _Family] = {
         processor=_idefics3_processor,
         suppress_placeholders=True,
     ),
+    # FastVLM: a FastViTHD tower (timm's fastvit_mci3 through TimmWrapper, created offline, reparameterised
+    # as the released model): a conv stem and three RepMixer stages, then two stages of self-attention
+    # blocks; one token per 64 x 64 pixels (512-pixel images: an 8 x 8 grid), the final conv's features
+    # through a 2-layer MLP; Qwen2 with FastVLM's chatml template.
+    "fast_vlm": _Family(
+        config_class=FastVlmConfig,
+        defaults={
+            "vision_config": {
+                "model_type": "timm_wrapper",
+                "architecture": "fastvit_mci3",
+                "do_pooling": False,  # the model reads the feature grid, never the pooled vector
+                "model_args": {
+                    "inference_mode": True,
+                    "layers": [1, 1, 1, 1, 2],
+                    "embed_dims": [8, 16, 32, 32, 64],  # attention stages: multiples of the 32-wide heads
+                    "mlp_ratios": [2, 2, 2, 2, 2],
+                },
+            },
+            "text_config": {"model_type": "qwen2", **_TEXT},
+            "image_seq_length": 64,
+            "projector_hidden_act": "gelu",
+        },
+        derived=_fast_vlm_derived,
+        processor=_fast_vlm_processor,
+        suppress_placeholders=True,
+    ),
 }
 
 FAMILIES: tuple[str, ...] = tuple(_FAMILIES)
@@ -595,9 +654,10 @@ def build_model(
     """Instantiate `config`'s image-text-to-text model on `device`, tie it, and `init_weights` it.
 
     The library's own initialisation is skipped (it would draw from the global RNG and be
-    overwritten anyway); on the meta device nothing is drawn at all.
+    overwritten anyway); what timm towers draw regardless comes from a fork of the global RNG, which
+    is left as it was. On the meta device nothing is drawn at all.
     """
-    with torch.device(device), no_init_weights():
+    with torch.random.fork_rng(devices=[]), torch.device(device), no_init_weights():
         model = AutoModelForImageTextToText.from_config(
             config, dtype=dtype, attn_implementation=attn_implementation
         )
@@ -614,7 +674,7 @@ def tiny(
 
     Args:
         family: one of `FAMILIES`: "llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl",
-            "llava_next_video", "internvl", "idefics3", "smolvlm", "qwen3_vl".
+            "llava_next_video", "internvl", "idefics3", "smolvlm", "qwen3_vl", "fast_vlm".
         seed: weight seed; the same seed gives bit-identical weights in any process.
         attn_implementation: "sdpa", "eager", or any registered `AttentionInterface` name.
         **overrides: fields of the family's top-level config (e.g. `vision_feature_layer=-1`,
