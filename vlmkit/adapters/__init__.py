@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from vlmkit.adapters.base import Adapter
+from vlmkit.adapters.fast_vlm import FastVlmAdapter
 from vlmkit.adapters.idefics3 import Idefics3Adapter, SmolVLMAdapter
 from vlmkit.adapters.internvl import InternVLAdapter
 from vlmkit.adapters.llava import LlavaAdapter
@@ -15,7 +16,7 @@ from vlmkit.errors import UnsupportedModelError
 
 ADAPTERS: tuple[type[Adapter], ...] = (
     LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, LlavaNextVideoAdapter,
-    InternVLAdapter, Idefics3Adapter, SmolVLMAdapter,
+    InternVLAdapter, Idefics3Adapter, SmolVLMAdapter, FastVlmAdapter,
 )
 SUPPORTED: tuple[str, ...] = tuple(name for adapter in ADAPTERS for name in adapter.model_classes)
 

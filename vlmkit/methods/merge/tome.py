@@ -80,7 +80,10 @@ class ToMe(TokenSelector):
     ) | {"internvl": "its pixel shuffle joins 2 x 2 patches after the InternViT blocks (no ToMe layout); merging inside breaks that grouping"} | dict.fromkeys(
         ("idefics3", "smolvlm"),
         "its connector's pixel shuffle joins s x s patches after the SigLIP blocks (no ToMe layout); merging inside breaks that grouping",
-    )
+    ) | {
+        "fast_vlm": "its FastViTHD tower is convolutional stages with self-attention over a shrinking feature grid, not a stack of ViT "
+        "blocks over one token sequence (no ToMe layout)",
+    }
 
     def __init__(self, config=None, **params):
         super().__init__(config, **params)

@@ -88,7 +88,8 @@ class HoPE(PositionMethod):
     paper = "https://arxiv.org/abs/2505.20444"
     unsupported = {
         family: "HoPE re-allocates M-RoPE's frequencies; this family has 1-D rotary positions"
-        for family in ("llava", "llava_next", "llava_onevision", "llava_next_video", "internvl", "idefics3", "smolvlm")
+        for family in ("llava", "llava_next", "llava_onevision", "llava_next_video", "internvl", "idefics3", "smolvlm",
+                       "fast_vlm")
     }
 
     def __init__(self, config=None, **params):

@@ -77,6 +77,7 @@ class GlobalCom2(TokenSelector):
     needs = frozenset({"vision_attention"})
     unsupported = {
         "llava": NO_TILES.format("LLaVA-1.5", "one view per image"),
+        "fast_vlm": NO_TILES.format("FastVLM", "one view per image"),
         "qwen2_vl": NO_TILES.format("Qwen2-VL", "one native-resolution grid per image"),
         "qwen2_5_vl": NO_TILES.format("Qwen2.5-VL", "one native-resolution grid per image"),
         "internvl": "GlobalCom² places each tile in the image's tile grid under its thumbnail; InternVL's encoder call "
