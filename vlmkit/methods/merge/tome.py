@@ -76,7 +76,8 @@ class ToMe(TokenSelector):
     paper = "https://arxiv.org/abs/2210.09461"
     needs = frozenset({"vision_merge"})
     unsupported = dict.fromkeys(
-        ("qwen2_vl", "qwen2_5_vl"), "its packed ViT joins 2 x 2 patches in a merger after the blocks; merging inside breaks that grouping"
+        ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"),
+        "its packed ViT joins 2 x 2 patches in a merger after the blocks; merging inside breaks that grouping"
     ) | {"internvl": "its pixel shuffle joins 2 x 2 patches after the InternViT blocks (no ToMe layout); merging inside breaks that grouping"} | dict.fromkeys(
         ("idefics3", "smolvlm"),
         "its connector's pixel shuffle joins s x s patches after the SigLIP blocks (no ToMe layout); merging inside breaks that grouping",

@@ -80,6 +80,7 @@ class GlobalCom2(TokenSelector):
         "fast_vlm": NO_TILES.format("FastVLM", "one view per image"),
         "qwen2_vl": NO_TILES.format("Qwen2-VL", "one native-resolution grid per image"),
         "qwen2_5_vl": NO_TILES.format("Qwen2.5-VL", "one native-resolution grid per image"),
+        "qwen3_vl": NO_TILES.format("Qwen3-VL", "one native-resolution grid per image"),
         "internvl": "GlobalCom² places each tile in the image's tile grid under its thumbnail; InternVL's encoder call "
                     "does not say where a tile sits in that grid",
         **dict.fromkeys(
