@@ -20,7 +20,7 @@ GOLDEN_DIGESTS = {
     "internvl": "a44a78abdabb574d",
     "idefics3": "680a0d3078556c22",
     "smolvlm": "1ed4fb2f4651e707",
-    "qwen3_vl": "e993c79b06807dfd",
+    "qwen3_vl": "0acec8880a4e79ad",
     "fast_vlm": "c7fc073b29d379a8",
 }
 VIDEO_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "llava_next_video", "qwen3_vl")

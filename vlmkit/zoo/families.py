@@ -421,7 +421,7 @@ _FAMILIES: dict[str, _Family] = {
         derived=_qwen2_5_vl_derived,
         processor=_qwen2_vl_processor,
     ),
-    # Qwen3-VL: Qwen2-VL's geometry with a learned position grid (8x8, interpolated to each image) in the
+    # Qwen3-VL: Qwen2-VL's geometry with a learned position grid (10x10, interpolated to each image) in the
     # tower, DeepStack (the merged outputs of tower blocks 0 and 1 added to the hidden states of the
     # visual tokens after decoder layers 0 and 1), q/k norms and interleaved M-RoPE sections in the decoder.
     "qwen3_vl": _Family(
@@ -436,7 +436,7 @@ _FAMILIES: dict[str, _Family] = {
                 "patch_size": 4,
                 "spatial_merge_size": 2,
                 "temporal_patch_size": 2,
-                "num_position_embeddings": 64,
+                "num_position_embeddings": 100,
                 "deepstack_visual_indexes": [0, 1],
             },
             "text_config": {
@@ -450,6 +450,7 @@ _FAMILIES: dict[str, _Family] = {
         },
         derived=_qwen2_5_vl_derived,
         processor=_qwen3_vl_processor,
+        suppress_placeholders=True,
     ),
     # LLaVA-NeXT-Video: LLaVA-NeXT's images (the same tower, AnyRes and newlines), Llama with the
     # vicuna template; video frames of 64 tokens average-pooled 2x2 to 16 before the projector, no
