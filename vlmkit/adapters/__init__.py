@@ -12,11 +12,12 @@ from vlmkit.adapters.llava_next import LlavaNextAdapter
 from vlmkit.adapters.llava_next_video import LlavaNextVideoAdapter
 from vlmkit.adapters.llava_onevision import LlavaOnevisionAdapter
 from vlmkit.adapters.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
+from vlmkit.adapters.qwen3_vl import Qwen3VLAdapter
 from vlmkit.errors import UnsupportedModelError
 
 ADAPTERS: tuple[type[Adapter], ...] = (
     LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, LlavaNextVideoAdapter,
-    InternVLAdapter, Idefics3Adapter, SmolVLMAdapter, FastVlmAdapter,
+    InternVLAdapter, Idefics3Adapter, SmolVLMAdapter, Qwen3VLAdapter, FastVlmAdapter,
 )
 SUPPORTED: tuple[str, ...] = tuple(name for adapter in ADAPTERS for name in adapter.model_classes)
 
