@@ -315,12 +315,13 @@ def install_tower_merge(patch: "Patch", method, tower: torch.nn.Module, last_blo
     from vlmkit.adapters.towers import find_layout
     from vlmkit.towers.tome import install_tome
 
+    num_blocks = len(find_layout(tower).blocks)
     if hasattr(method, "install_tower"):  # a method with its own tower merge (DyMU's thresholds)
-        method.handle = method.install_tower(tower, last_block)
+        method.handle = method.install_tower(tower, num_blocks, last_block)
         patch._record(f"{method.name}:vision", method.handle.remove)
         return method.handle
     config = method.config
-    schedule = method.tower_schedule(len(find_layout(tower).blocks), last_block)
+    schedule = method.tower_schedule(num_blocks, last_block)
     method.handle = install_tome(tower, schedule, protect_cls=config.protect_cls, proportional=config.proportional)
     patch._record(f"{method.name}:vision", method.handle.remove)
     return method.handle

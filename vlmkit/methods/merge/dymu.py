@@ -114,16 +114,16 @@ class DyMU(TokenSelector):
             raise ConfigError(f"dymu: threshold has {len(values)} entries for a tower of {num_blocks} blocks; give one per block")
         return [value if last_block is None or block <= last_block else None for block, value in enumerate(values)]
 
-    def install_tower(self, tower: torch.nn.Module, last_block: int | None = None):
-        """Install the thresholds on `tower` (`vlmkit.towers.install_dymu`) and return the handle."""
-        from vlmkit.adapters.towers import find_layout
+    def install_tower(self, tower: torch.nn.Module, num_blocks: int, last_block: int | None = None):
+        """Install the thresholds on `tower`, a tower of `num_blocks` blocks
+        (`vlmkit.towers.install_dymu`), and return the handle."""
         from vlmkit.towers.dymu import install_dymu
 
         config = self.config
         if config.calibration is not None:
             thresholds = config.calibration
         else:
-            thresholds = self.tower_schedule(len(find_layout(tower).blocks))
+            thresholds = self.tower_schedule(num_blocks)
         return install_dymu(
             tower, thresholds, protect_cls=config.protect_cls, proportional=config.proportional,
             max_merges=config.max_merges, last_block=last_block,
