@@ -22,6 +22,7 @@ GOLDEN_DIGESTS = {
     "smolvlm": "1ed4fb2f4651e707",
     "qwen3_vl": "0acec8880a4e79ad",
     "fast_vlm": "c7fc073b29d379a8",
+    "gemma3": "2b01ad7f581f5015",
 }
 VIDEO_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "llava_next_video", "qwen3_vl")
 

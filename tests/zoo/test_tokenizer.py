@@ -41,6 +41,12 @@ RENDERED["fast_vlm"] = (
     "<|im_start|>assistant\n\nA red circle.<|im_end|>\n<|im_start|>user\n\nAnd now?<|im_end|>\n<|im_start|>assistant\n"
 )
 
+# Gemma 3: the assistant's role is "model"; an image is <start_of_image> where it stands in the turn
+RENDERED["gemma3"] = (
+    "<start_of_turn>user\n<start_of_image>What is shown?<end_of_turn>\n<start_of_turn>model\nA red circle.<end_of_turn>\n"
+    "<start_of_turn>user\nAnd now?<end_of_turn>\n<start_of_turn>model\n"
+)
+
 
 def test_vocabulary_is_frozen():
     # Trained checkpoints depend on these ids; a change here breaks them.
@@ -105,3 +111,16 @@ def test_left_padding_uses_the_pad_token():
 def test_unknown_family():
     with pytest.raises(ConfigError, match="valid families"):
         tiny_tokenizer("idefics")
+
+
+def test_gemma3_image_and_turn_tokens_come_after_the_shared_vocabulary():
+    shared, tokenizer = tiny_tokenizer("llava"), tiny_tokenizer("gemma3")
+    assert len(tokenizer) == len(shared) + 5
+    names = ["<start_of_image>", "<end_of_image>", "<image_soft_token>", "<start_of_turn>", "<end_of_turn>"]
+    assert tokenizer.convert_tokens_to_ids(names) == list(range(762, 767))
+    text = "<start_of_turn>user\n<start_of_image><image_soft_token><end_of_image> Is there a red circle?<end_of_turn>"
+    ids = tokenizer(text).input_ids
+    assert ids[:2] == [1, 765]  # <s> prepended, then <start_of_turn>
+    assert tokenizer.decode(ids[1:]) == text
+    assert (tokenizer.eos_token, tokenizer.boi_token, tokenizer.eoi_token, tokenizer.image_token) == (
+        "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>")

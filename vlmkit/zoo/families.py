@@ -27,6 +27,9 @@ from transformers import (
     AutoModelForImageTextToText,
     CLIPImageProcessor,
     FastVlmConfig,
+    Gemma3Config,
+    Gemma3ImageProcessor,
+    Gemma3Processor,
     GotOcr2ImageProcessor,
     Idefics3Config,
     Idefics3ImageProcessor,
@@ -165,6 +168,16 @@ def _fast_vlm_derived(kwargs: dict[str, Any], tokenizer) -> dict[str, Any]:
     }
 
 
+def _gemma3_derived(kwargs: dict[str, Any], tokenizer) -> dict[str, Any]:
+    ids = tokenizer.convert_tokens_to_ids
+    return {
+        **_tokenizer_keys(tokenizer),
+        "image_token_index": ids("<image_soft_token>"),
+        "boi_token_index": ids("<start_of_image>"),
+        "eoi_token_index": ids("<end_of_image>"),
+    }
+
+
 def _square(side: int) -> dict[str, int]:
     return {"height": side, "width": side}
 
@@ -300,6 +313,41 @@ def _fast_vlm_processor(config: FastVlmConfig, tokenizer) -> LlavaProcessor:
         num_additional_image_tokens=0,
         chat_template=tokenizer.chat_template,
     )
+
+
+class _Gemma3Processor(Gemma3Processor):
+    """Gemma 3's processor that also takes a batch's images as one flat list, in prompt order (as the other
+    families' processors do); Gemma 3's own wants one list of images per prompt."""
+
+    def __call__(self, images=None, text=None, **kwargs):
+        flat = isinstance(images, (list, tuple)) and images and not isinstance(images[0], (list, tuple))
+        if flat and isinstance(text, (list, tuple)) and len(text) > 1:
+            counts = [prompt.count(self.boi_token) for prompt in text]
+            if sum(counts) == len(images):
+                starts = [sum(counts[:row]) for row in range(len(counts))]
+                images = [list(images[start : start + count]) for start, count in zip(starts, counts)]
+        return super().__call__(images=images, text=text, **kwargs)
+
+
+def _gemma3_processor(config: Gemma3Config, tokenizer) -> Gemma3Processor:
+    """Gemma 3's processor: each image resized to the tower's square, SigLIP's [-1, 1] pixels,
+    `mm_tokens_per_image` placeholders; pan-and-scan off by default, as in the released processor, and
+    when asked for (`do_pan_and_scan=True`) an image of aspect ratio 1.2 or more also gets 2 to 4 crops of
+    at least half the tower's side, each resized to the tower's square and written after the whole image."""
+    side = config.vision_config.image_size
+    pan_and_scan = {
+        "do_pan_and_scan": False, "pan_and_scan_min_crop_size": side // 2, "pan_and_scan_max_num_crops": 4,
+        "pan_and_scan_min_ratio_to_activate": 1.2,
+    }
+    processor = _Gemma3Processor(
+        image_processor=Gemma3ImageProcessor(size=_square(side), image_mean=[0.5] * 3, image_std=[0.5] * 3, **pan_and_scan),
+        tokenizer=tokenizer,
+        image_seq_length=config.mm_tokens_per_image,
+        chat_template=tokenizer.chat_template,
+    )
+    # the processor's own image defaults (a 256-pixel minimum crop) take precedence over its image processor's
+    processor.images_kwargs = {**Gemma3Processor.images_kwargs, **pan_and_scan}
+    return processor
 
 
 _CLIP_TOWER = {
@@ -556,6 +604,41 @@ _FAMILIES: dict[str, _Family] = {
         processor=_fast_vlm_processor,
         suppress_placeholders=True,
     ),
+    # Gemma 3: a SigLIP tower (no [CLS], no pooling head) on 64-pixel images (16 x 16 patches), its last layer
+    # average-pooled 2 x 2 to 64 tokens, RMS-normed and projected by one matrix; a Gemma 3 decoder whose
+    # sliding-window layers (a 16-token window, local rotary base 10^4) surround one global layer (base
+    # 10^6), q/k norms, the image's tokens attending to each other both ways; pan-and-scan crops on request.
+    "gemma3": _Family(
+        config_class=Gemma3Config,
+        defaults={
+            "vision_config": {
+                "model_type": "siglip_vision_model",
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "image_size": 64,
+                "patch_size": 4,
+                "vision_use_head": False,
+            },
+            "text_config": {
+                "model_type": "gemma3_text",
+                **_TEXT,
+                "head_dim": 16,
+                "query_pre_attn_scalar": 16,
+                "sliding_window": 16,
+                "layer_types": ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+                "rope_parameters": {
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                    "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                },
+            },
+            "mm_tokens_per_image": 64,
+        },
+        derived=_gemma3_derived,
+        processor=_gemma3_processor,
+        suppress_placeholders=True,
+    ),
 }
 
 FAMILIES: tuple[str, ...] = tuple(_FAMILIES)
@@ -675,7 +758,7 @@ def tiny(
 
     Args:
         family: one of `FAMILIES`: "llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl",
-            "llava_next_video", "internvl", "idefics3", "smolvlm", "qwen3_vl", "fast_vlm".
+            "llava_next_video", "internvl", "idefics3", "smolvlm", "qwen3_vl", "fast_vlm", "gemma3".
         seed: weight seed; the same seed gives bit-identical weights in any process.
         attn_implementation: "sdpa", "eager", or any registered `AttentionInterface` name.
         **overrides: fields of the family's top-level config (e.g. `vision_feature_layer=-1`,

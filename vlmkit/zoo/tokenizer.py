@@ -14,7 +14,8 @@ All families share one vocabulary (same ids everywhere); they differ in which sp
 play bos/eos/pad, whether `<s>` is prepended, and the chat template. A family whose image tokens
 are not among the shared ones (InternVL's `<img>`, `</img>`, `<IMG_CONTEXT>`; Idefics3's and SmolVLM's
 `<fake_token_around_image>`, `<global-img>`, `<end_of_utterance>` and the 36 `<row_i_col_j>` tile
-tags) gets them as special tokens after the shared vocabulary, so every other id stays the same.
+tags; Gemma 3's `<start_of_image>`, `<end_of_image>`, `<image_soft_token>`, `<start_of_turn>` and
+`<end_of_turn>`) gets them as special tokens after the shared vocabulary, so every other id stays the same.
 
 The vocabulary is frozen: trained checkpoints (`vlmkit/zoo/checkpoints/`) and golden test
 values depend on every id, so `SPECIAL_TOKENS` and `_WORDS` must not change.
@@ -168,6 +169,18 @@ _FAST_VLM_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
 
+# Gemma 3: "<s><start_of_turn>user\n<start_of_image>What?<end_of_turn>\n<start_of_turn>model\n" (the assistant's
+# role is "model"); the processor expands each <start_of_image> to "\n\n<start_of_image>", one <image_soft_token> per
+# visual token and "<end_of_image>\n\n" (pan-and-scan: the whole image, then each crop so)
+_GEMMA3_TEMPLATE = _PARTS + (
+    "{%- for message in messages -%}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\\n' }}"
+    "{{ parts(message, '<start_of_image>', '', '') }}{{ '<end_of_turn>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)
+_GEMMA3_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+
 def _idefics3_template(prefix: str) -> str:
     """Idefics3's layout ("User:<image>What is this?<end_of_utterance>\nAssistant:"; ": " after the role
     when the turn does not open with an image), after `prefix` (SmolVLM's "<|im_start|>")."""
@@ -204,6 +217,8 @@ _QWEN_ROLES = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
 # both end a turn with <end_of_utterance>, which is what generation stops at
 _IDEFICS3_ROLES = {**_LLAMA_ROLES, "eos_token": "<end_of_utterance>"}
 _SMOLVLM_ROLES = {"bos_token": "<|im_start|>", "eos_token": "<end_of_utterance>", "pad_token": "<|endoftext|>"}
+# Gemma 3: Llama's roles; generation stops at the end of the model's turn
+_GEMMA3_ROLES = {**_LLAMA_ROLES, "eos_token": "<end_of_turn>"}
 
 _QWEN2_VL_TOKENIZER = (
     _QWEN_ROLES,
@@ -245,9 +260,10 @@ _FAMILY_TOKENIZERS = {
     "idefics3": (_IDEFICS3_ROLES, True, _IDEFICS3_TEMPLATE, _IDEFICS3_TOKENS),
     "smolvlm": (_SMOLVLM_ROLES, False, _SMOLVLM_TEMPLATE, _IDEFICS3_TOKENS),
     "fast_vlm": (_QWEN_ROLES, False, _FAST_VLM_TEMPLATE, {"image_token": "<image>"}),
+    "gemma3": (_GEMMA3_ROLES, True, _GEMMA3_TEMPLATE, _GEMMA3_TOKENS),
 }
 # special tokens a family appends after its named ones, without a name of their own
-_APPENDED = {"idefics3": _TILE_TAGS, "smolvlm": _TILE_TAGS}
+_APPENDED = {"idefics3": _TILE_TAGS, "smolvlm": _TILE_TAGS, "gemma3": ("<start_of_turn>", "<end_of_turn>")}
 
 
 def _vocabulary() -> dict[str, int]:
