@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, and_masks, causal_mask_function
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, and_masks, causal_mask_function, or_masks
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward, rotate_half
 
@@ -168,9 +168,27 @@ class Adapter:
         """The text model's rotary embedding (called as `module(hidden, positions) -> (cos, sin)`)."""
         return self.text_model.rotary_emb
 
-    def rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotary (cos, sin) for `positions`: (B, L) or (3, B, L) for M-RoPE, integer or float."""
+    def rotary(
+        self, hidden: torch.Tensor, positions: torch.Tensor, layer_type: str = "full_attention"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary (cos, sin) for `positions`: (B, L) or (3, B, L) for M-RoPE, integer or float, for decoder
+        layers of `layer_type` (families whose layer kinds have their own rotary base)."""
         return self.rotary_module(hidden, positions)
+
+    def layer_type(self, index: int) -> str:
+        """The attention kind of decoder layer `index` ("full_attention", "sliding_attention")."""
+        return "full_attention"
+
+    def layer_window(self, index: int) -> int | None:
+        """The sliding window of decoder layer `index` (a query sees the keys less than this many
+        positions back), or None for a full-attention layer."""
+        return None
+
+    def bidirectional_blocks(self, call_inputs: dict[str, Any]) -> torch.Tensor | None:
+        """(B, T) for the last T tokens of a text-model call, the block of tokens each one attends to both
+        ways (-1: none; the image placeholders of Gemma 3), from the base model's call inputs
+        (`attention_mask`, `token_type_ids`); None where every token is causal."""
+        return None
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.text_model.norm(hidden)
@@ -188,6 +206,8 @@ class Adapter:
         query_rows: torch.Tensor | None = None,
         extra: Callable | None = None,
         replace_causal: bool = False,
+        bidirectional: Callable | None = None,
+        window: Callable | None = None,
     ):
         """The attention mask of one layer, in the format its attention implementation expects.
 
@@ -201,7 +221,11 @@ class Adapter:
                 causal one (the attention site); `query` indexes this call's queries (0 .. Q-1) and
                 `key` the keys (0 .. K-1).
             replace_causal: `extra` is the whole structure (it says itself which earlier and later
-                keys each query sees); only padding is added to it.
+                keys each query sees); only padding (and `window`) is added to it.
+            bidirectional: a mask function (indexed as `extra`) of the further keys a query sees besides
+                the earlier ones (an image's own tokens, both ways); joined to the causal mask by "or".
+            window: a mask function (indexed as `extra`) every visible key must also pass (a sliding
+                window), whatever the rest says.
 
         Raises:
             ConfigError: the attention implementation has no registered mask function.
@@ -213,9 +237,16 @@ class Adapter:
             function, offset = causal_mask_function, physical_past
         else:
             function, offset = (lambda b, h, q, kv: kv <= query_rows[b, q]), 0
-        if extra is not None:  # `extra` takes the query's index among this call's queries
-            shifted = lambda b, h, q, kv: extra(b, h, q - offset, kv)  # noqa: E731
-            function = shifted if replace_causal else and_masks(function, shifted)
+
+        def shifted(piece: Callable) -> Callable:  # the pieces take the query's index among this call's queries
+            return lambda b, h, q, kv: piece(b, h, q - offset, kv)
+
+        if bidirectional is not None and not (extra is not None and replace_causal):
+            function = or_masks(function, shifted(bidirectional))
+        if extra is not None:
+            function = shifted(extra) if replace_causal else and_masks(function, shifted(extra))
+        if window is not None:
+            function = and_masks(function, shifted(window))
         return ALL_MASK_ATTENTION_FUNCTIONS[implementation](
             batch_size=hidden.shape[0],
             q_length=hidden.shape[1],
@@ -224,7 +255,7 @@ class Adapter:
             kv_offset=0,
             mask_function=function,
             attention_mask=kv_valid,
-            allow_is_causal_skip=query_rows is None and extra is None,
+            allow_is_causal_skip=query_rows is None and extra is None and bidirectional is None and window is None,
             dtype=hidden.dtype,
             config=self.text_model.config,
             use_vmap=False,

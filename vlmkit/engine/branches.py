@@ -40,9 +40,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import GenerationMixin, LogitsProcessor
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
-from vlmkit.engine.cache import CompactLayer, SlotLayout
+from vlmkit.engine.cache import CompactLayer, CompactSlidingLayer, SlotLayout
 from vlmkit.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
@@ -430,26 +430,37 @@ class DecodeSession:
         self.compact = any(isinstance(layer, CompactLayer) for c in (cache, *branch_caches) for layer in c.layers)
         if not isinstance(cache, DynamicCache):
             raise ConfigError(f"decoding branches need a DynamicCache (the default of generate()), got {type(cache).__name__}")
-        converted: dict[tuple[int, int], SlotLayout] = {}  # plain layers of one row group and length share a layout
+        # plain layers of one row group, kind and length share a layout
+        converted: dict[tuple[int, type, int], SlotLayout] = {}
         joined: dict[tuple[SlotLayout, ...], SlotLayout] = {}  # layers whose parts shared layouts keep sharing one
 
         def as_compact(row_group: int, layer) -> CompactLayer:
             if isinstance(layer, CompactLayer):
                 return layer
-            compact = CompactLayer.from_layer(layer, masks[row_group])
-            compact.layout = converted.setdefault((row_group, compact.physical_length), compact.layout)
+            if isinstance(layer, DynamicSlidingWindowLayer):
+                compact = CompactSlidingLayer.from_sliding(layer, masks[row_group])
+            else:
+                compact = CompactLayer.from_layer(layer, masks[row_group])
+            compact.layout = converted.setdefault((row_group, type(compact), compact.physical_length), compact.layout)
             return compact
 
         for index in range(len(cache.layers)):
             parts = [cache.layers[index], *(c.layers[index] for c in branch_caches)]
-            if any(type(part) not in (DynamicLayer, CompactLayer) for part in parts):
-                raise ConfigError("decoding branches support full-attention cache layers only")
+            if any(type(part) not in (DynamicLayer, DynamicSlidingWindowLayer) and not isinstance(part, CompactLayer)
+                   for part in parts):
+                raise ConfigError("decoding branches support full-attention and sliding-window DynamicCache layers only")
+            if len({isinstance(part, (DynamicSlidingWindowLayer, CompactSlidingLayer)) for part in parts}) > 1:
+                raise ConfigError(f"decoding branches: layer {index} is a sliding-window layer in some rows' caches only")
             if self.compact:
                 parts = [as_compact(row_group, part) for row_group, part in enumerate(parts)]
             length = max(p.keys.shape[-2] for p in parts)
             merged = parts[0]
             merged.keys = torch.cat([_pad_left(p.keys, length, dim=-2) for p in parts])
             merged.values = torch.cat([_pad_left(p.values, length, dim=-2) for p in parts])
+            if isinstance(merged, DynamicSlidingWindowLayer):
+                # each row's window holds its last tokens, right-aligned as the left-padded rows' masks are; the
+                # merged layer counts the common (padded) length
+                merged.cumulative_length = max(p.cumulative_length for p in parts)
             if self.compact:
                 key = tuple(p.layout for p in parts)
                 if key not in joined:

@@ -199,6 +199,69 @@ class CompactLayer(DynamicLayer):
         self.row_maps = []
 
 
+class CompactSlidingLayer(CompactLayer):
+    """`CompactLayer` of a sliding-window attention layer.
+
+    A query at caller-layout position q sees the keys at positions p with q - p < `window` (the window is
+    measured in the prompt's original positions, so at neutral settings it is the model's own; after
+    pruning a dropped token leaves a hole in the window rather than letting an older token in, and the
+    window does not move with a `reindex` position policy or a position method). After each call the
+    engine calls `trim`: each row keeps only the slots a later query can still see (positions above
+    logical length - window, at most `window` - 1 of them), as `DynamicSlidingWindowLayer` keeps the
+    last `window` - 1 tokens.
+    """
+
+    is_sliding = True
+
+    def __init__(self, window: int) -> None:
+        super().__init__()
+        self.window = window
+
+    @classmethod
+    def from_sliding(cls, layer: DynamicLayer, attention_mask: torch.Tensor | None) -> "CompactSlidingLayer":
+        """Wrap an already filled `DynamicSlidingWindowLayer` (a continued conversation): it holds the last
+        tokens of the sequence, up to `window` - 1 of them."""
+        compact = cls(layer.sliding_window)
+        length = layer.get_seq_length()
+        if length:
+            compact.lazy_initialization(layer.keys, layer.values)
+            compact.keys, compact.values = layer.keys, layer.values
+            kept = layer.keys.shape[2]
+            batch, device = layer.keys.shape[0], layer.keys.device
+            positions = torch.arange(length - kept, length, device=device).expand(batch, kept)
+            if attention_mask is not None:
+                valid = attention_mask[:, length - kept : length].to(torch.bool)
+            else:
+                valid = torch.ones(batch, kept, dtype=torch.bool, device=device)
+            compact.layout = SlotLayout(valid, positions.masked_fill(~valid, -1), torch.zeros(batch, dtype=torch.long, device=device))
+            compact.logical_length = length
+        return compact
+
+    def visible(self) -> torch.Tensor:
+        """(B, S) the slots a query after the last call can still see."""
+        return self.layout.valid & (self.layout.slot > self.logical_length - self.window)
+
+    def trim(self, trimmed: dict) -> None:
+        """Drop the slots no later query can see. `trimmed` maps a layout to its trimmed one, so that layers
+        that shared a layout share the trimmed one."""
+        if self.layout is None:
+            return
+        keep = self.visible()
+        if torch.equal(keep, self.layout.valid):
+            return
+        if self.layout not in trimmed:
+            gather, valid, _ = pack(keep)
+            slot = self.layout.slot.gather(1, gather).masked_fill(~valid, -1)
+            head_slot = None
+            if self.layout.head_slot is not None:
+                head_slot = self.layout.head_slot.gather(2, gather[:, None, :].expand(-1, self.layout.head_slot.shape[1], -1))
+            trimmed[self.layout] = SlotLayout(valid, slot, self.layout.shift, self.layout.visual, head_slot)
+        layout = trimmed[self.layout]
+        if self.scores is not None:
+            self.scores = self.scores.gather(2, pack(keep)[0][:, None, :].expand(-1, self.scores.shape[1], -1))
+        self.keep_slots(keep, layout)
+
+
 def pack(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Left-packed positions of the True entries of `keep` (B, L), row by row.
 

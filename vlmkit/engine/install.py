@@ -237,7 +237,7 @@ def _install_visual_tracking(patch: "Patch", plan: Plan) -> None:
                 "this model is patched by vlmkit, which finds each image's tokens from input_ids: pass input_ids "
                 "(with pixel_values) instead of inputs_embeds"
             )
-        state.begin_call(input_ids, sources)
+        state.begin_call(input_ids, sources, {name: kwargs.get(name) for name in ("attention_mask", "token_type_ids")})
         return None
 
     handle = base.register_forward_pre_hook(stash_inputs, with_kwargs=True)

@@ -15,13 +15,23 @@ call on the cache it built); other calls go to the stock forward:
   computes every key and value but queries, attention and MLP for the running tokens only;
 * positions follow the selection's policy (`keep` the original ids, or `reindex` the kept
   sequence) or a position method; decoding continues from the recorded shift;
-* masks come from the adapter, per distinct key layout, combined with an attention method's mask;
+* masks come from the adapter, per distinct key layout and layer kind, combined with an attention
+  method's mask; where the adapter gives bidirectional blocks (Gemma 3: each image's placeholders, from
+  the base model's `token_type_ids`), a query in a block also sees every key of it still in the stream,
+  so the kept tokens of one image keep seeing each other after pruning; a sliding-window layer
+  (`Adapter.layer_window`) sees the keys less than the window back in the caller's positions, and so
+  do the attention scores read from it (a pruned token leaves a hole in the window, no older token
+  enters it: at neutral settings this is the model's own window, and it moves with neither `reindex`
+  nor position methods); rotary tables are built per layer kind (Gemma 3's local and global bases); a
+  text model that receives its masks prepared per layer kind gets the engine's own, from the 2-D mask
+  the base model received;
 * DeepStack (Qwen3-VL: visual features of intermediate vision layers added to the visual tokens'
   hidden states after the first decoder layers) follows the stream: after each such layer every
   visual token still in it gets its own features at its current row (pruned tokens get none, routed
   and skipped tokens get theirs, as the addition is to the residual stream, not the layer's work),
   and a kept token that a selection merges from others gets the same combination of their features;
-* each layer's KV cache holds only what that layer saw (`CompactLayer` with its `SlotLayout`), so
+* each layer's KV cache holds only what that layer saw (`CompactLayer` with its `SlotLayout`; a
+  sliding-window layer's `CompactSlidingLayer` drops, after each call, what no later query can see), so
   decoding attends to the kept tokens with no double cache and no recomputation; a cache method
   edits it after the prefill and after each step, by slot or per KV head (`HeadEdit`: each head
   keeps its own entries, merged ones rewritten), reading each slot's accumulated attention per head
@@ -39,13 +49,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.masking_utils import and_masks
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils.output_capturing import capture_outputs
 
 from vlmkit import kernels
-from vlmkit.engine.cache import CompactLayer, SlotLayout, pack
+from vlmkit.engine.cache import CompactLayer, CompactSlidingLayer, SlotLayout, pack
 from vlmkit.engine.contexts import AttentionContext, CacheContext, GateContext, HeadEdit, PositionContext, RouteContext
 from vlmkit.engine.heads import HeadReplay, apply_head_edit
 from vlmkit.engine.selection import ATTENTION_NEEDS, SelectionContext, VisualTokens
@@ -106,6 +116,8 @@ class Pass:
     visual: list[VisualTokens] | None  # the prefill's visual tokens, caller-layout slots
     flops: torch.Tensor  # (B,) float64 LLM FLOPs of this call
     deepstack: Any = None  # the adapter's `DeepStackInputs` of this call, if any
+    # (B, S) the bidirectional block of each caller-layout position (-1: none; Gemma 3's images), or None
+    blocks: torch.Tensor | None = None
     cache_attention: dict = field(default_factory=dict)  # layer -> (B, S) last token's attention, for the cache method
 
 
@@ -153,8 +165,7 @@ class TextStackRunner:
         batch, length = inputs_embeds.shape[:2]
         device = inputs_embeds.device
         use_cache = text_model.config.use_cache if use_cache is None else use_cache
-        if attention_mask is not None and attention_mask.ndim != 2:
-            raise ConfigError("vlmkit's engine needs a 2-D attention mask (batch, length), not a prepared 4-D mask")
+        call_inputs = self.state.take_call_inputs()
 
         visual = self.state.take_visual_tokens(batch, length, device)
         engine_cache = past_key_values is not None and any(
@@ -162,6 +173,13 @@ class TextStackRunner:
         )
         if visual is None and not engine_cache:
             return self._original(text_model, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache, kwargs)
+        if isinstance(attention_mask, dict):  # masks prepared per layer kind (Gemma 3): the engine builds its own
+            if call_inputs is None:
+                raise ConfigError("vlmkit's engine needs the 2-D attention mask (batch, length); the text model got "
+                                  "prepared masks per layer kind without a call of the multimodal model")
+            attention_mask = call_inputs["attention_mask"]
+        if attention_mask is not None and attention_mask.ndim != 2:
+            raise ConfigError("vlmkit's engine needs a 2-D attention mask (batch, length), not a prepared 4-D mask")
 
         deepstack = self.adapter.deepstack_inputs(kwargs)  # removed from what the layers receive
         if use_cache and past_key_values is None:
@@ -188,6 +206,7 @@ class TextStackRunner:
             cache=past_key_values, logical_past=logical_past, length=length, prefill=visual is not None,
             shift=zero, no_shift=zero, masks={}, layouts={}, flops=torch.zeros(batch, dtype=torch.float64, device=device),
             visual=self._caller_visual(stream), deepstack=deepstack,
+            blocks=self._blocks(call_inputs, batch, logical_past + length, device),
         )
         if run.prefill:
             self.state.start_prefill(length)
@@ -206,7 +225,7 @@ class TextStackRunner:
                     probe = self.adapter.probe_projections(
                         layer, stream.hidden, rotary, keys=True, all_queries="text_attention" in selector.needs
                     )
-                    scores = self._attention_scores(selector, layer, index, probe, stream, stream.valid, None)
+                    scores = self._attention_scores(selector, layer, index, probe, stream, stream.valid, None, stream.slot)
                 if "embeds" in selector.needs:
                     scores["embeds"] = embeds.gather(1, (stream.slot - logical_past)[..., None].expand(-1, -1, embeds.shape[-1]))
                 selection = self._select(selector, stream, index, scores)
@@ -256,7 +275,7 @@ class TextStackRunner:
                 )
                 self._count(run, stream.valid.sum(dim=1), stream.valid.sum(dim=1), layout.valid.sum(dim=1))
                 if probe is not None:
-                    scores = self._attention_scores(reader, layer, index, probe, stream, layout.valid, run.cache)
+                    scores = self._attention_scores(reader, layer, index, probe, stream, layout.valid, run.cache, layout.slot)
                 if run.cache is not None:
                     run.cache.layers[index].record(layout, length)
                 if head_query is not None and (run.prefill or run.cache.layers[index].scores is not None):
@@ -266,8 +285,10 @@ class TextStackRunner:
                     )
                 if last_query is not None:
                     attention = self.adapter.attention_module(layer)
+                    windowed = self._window_keys(index, layout.slot, stream.slot[:, -1:])
                     run.cache_attention[index] = kernels.attention_rows(
-                        last_query, run.cache.layers[index].keys, scale=attention.scaling, kv_mask=layout.valid,
+                        last_query, run.cache.layers[index].keys, scale=attention.scaling,
+                        kv_mask=layout.valid if windowed is None else layout.valid & windowed[:, 0],
                         num_kv_groups=attention.num_key_value_groups, reduce="mean",
                     )[:, 0]
             previous = (layer_input, stream.hidden, stream.visual)
@@ -276,6 +297,11 @@ class TextStackRunner:
 
         if run.cache is not None and self.plan.cache is not None:
             self._edit_cache(run)
+        if run.cache is not None:
+            trimmed: dict = {}
+            for layer in run.cache.layers[: self.num_layers]:
+                if isinstance(layer, CompactSlidingLayer):
+                    layer.trim(trimmed)
         if run.prefill:
             self.state.finish_prefill(run.flops, run.cache, self.num_layers)
         hidden = stream.hidden
@@ -306,18 +332,24 @@ class TextStackRunner:
                 f"vlmkit's engine needs a DynamicCache (the default of generate()), got {type(cache).__name__}"
             )
         while len(cache.layers) < self.num_layers:
-            cache.layers.append(CompactLayer())
-        converted: dict[int, SlotLayout] = {}  # layers of one length share one layout
+            window = self.adapter.layer_window(len(cache.layers))
+            cache.layers.append(CompactLayer() if window is None else CompactSlidingLayer(window))
+        converted: dict[tuple, SlotLayout] = {}  # layers of one kind and length share one layout
         for index, layer in enumerate(cache.layers[: self.num_layers]):
             if isinstance(layer, CompactLayer):
                 continue
-            if type(layer) is not DynamicLayer:
+            if type(layer) is DynamicSlidingWindowLayer:
+                compact = CompactSlidingLayer.from_sliding(layer, attention_mask)
+            elif type(layer) is DynamicLayer:
+                compact = CompactLayer.from_layer(layer, attention_mask)
+            else:
                 raise ConfigError(
-                    f"vlmkit's engine supports full-attention cache layers only; layer {index} is {type(layer).__name__}"
+                    f"vlmkit's engine supports full-attention and sliding-window DynamicCache layers only; layer {index} "
+                    f"is {type(layer).__name__}"
                 )
-            compact = CompactLayer.from_layer(layer, attention_mask)
             if compact.layout is not None:
-                compact.layout = converted.setdefault(compact.physical_length, compact.layout)
+                kind = (type(compact), compact.physical_length)
+                compact.layout = converted.setdefault(kind, compact.layout)
             cache.layers[index] = compact
 
     @staticmethod
@@ -343,14 +375,41 @@ class TextStackRunner:
         return self._shifted(stream.layer_positions, self._incoming_shift(run, index))
 
     def _rotary(self, stream: Stream, run: Pass, index: int):
-        """Rotary tables of the stream's positions for layer `index`, built once per distinct shift."""
+        """Rotary tables of the stream's positions for layer `index`, built once per distinct shift and
+        layer kind (Gemma 3's sliding and global layers have their own bases)."""
         shift = self._incoming_shift(run, index)
-        for known, rotary in stream.rotary_tables:
-            if torch.equal(known, shift):
+        kind = self.adapter.layer_type(index)
+        for known, known_kind, rotary in stream.rotary_tables:
+            if known_kind == kind and torch.equal(known, shift):
                 return rotary
-        rotary = self.adapter.rotary(stream.hidden, self._shifted(stream.positions, shift))
-        stream.rotary_tables.append((shift, rotary))
+        rotary = self.adapter.rotary(stream.hidden, self._shifted(stream.positions, shift), kind)
+        stream.rotary_tables.append((shift, kind, rotary))
         return rotary
+
+    def _blocks(self, call_inputs: dict | None, batch: int, total: int, device) -> torch.Tensor | None:
+        """(B, total) the bidirectional block of each caller-layout position of the call (-1: none), from
+        the adapter's blocks of the call's last tokens, or None where every token is causal."""
+        blocks = None if call_inputs is None else self.adapter.bidirectional_blocks(call_inputs)
+        if blocks is None or not bool((blocks >= 0).any()):
+            return None
+        blocks = blocks.to(device)[:, -total:]
+        if blocks.shape[0] != batch:
+            return None
+        return torch.cat([torch.full((batch, total - blocks.shape[1]), -1, dtype=blocks.dtype, device=device), blocks], dim=1)
+
+    @staticmethod
+    def _block_of(blocks: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """(B, N) the block of each caller-layout slot (-1 for none, and for slots -1 or past the blocks)."""
+        inside = (slots >= 0) & (slots < blocks.shape[1])
+        return torch.where(inside, blocks.gather(1, slots.clamp(0, blocks.shape[1] - 1)), torch.full_like(slots, -1))
+
+    def _window_keys(self, index: int, key_slots: torch.Tensor, query_slots: torch.Tensor) -> torch.Tensor | None:
+        """(B, Q, K) which keys each query's sliding window holds in layer `index` (positions less than the
+        window back, in the caller's layout), or None for a full-attention layer."""
+        window = self.adapter.layer_window(index)
+        if window is None:
+            return None
+        return query_slots[:, :, None] - key_slots[:, None, :] < window
 
     def _layout(self, run: Pass, index: int, stream: Stream) -> SlotLayout:
         """The key layout layer `index` attends over: its cached slots plus the stream's tokens.
@@ -376,7 +435,8 @@ class TextStackRunner:
         """The mask of layer `index` (built once per layout and query set; per layer with an
         attention method)."""
         evicted = self.state.evictions.get(index) if self.state.reuse else None
-        key = (layout, query_rows, index if self.plan.attention is not None or evicted else None)
+        window = self.adapter.layer_window(index)
+        key = (layout, query_rows, window, index if self.plan.attention is not None or evicted else None)
         if key not in run.masks:
             physical_past = layout.valid.shape[1] - hidden.shape[1] if query_rows is None else 0
             extra = None
@@ -388,7 +448,17 @@ class TextStackRunner:
             if evicted:
                 hidden_keys = evicted_keys_mask(evicted, layout.slot, query_slots)
                 extra = hidden_keys if extra is None else and_masks(extra, hidden_keys)
-            run.masks[key] = self.adapter.mask(hidden, layout.valid, physical_past, query_rows, extra, replace)
+            bidirectional = None
+            if run.blocks is not None:  # a visual query sees every key of its own block (kept ones, after pruning)
+                query_block, key_block = self._block_of(run.blocks, query_slots), self._block_of(run.blocks, layout.slot)
+                if bool((query_block >= 0).any()):
+                    bidirectional = lambda b, h, q, kv: (query_block[b, q] >= 0) & (query_block[b, q] == key_block[b, kv])  # noqa: E731
+            visible = None
+            if window is not None:  # measured in the caller's positions (`CompactSlidingLayer`)
+                key_slots = layout.slot
+                visible = lambda b, h, q, kv: query_slots[b, q] - key_slots[b, kv] < window  # noqa: E731
+            run.masks[key] = self.adapter.mask(hidden, layout.valid, physical_past, query_rows, extra, replace,
+                                               bidirectional=bidirectional, window=visible)
         return run.masks[key]
 
     def _cache_reads_attention(self, run: Pass) -> bool:
@@ -477,7 +547,7 @@ class TextStackRunner:
         q, c, m = queries.double(), computed.double(), keys.double()
         run.flops += 2 * q * d * k * 2 * h + 2 * c * d * k * 2 * g + 4 * h * k * q * m + 6 * q * d * f
 
-    def _attention_scores(self, selector, layer, index, probe, stream, kv_valid, cache) -> dict:
+    def _attention_scores(self, selector, layer, index, probe, stream, kv_valid, cache, key_slots) -> dict:
         """What `selector` needs from one layer's attention, as `SelectionContext` fields.
 
         The query rows are projected from the layer's input; the keys are the layer's own cached keys
@@ -485,7 +555,7 @@ class TextStackRunner:
         the last token's attention to each visual token; "text_attention": per sample, (T, n) the
         attention of each text token after the sample's last visual token (its rows in
         `text_rows`); "keys": (B, H_kv, L, d) the stream's rotated keys; all means over heads, softmax
-        over every key a query sees.
+        over every key a query sees (in a sliding-window layer, the keys of its window).
         """
         attention = self.adapter.attention_module(layer)
         query, keys = probe
@@ -500,13 +570,19 @@ class TextStackRunner:
         if "keys" in selector.needs:
             scores["keys"] = keys[:, :, past:]
         if "last_row_attention" in selector.needs:
-            last = rows(query[:, :, -1:], keys, kv_mask=kv_valid)[:, 0, past:]
+            windowed = self._window_keys(index, key_slots, stream.slot[:, -1:])
+            last_valid = kv_valid if windowed is None else kv_valid & windowed[:, 0]
+            last = rows(query[:, :, -1:], keys, kv_mask=last_valid)[:, 0, past:]
             scores["last_row_attention"] = [last[row, visual.slots] for row, visual in enumerate(stream.visual)]
         if "text_attention" in selector.needs:
             position = torch.arange(length, device=keys.device)
             causal = torch.cat([torch.ones(length, past, dtype=torch.bool, device=keys.device),
                                 position[None, :] <= position[:, None]], dim=1)
-            every = rows(query, keys, kv_mask=kv_valid[:, None, :] & causal[None])[..., past:]
+            visible = kv_valid[:, None, :] & causal[None]
+            windowed = self._window_keys(index, key_slots, stream.slot)
+            if windowed is not None:
+                visible = visible & windowed
+            every = rows(query, keys, kv_mask=visible)[..., past:]
             text_rows, attention_rows = [], []
             for row, visual in enumerate(stream.visual):
                 after = int(visual.slots.max()) + 1 if len(visual) else length
@@ -658,8 +734,9 @@ class TextStackRunner:
                 rotary = self._rotary(stream, run, index)
                 query, keys = self.adapter.probe_projections(layer, stream.hidden, rotary, keys=True)
                 attention = self.adapter.attention_module(layer)
+                windowed = self._window_keys(index, stream.slot, stream.slot[:, -1:])
                 scores = kernels.attention_rows(
-                    query, keys, scale=attention.scaling, kv_mask=stream.valid,
+                    query, keys, scale=attention.scaling, kv_mask=stream.valid if windowed is None else stream.valid & windowed[:, 0],
                     num_kv_groups=attention.num_key_value_groups, reduce="mean",
                 )[:, 0]
                 context.attention = [scores[row, visual.slots] for row, visual in enumerate(stream.visual)]

@@ -82,10 +82,20 @@ class EngineState:
     calls: dict[str, int] = field(default_factory=dict)
     # the caller-layout length of the last prompt (a recomputation's later rows are generated tokens)
     prompt_length: int = 0
+    # the base model's `attention_mask` and `token_type_ids` of this call (the text model may receive the
+    # mask already expanded, one per layer kind), or None before the base model's forward stashed them
+    call_inputs: dict | None = None
 
-    def begin_call(self, input_ids: torch.Tensor | None, sources: dict[str, object]) -> None:
-        """The base model's forward starts (its pre-hook): remember the ids and the feature sources."""
-        self.input_ids, self.sources = input_ids, sources
+    def begin_call(self, input_ids: torch.Tensor | None, sources: dict[str, object], call_inputs: dict | None = None) -> None:
+        """The base model's forward starts (its pre-hook): remember the ids, the feature sources and the
+        call's 2-D attention mask and token types."""
+        self.input_ids, self.sources, self.call_inputs = input_ids, sources, call_inputs
+
+    def take_call_inputs(self) -> dict | None:
+        """The call inputs the base model's forward stashed (once: a later text-model call without a base
+        model call gets None)."""
+        call_inputs, self.call_inputs = self.call_inputs, None
+        return call_inputs
 
     def encoded_by_us(self, modality: str, output: object, metas: list[VisualMeta]) -> None:
         """Record an encoder call; inside a forward, check its features fit the placeholders."""
