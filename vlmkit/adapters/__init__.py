@@ -5,6 +5,7 @@ from torch import nn
 
 from vlmkit.adapters.base import Adapter
 from vlmkit.adapters.fast_vlm import FastVlmAdapter
+from vlmkit.adapters.gemma3 import Gemma3Adapter
 from vlmkit.adapters.idefics3 import Idefics3Adapter, SmolVLMAdapter
 from vlmkit.adapters.internvl import InternVLAdapter
 from vlmkit.adapters.llava import LlavaAdapter
@@ -17,7 +18,7 @@ from vlmkit.errors import UnsupportedModelError
 
 ADAPTERS: tuple[type[Adapter], ...] = (
     LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter, LlavaNextVideoAdapter,
-    InternVLAdapter, Idefics3Adapter, SmolVLMAdapter, Qwen3VLAdapter, FastVlmAdapter,
+    InternVLAdapter, Idefics3Adapter, SmolVLMAdapter, Qwen3VLAdapter, FastVlmAdapter, Gemma3Adapter,
 )
 SUPPORTED: tuple[str, ...] = tuple(name for adapter in ADAPTERS for name in adapter.model_classes)
 

@@ -94,6 +94,9 @@ class DyMU(TokenSelector):
     ) | {
         "fast_vlm": "its FastViTHD tower is convolutional stages with self-attention over a shrinking feature grid, not a stack of ViT "
         "blocks over one token sequence (no ToMe layout)",
+    } | {
+        "gemma3": "its projector average-pools k x k patches into one token after the SigLIP blocks (no ToMe layout); merging "
+        "inside breaks that grouping",
     }
 
     def __init__(self, config=None, **params):

@@ -89,7 +89,7 @@ class HoPE(PositionMethod):
     unsupported = {
         family: "HoPE re-allocates M-RoPE's frequencies; this family has 1-D rotary positions"
         for family in ("llava", "llava_next", "llava_onevision", "llava_next_video", "internvl", "idefics3", "smolvlm",
-                       "fast_vlm")
+                       "fast_vlm", "gemma3")
     } | {
         "qwen3_vl": "HoPE re-allocates M-RoPE's contiguous (t, h, w) frequency sections; Qwen3-VL interleaves them, "
                     "and its videos are one grid per frame with timestamps between",

@@ -81,6 +81,9 @@ class GlobalCom2(TokenSelector):
         "qwen2_vl": NO_TILES.format("Qwen2-VL", "one native-resolution grid per image"),
         "qwen2_5_vl": NO_TILES.format("Qwen2.5-VL", "one native-resolution grid per image"),
         "qwen3_vl": NO_TILES.format("Qwen3-VL", "one native-resolution grid per image"),
+        "gemma3": "GlobalCom² places each tile in the image's tile grid under its thumbnail; Gemma 3's pan-and-scan crops "
+                  "reach the LLM as separate images (text between them) and its encoder call does not say which image a "
+                  "crop belongs to",
         "internvl": "GlobalCom² places each tile in the image's tile grid under its thumbnail; InternVL's encoder call "
                     "does not say where a tile sits in that grid",
         **dict.fromkeys(

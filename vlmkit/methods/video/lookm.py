@@ -160,6 +160,11 @@ class LookM(CacheMethod):
     paper = "https://arxiv.org/abs/2406.18139"
     cache_needs = frozenset({"head_attention"})
     per_head = True
+    unsupported = {
+        "gemma3": "its sliding-window layers see and keep only the keys of recent positions, and each image's tokens attend "
+                  "to each other both ways; LOOK-M's per-head merged entries carry neither a single position nor that "
+                  "structure into a recomputation",
+    }
 
     def __init__(self, config=None, **params):
         super().__init__(config, **params)
