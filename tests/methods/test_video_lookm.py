@@ -227,6 +227,8 @@ def test_decode_keeps_each_layer_at_the_prefill_budget():
     with vlmkit.apply(tiny, "lookm"), torch.no_grad():  # the reference: prefill only, the cache grows
         out = tiny.generate(**batch, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
     assert all(torch.equal(layer.layout.valid.sum(dim=1), b + 3) for layer, b in zip(out.past_key_values.layers, budget))
+    # and it asks the engine for nothing while decoding: the scores stop at the prefill's slots
+    assert all(layer.scores.shape[2] == layer.keys.shape[2] - 3 for layer in out.past_key_values.layers)
 
 
 @pytest.mark.parametrize("merge", ["average", "weighted", "none"])

@@ -295,7 +295,7 @@ class TextStackRunner:
             if run.deepstack is not None and index in run.deepstack.layers:
                 stream.hidden = self._add_deepstack(stream, run, run.deepstack.layers.index(index))
 
-        if run.cache is not None and self.plan.cache is not None:
+        if self._cache_edits(run):
             self._edit_cache(run)
         if run.cache is not None:
             trimmed: dict = {}
@@ -461,11 +461,16 @@ class TextStackRunner:
                                                bidirectional=bidirectional, window=visible)
         return run.masks[key]
 
+    def _cache_edits(self, run: Pass) -> bool:
+        """Whether the cache method edits after this call (every prefill; decoding steps if it says so)."""
+        return run.cache is not None and self.plan.cache is not None and (
+            run.prefill or self.plan.cache.edits_while_decoding)
+
     def _cache_reads_attention(self, run: Pass) -> bool:
-        return run.cache is not None and self.plan.cache is not None and "attention" in self.plan.cache.cache_needs
+        return self._cache_edits(run) and "attention" in self.plan.cache.cache_needs
 
     def _cache_reads_heads(self, run: Pass) -> bool:
-        return run.cache is not None and self.plan.cache is not None and "head_attention" in self.plan.cache.cache_needs
+        return self._cache_edits(run) and "head_attention" in self.plan.cache.cache_needs
 
     def _head_scores(self, layer, query: torch.Tensor, keys: torch.Tensor, query_valid: torch.Tensor,
                      key_valid: torch.Tensor) -> torch.Tensor:

@@ -295,6 +295,12 @@ class CacheMethod(Method):
     #: and no attention method (which masks keys by slot) may share the patch
     per_head: ClassVar[bool] = False
 
+    @property
+    def edits_while_decoding(self) -> bool:
+        """Whether `edit_cache` may act after decoding steps; when not, the engine computes nothing for
+        it (no attention rows, no scores) at those steps."""
+        return True
+
     def edit_cache(self, context: "CacheContext") -> "dict[int, torch.Tensor] | None":
         raise NotImplementedError
 

@@ -171,6 +171,10 @@ class LookM(CacheMethod):
         self._budgets: dict[tuple[int, int], tuple[int, int]] = {}
         self._held: list = []
 
+    @property
+    def edits_while_decoding(self) -> bool:
+        return self.config.decode
+
     def edit_cache(self, context: CacheContext) -> dict[int, HeadEdit] | None:
         """After the prefill (and, with `decode`, each decoding step): each layer's per-head edit."""
         if context.visual is None or context.head_attention is None:
