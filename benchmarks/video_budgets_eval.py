@@ -40,17 +40,19 @@ def frames_of(run: dict) -> int:
     return run["config"]["data"]["options"]["num_frames"]
 
 
-def kv_after_tokens(model_name: str, specs: list[str], num_frames: int, clips: int) -> float:
-    """Mean KV bytes per clip after generating exactly `KV_TOKENS` tokens, with `specs` applied."""
+def kv_after_tokens(model_name: str, methods: list[dict], num_frames: int, clips: int) -> float:
+    """Mean KV bytes per clip after generating exactly `KV_TOKENS` tokens, with `methods` (a run's
+    recorded methods: name and parameters) applied."""
     import vlmkit
     from vlmkit import zoo
+    from vlmkit.registry import REGISTRY
     from vlmkit.data.shapes import WorldConfig
     from vlmkit.data.shapes_video import clip_question, mc_prompt, render_clip, sample_clip
     from vlmkit.train.evaluate import MC_ANSWER_PREFIX
 
     model, processor = zoo.load(model_name)
     world = WorldConfig(image_size=model.config.vision_config.image_size, max_objects=3)
-    patch = vlmkit.apply(model, *specs) if specs else None
+    patch = vlmkit.apply(model, *[REGISTRY.get(m["name"])(**m["params"]) for m in methods]) if methods else None
     total = 0.0
     for seed in range(KV_SEED, KV_SEED + clips):
         clip = sample_clip(seed, world, num_frames)

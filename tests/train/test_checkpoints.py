@@ -84,7 +84,8 @@ def test_shapes_llava_mme_and_chair_subset(name, request):
     assert 0.03 <= chair["chair_i"] <= 0.30, chair
 
 
-def test_shapes_video_mvbench_subset(shapes_video):
-    # MVBench's protocol and parser on 200 held-out clips (chance 0.25; the standard error is 3 points)
-    result = video_eval(*shapes_video, 200, SUBSET_SEED, WorldConfig(image_size=96, max_objects=3))
+def test_shapes_video_mvbench_subset_at_16_frames(shapes_video):
+    # MVBench's protocol and parser on 200 held-out clips of 16 frames, MVBench's default and twice the
+    # length the model was first trained at (chance 0.25; the standard error is 3 points)
+    result = video_eval(*shapes_video, 200, SUBSET_SEED, WorldConfig(image_size=96, max_objects=3), num_frames=16)
     assert result["accuracy"] >= 0.70, result
