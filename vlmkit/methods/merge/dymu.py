@@ -41,6 +41,7 @@ from vlmkit.errors import ConfigError
 from vlmkit.methods.base import POSITION_POLICIES, MethodConfig, TokenSelector
 from vlmkit.methods.prune._grid import probe_values
 from vlmkit.registry import register_method
+from vlmkit.methods.merge._families import MERGE_UNSUPPORTED
 
 
 @dataclass(frozen=True)
@@ -86,18 +87,7 @@ class DyMU(TokenSelector):
     neutral = "threshold=1.0"
     paper = "https://arxiv.org/abs/2504.17040"
     needs = frozenset({"vision_merge"})
-    unsupported = dict.fromkeys(
-        ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"), "its packed ViT joins 2 x 2 patches in a merger after the blocks; merging inside breaks that grouping"
-    ) | {"internvl": "its pixel shuffle joins 2 x 2 patches after the InternViT blocks (no ToMe layout); merging inside breaks that grouping"} | dict.fromkeys(
-        ("idefics3", "smolvlm"),
-        "its connector's pixel shuffle joins s x s patches after the SigLIP blocks (no ToMe layout); merging inside breaks that grouping",
-    ) | {
-        "fast_vlm": "its FastViTHD tower is convolutional stages with self-attention over a shrinking feature grid, not a stack of ViT "
-        "blocks over one token sequence (no ToMe layout)",
-    } | {
-        "gemma3": "its projector average-pools k x k patches into one token after the SigLIP blocks (no ToMe layout); merging "
-        "inside breaks that grouping",
-    }
+    unsupported = MERGE_UNSUPPORTED
 
     def __init__(self, config=None, **params):
         super().__init__(config, **params)
