@@ -43,6 +43,9 @@ class Qwen2VLAdapter(Adapter):
         # The LLM reads the last block (through the merger); like LLaVA's -2, score one block earlier.
         return len(self.vision_layers) - 2
 
+    #: the tower's rotary function (each family's modelling module has its own)
+    rotary_vision = staticmethod(apply_rotary_pos_emb_vision)
+
     def vision_marginals(self, attention, hidden, kwargs):
         return None  # the tower attends within each image of a packed sequence: no dense map per row
 
@@ -53,7 +56,7 @@ class Qwen2VLAdapter(Adapter):
         length = hidden.shape[0]
         query, key, _ = attention.qkv(hidden).reshape(length, 3, attention.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
         cos, sin = kwargs["position_embeddings"]
-        query, key = apply_rotary_pos_emb_vision(query, key, cos, sin)
+        query, key = self.rotary_vision(query, key, cos, sin)
         query, key = query.transpose(0, 1)[None], key.transpose(0, 1)[None]  # (1, heads, length, d)
         bounds = kwargs["cu_seqlens"].tolist()
         received = torch.cat(

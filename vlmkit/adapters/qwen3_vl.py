@@ -24,7 +24,6 @@ from typing import Any
 import torch
 from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision
 
-from vlmkit import kernels
 from vlmkit.adapters.base import DeepStackInputs
 from vlmkit.adapters.qwen2_vl import Qwen2VLAdapter
 
@@ -33,21 +32,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     family = "qwen3_vl"
     model_classes = ("Qwen3VLForConditionalGeneration",)
 
-    def vision_probe(self, attention, hidden, kwargs):
-        length = hidden.shape[0]
-        query, key, _ = attention.qkv(hidden).reshape(length, 3, attention.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-        cos, sin = kwargs["position_embeddings"]
-        query, key = apply_rotary_pos_emb_vision(query, key, cos, sin)
-        query, key = query.transpose(0, 1)[None], key.transpose(0, 1)[None]  # (1, heads, length, d)
-        bounds = kwargs["cu_seqlens"].tolist()
-        received = torch.cat(
-            [
-                kernels.attention_colsum(query[:, :, a:b], key[:, :, a:b], scale=attention.scaling, causal=False)[0]
-                / ((b - a) * attention.num_heads)
-                for a, b in zip(bounds[:-1], bounds[1:])
-            ]
-        )
-        return {"importance": received[None], "keys": key.mean(dim=1)}
+    rotary_vision = staticmethod(apply_rotary_pos_emb_vision)
 
     def visual_metas(self, modality, call, output, probes):
         metas = super().visual_metas(modality, call, output, probes)
