@@ -144,11 +144,17 @@ def test_each_layer_sees_text_plus_that_stages_kept_tokens(family, first, second
     stages = [(0, available), (min(methods[0].selection_layers(99)), [len(k) for k in kept_first]),
               (min(methods[1].selection_layers(99)), [len(k) for k in kept_second])]
     text = batch["attention_mask"].sum(dim=1) - torch.tensor(available)
+    adapter = adapter_for(tiny)
     for index, hidden, mask, _ in seen:
         visible = [count for start, count in stages if index >= start][-1]
+        expected = text + torch.tensor(visible)
         lengths = valid_keys_of_last_query(hidden, mask).sum(dim=1)
-        assert lengths.tolist() == (text + torch.tensor(visible)).tolist(), f"layer {index}"
-        assert hidden.shape[1] == int(lengths.max()), f"layer {index}: the stream is re-padded to its longest sample"
+        assert hidden.shape[1] == int(expected.max()), f"layer {index}: the stream is re-padded to its longest sample"
+        window = adapter.layer_window(index)
+        if window is None:
+            assert lengths.tolist() == expected.tolist(), f"layer {index}"
+        else:  # a sliding-window layer: the last query sees the stage's tokens inside its window only
+            assert bool((lengths <= torch.clamp(expected, max=window)).all()) and bool((lengths > 0).all()), f"layer {index}"
     for before, after in zip(kept_first, kept_second):
         assert 0 < len(after) < len(before)
         assert set(after.tolist()) <= set(before.tolist())

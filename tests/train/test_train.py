@@ -268,7 +268,7 @@ def test_dense_side_loss_scores_tokens_that_name_their_side():
 
 @pytest.mark.parametrize("argv, message", [
     (["--set", "chat_step=5"], "use KEY=VALUE with KEY one of"),
-    (["--set", "mixture=x"], "only numbers and strings"),
+    (["--set", "mixture=x"], "only numbers, strings and comma-separated lists"),
     (["--threads", "0"], "--threads 0 must be >= 1"),
     (["--workers", "-1"], "--workers -1 must be >= 0"),
 ])
