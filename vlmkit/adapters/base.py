@@ -465,3 +465,18 @@ def grid_coords(frames: int, rows: int, cols: int, crop: int = 0) -> torch.Tenso
     """(frames*rows*cols, 4) long coordinates (frame, row, col, crop) in row-major token order."""
     frame, row, col = torch.meshgrid(torch.arange(frames), torch.arange(rows), torch.arange(cols), indexing="ij")
     return torch.stack([frame.flatten(), row.flatten(), col.flatten(), torch.full_like(frame.flatten(), crop)], dim=1)
+
+
+def join_tiles(metas: list[VisualMeta]) -> VisualMeta:
+    """The tiles of one image (its placeholder runs, in prompt order) as one image, for an adapter's
+    `join_runs`: tiles are crops 1..n, the whole-image view (the last run: a thumbnail or global image)
+    crop 0, as LLaVA-NeXT's base view; the grid is that view's."""
+    crops = list(range(1, len(metas))) + [0]
+    coords = []
+    for meta, crop in zip(metas, crops):
+        tile = meta.coords.clone()
+        tile[:, 3] = crop
+        coords.append(tile)
+    probes = [meta.probe for meta in metas]
+    probe = None if probes[0] is None else {key: torch.cat([p[key] for p in probes]) for key in probes[0]}
+    return VisualMeta("image", metas[-1].grid, torch.cat(coords), probe)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from vlmkit.adapters.base import Adapter, concat_probes, grid_coords, received_attention_probe
+from vlmkit.adapters.base import Adapter, concat_probes, grid_coords, join_tiles, received_attention_probe
 from vlmkit.engine.state import VisualMeta
 
 #: probe entries that are attention masses (they add up over a token's patches); the others average
@@ -105,18 +105,7 @@ class Idefics3Adapter(Adapter):
             for tile in range(len(tiles))
         ]
 
-    def join_runs(self, metas: list[VisualMeta]) -> VisualMeta:
-        """The tiles of one image (its runs of placeholders, in prompt order) as one image: tiles are
-        crops 1..n, the global image (the last run) crop 0; the grid is the global image's."""
-        crops = list(range(1, len(metas))) + [0]
-        coords = []
-        for meta, crop in zip(metas, crops):
-            tile = meta.coords.clone()
-            tile[:, 3] = crop
-            coords.append(tile)
-        probes = [meta.probe for meta in metas]
-        probe = None if probes[0] is None else {key: torch.cat([p[key] for p in probes]) for key in probes[0]}
-        return VisualMeta("image", metas[-1].grid, torch.cat(coords), probe)
+    join_runs = staticmethod(join_tiles)  # tiles crops 1..n, the last run (whole image) crop 0
 
 
 class SmolVLMAdapter(Idefics3Adapter):

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from vlmkit.adapters.base import Adapter, attention_marginals, cls_row_probe, concat_probes, grid_coords
+from vlmkit.adapters.base import Adapter, attention_marginals, cls_row_probe, concat_probes, grid_coords, join_tiles
 from vlmkit.engine.state import VisualMeta
 
 
@@ -90,15 +90,4 @@ class InternVLAdapter(Adapter):
             for tile in range(tiles)
         ]
 
-    def join_runs(self, metas: list[VisualMeta]) -> VisualMeta:
-        """The tiles of one image (adjacent placeholder runs) as one image: tiles are crops 1..n, the
-        thumbnail (the last run) crop 0."""
-        crops = list(range(1, len(metas))) + [0]
-        coords = []
-        for meta, crop in zip(metas, crops):
-            tile = meta.coords.clone()
-            tile[:, 3] = crop
-            coords.append(tile)
-        probes = [meta.probe for meta in metas]
-        probe = None if probes[0] is None else {key: torch.cat([p[key] for p in probes]) for key in probes[0]}
-        return VisualMeta("image", metas[-1].grid, torch.cat(coords), probe)
+    join_runs = staticmethod(join_tiles)  # tiles crops 1..n, the last run (whole image) crop 0
