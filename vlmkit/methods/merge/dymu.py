@@ -36,12 +36,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vlmkit.engine.selection import SampleSelection, Selection, SelectionContext
 from vlmkit.errors import ConfigError
-from vlmkit.methods.base import POSITION_POLICIES, MethodConfig, TokenSelector
-from vlmkit.methods.prune._grid import probe_values
+from vlmkit.methods.base import POSITION_POLICIES, MethodConfig
 from vlmkit.registry import register_method
-from vlmkit.methods.merge._families import MERGE_UNSUPPORTED
+from vlmkit.methods.merge._tower import TowerMerge
 
 
 @dataclass(frozen=True)
@@ -79,24 +77,13 @@ class DyMUConfig(MethodConfig):
 
 
 @register_method("dymu", family="merge", sites=("vision", "embeds"))
-class DyMU(TokenSelector):
+class DyMU(TowerMerge):
     """DyMU: merge, in every vision block, the tokens more similar than the block's calibrated threshold (variable tokens per image)."""
 
     Config = DyMUConfig
     example = "threshold=0.8"
     neutral = "threshold=1.0"
     paper = "https://arxiv.org/abs/2504.17040"
-    needs = frozenset({"vision_merge"})
-    unsupported = MERGE_UNSUPPORTED
-
-    def __init__(self, config=None, **params):
-        super().__init__(config, **params)
-        self.handle = None
-
-    @property
-    def state(self):
-        """The sizes, sources and padding of the tower's last forward (`vlmkit.towers.DyMUState`)."""
-        return None if self.handle is None else self.handle.state
 
     def tower_schedule(self, num_blocks: int, last_block: int | None = None) -> list[float | None]:
         """The thresholds given as numbers, one per block (None where a block does not merge); blocks
@@ -121,13 +108,3 @@ class DyMU(TokenSelector):
             tower, thresholds, protect_cls=config.protect_cls, proportional=config.proportional,
             max_merges=config.max_merges, last_block=last_block,
         )
-
-    def select(self, context: SelectionContext) -> Selection:
-        samples = []
-        for visual, probes in zip(context.visual, context.vision):
-            stands_for = probe_values(visual, probes, "representative") > 0.5
-            for image, modality in enumerate(visual.modality):
-                if modality == "video":  # pooled after the projector: every pooled token enters
-                    stands_for[visual.image_index(image)] = True
-            samples.append(SampleSelection(torch.nonzero(stands_for).flatten()))
-        return Selection(samples)

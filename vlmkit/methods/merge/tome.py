@@ -36,14 +36,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
-from vlmkit.engine.selection import SampleSelection, Selection, SelectionContext
 from vlmkit.errors import ConfigError
-from vlmkit.methods.base import POSITION_POLICIES, MethodConfig, TokenSelector
-from vlmkit.methods.prune._grid import probe_values
+from vlmkit.methods.base import POSITION_POLICIES, MethodConfig
 from vlmkit.registry import register_method
-from vlmkit.methods.merge._families import MERGE_UNSUPPORTED
+from vlmkit.methods.merge._tower import TowerMerge
 
 
 @dataclass(frozen=True)
@@ -68,24 +64,13 @@ class ToMeConfig(MethodConfig):
 
 
 @register_method("tome", family="merge", sites=("vision", "embeds"))
-class ToMe(TokenSelector):
+class ToMe(TowerMerge):
     """ToMe: merge r similar tokens in every vision block (bipartite matching, size-weighted, proportional attention)."""
 
     Config = ToMeConfig
     example = "r=4"
     neutral = "r=0"
     paper = "https://arxiv.org/abs/2210.09461"
-    needs = frozenset({"vision_merge"})
-    unsupported = MERGE_UNSUPPORTED
-
-    def __init__(self, config=None, **params):
-        super().__init__(config, **params)
-        self.handle = None
-
-    @property
-    def state(self):
-        """The sizes and sources of the tower's last forward (`vlmkit.towers.ToMeState`)."""
-        return None if self.handle is None else self.handle.state
 
     def tower_schedule(self, num_blocks: int, last_block: int | None = None) -> list[int]:
         """r per block of a `num_blocks`-block tower; blocks after `last_block` (whose output nothing
@@ -94,13 +79,3 @@ class ToMe(TokenSelector):
 
         schedule = r_schedule(self.config.r, num_blocks)
         return schedule if last_block is None else [r if block <= last_block else 0 for block, r in enumerate(schedule)]
-
-    def select(self, context: SelectionContext) -> Selection:
-        samples = []
-        for visual, probes in zip(context.visual, context.vision):
-            stands_for = probe_values(visual, probes, "representative") > 0.5
-            for image, modality in enumerate(visual.modality):
-                if modality == "video":  # pooled after the projector: every pooled token enters
-                    stands_for[visual.image_index(image)] = True
-            samples.append(SampleSelection(torch.nonzero(stands_for).flatten()))
-        return Selection(samples)
