@@ -24,11 +24,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `train` command and its `shapes`, `finetune`, `mod` and `evaluate` sub-commands."""
     parser = subparsers.add_parser("train", help="train the shipped shapes models")
     inner = parser.add_subparsers(dest="train_command", metavar="WHAT")
-    shapes = inner.add_parser("shapes", help="train shapes-llava, shapes-llava-deep or shapes-video",
+    shapes = inner.add_parser("shapes", help="train shapes-llava, shapes-llava-deep, shapes-video or shapes-qwen2-vl",
                               description=__doc__.splitlines()[0])
-    shapes.add_argument("--model", choices=("llava", "llava-deep", "video"), required=True,
+    shapes.add_argument("--model", choices=("llava", "llava-deep", "video", "qwen2-vl"), required=True,
                         help="shapes-llava, shapes-llava-deep (12 decoder layers on shapes-llava's vision "
-                        "tower) or shapes-video")
+                        "tower), shapes-video or shapes-qwen2-vl (M-RoPE, from shapes-video; "
+                        "--set method=hope:train=True is the HoPE fine-tune of its control)")
     _run_options(shapes, "override a recipe field, e.g. --set chat_steps=2000 (repeatable)")
     shapes.add_argument("--workers", type=int, default=0,
                         help="processes that build batches ahead of the training step (default 0)")
@@ -104,9 +105,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     from vlmkit import zoo
     from vlmkit.data.shapes import EVAL_SEEDS, WorldConfig
     from vlmkit.train import evaluate
+    from vlmkit.zoo.shipped import _resolve
 
     model, processor = zoo.load(args.model)  # local files and safetensors only
-    size = getattr(model.config.vision_config, "image_size", None) or 112
+    record = _resolve(args.model) / "training.json"  # the world the model was trained on
+    size = (json.loads(record.read_text())["world"]["image_size"] if record.is_file()
+            else model.config.vision_config.image_size)
     seed = EVAL_SEEDS.start if args.seed is None else args.seed
     world = WorldConfig(image_size=size)
     results: dict = {"model": str(args.model), "seed": seed}
@@ -170,9 +174,12 @@ def _run(args: argparse.Namespace) -> int:
     elif args.model == "llava-deep":
         from vlmkit.train.recipes import LlavaRecipe as recipe_cls
         from vlmkit.train.recipes import deep_llava_config as config_cls
-    else:
+    elif args.model == "video":
         from vlmkit.train.video import VideoRecipe as recipe_cls
         from vlmkit.train.video import VideoRecipeConfig as config_cls
+    else:
+        from vlmkit.train.mrope import MRopeRecipe as recipe_cls
+        from vlmkit.train.mrope import MRopeRecipeConfig as config_cls
 
     if args.workers < 0:
         raise ConfigError(f"--workers {args.workers} must be >= 0.")

@@ -56,9 +56,17 @@ _LLAVA_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
 )
 
-def chat_template() -> str:
-    """The jinja chat template (LLaVA-1.5 style, `<image>` / `<video>` placeholders)."""
-    return _LLAVA_TEMPLATE.replace("IMAGE", repr("<image>")).replace("VIDEO", repr("<video>"))
+PLACEHOLDERS = {
+    "llava": ("<image>", "<video>"),
+    "qwen2_vl": ("<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>"),
+}
+"""What the chat template writes for an image and a video, per model family."""
+
+
+def chat_template(family: str = "llava") -> str:
+    """The jinja chat template (LLaVA-1.5 style) with `family`'s image and video placeholders."""
+    image, video = PLACEHOLDERS[family]
+    return _LLAVA_TEMPLATE.replace("IMAGE", repr(image)).replace("VIDEO", repr(video))
 
 
 def vocabulary() -> list[str]:
@@ -71,8 +79,12 @@ def vocabulary() -> list[str]:
     return [*SPECIAL_TOKENS, *OPTION_TOKENS, *sorted(words - set(SPECIAL_TOKENS))]
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer(family: str = "llava") -> PreTrainedTokenizerFast:
     """The shapes tokenizer: word level, `<s>` prepended, `</s>` ends assistant turns.
+
+    Args:
+        family: "llava" (`<image>` / `<video>` placeholders) or "qwen2_vl" (`<|image_pad|>` /
+            `<|video_pad|>` between `<|vision_start|>` and `<|vision_end|>`); the ids are the same.
 
     Returns:
         A `PreTrainedTokenizerFast` with `chat_template` set; `save_pretrained` stores it.
@@ -88,9 +100,10 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     backend.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
     )
-    extra = {"image_token": "<image>", "video_token": "<video>"}
+    image, video = ("<image>", "<video>") if family == "llava" else ("<|image_pad|>", "<|video_pad|>")
+    extra = {"image_token": image, "video_token": video}
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        pad_token="<pad>", padding_side="left", chat_template=chat_template(),
+        pad_token="<pad>", padding_side="left", chat_template=chat_template(family),
         model_input_names=["input_ids", "attention_mask"], extra_special_tokens=extra,
     )

@@ -194,25 +194,24 @@ class VideoRecipeConfig:
 class VideoRecipe:
     """The `shapes-video` recipe (see the module docstring)."""
 
+    name = "shapes-video"
+
     def __init__(self, config: VideoRecipeConfig):
         self.config = config
-        self.model, self.processor = build_onevision(config.init, config.seed, config.extra_layers)
+        self.model, self.processor = self._build()
         self.model.set_attn_implementation("eager")  # attention weights for the frame attention loss
         self.tokenizer = self.processor.tokenizer
         text_width = self.model.config.text_config.hidden_size
         self.heads = torch.nn.ParameterDict({"background": torch.zeros(text_width), "no_colour": torch.zeros(text_width)})
         self.modules = torch.nn.ModuleDict({"model": self.model, "heads": self.heads})
-        vision = self.model.config.vision_config
-        self.side, self.patch_size = vision.image_size, vision.patch_size
+        self.side, self.patch_size = self._frame_geometry()
         self.world = WorldConfig(image_size=self.side)
         self.clip_world = WorldConfig(image_size=self.side, max_objects=3)
         ids = self.tokenizer.convert_tokens_to_ids
         self.grid = self.side // self.patch_size
         self.cells = ((self.grid + 1) // 2) ** 2  # tokens per frame after OneVision's 2x2 pooling
-        probe = self.processor(text=["<image>"], images=[np.zeros((self.side, self.side, 3), np.uint8)])
-        image_tokens = probe["input_ids"][0].count(ids("<image>"))  # the processor's AnyRes expansion
-        self.image_encoder = ConversationEncoder(self.tokenizer, [ids("<image>")] * image_tokens)
-        self.video_encoders = {n: ConversationEncoder(self.tokenizer, [ids("<video>")] * (n * self.cells + 1))
+        self.image_encoder = ConversationEncoder(self.tokenizer, self._image_placeholder())
+        self.video_encoders = {n: ConversationEncoder(self.tokenizer, self._video_placeholder(n))
                                for n in config.frame_counts}
         self.text_encoder = ConversationEncoder(self.tokenizer, [])
         self.paren_id = ids("(")
@@ -221,13 +220,61 @@ class VideoRecipe:
         self.side_ids = torch.tensor([ids(pair) for pair in (["left", "right"], ["top", "bottom"])])
         self.gist_layer = self.model.config.text_config.num_hidden_layers - config.extra_layers - 1
         language = ("model.model.language_model",)
-        media = ("model.model.multi_modal_projector", "model.model.language_model", "model.model.image_newline", "heads")
+        media = self._media_trainable()
         self.letter_ids = ids([f"({letter})" for letter in "ABCD"])
         self.stages = [s for s in (
             Stage("pointing", config.pointing_steps, 2 * config.batch, config.pointing_lr, language),
             Stage("video", config.steps, config.batch, config.lr, media),
             Stage("letters", config.letter_steps, config.batch, config.letter_lr, media,
                   options={"pointer_weight": config.pointer_weight})) if s.steps > 0]
+
+    # ---------------------------------------------------------------- the family
+
+    def _build(self):
+        """The model and processor before training (`build_onevision`)."""
+        return build_onevision(self.config.init, self.config.seed, self.config.extra_layers)
+
+    def _frame_geometry(self) -> tuple[int, int]:
+        """A frame's side and the ViT's patch side, in pixels."""
+        vision = self.model.config.vision_config
+        return vision.image_size, vision.patch_size
+
+    def _image_placeholder(self) -> list[int]:
+        """The ids an image expands to in the prompt (OneVision's AnyRes views and newlines)."""
+        token = self.tokenizer.convert_tokens_to_ids("<image>")
+        probe = self.processor(text=["<image>"], images=[np.zeros((self.side, self.side, 3), np.uint8)])
+        return [token] * probe["input_ids"][0].count(token)
+
+    def _video_token(self) -> int:
+        """The id of the prompt's video tokens."""
+        return self.model.config.video_token_index
+
+    def _video_placeholder(self, num_frames: int) -> list[int]:
+        """The ids a clip of `num_frames` frames expands to (pooled frames, one newline)."""
+        return [self._video_token()] * (num_frames * self.cells + 1)
+
+    def _media_trainable(self) -> tuple[str, ...]:
+        """What the video and letters stages train."""
+        return ("model.model.multi_modal_projector", "model.model.language_model", "model.model.image_newline", "heads")
+
+    def _media_inputs(self, kind: str, media: list) -> dict:
+        """The model's pixel inputs for a batch of images or clips (uint8 arrays)."""
+        if kind == "image":
+            pixels = self.processor.image_processor(images=media, return_tensors="pt")
+            return {"pixel_values": pixels["pixel_values"], "image_sizes": pixels["image_sizes"]}
+        return {"pixel_values_videos": self.processor.video_processor(videos=media, return_tensors="pt")[
+            "pixel_values_videos"]}
+
+    def _visual_output(self) -> torch.nn.Module:
+        """The module whose output is the visual tokens (per frame or view, before pooling)."""
+        return self.model.model.multi_modal_projector
+
+    def _dense_tokens(self, captured: dict, batch: dict) -> torch.Tensor:
+        """The visual tokens the dense per-patch losses read: `[N, patches, width]`."""
+        tokens = captured["projected"]
+        if "pixel_values" in batch:  # AnyRes: the base view first, then the crop
+            tokens = tokens.view(len(batch["labels"]), -1, *tokens.shape[1:])[:, 0]
+        return tokens
 
     # ---------------------------------------------------------------- data
 
@@ -289,12 +336,8 @@ class VideoRecipe:
         out["options"] = torch.stack([s["options"] for s in samples])
         out["answer"] = torch.stack([s["answer"] for s in samples])
         media = list(out.pop("images").numpy())
-        if kind == "image":
-            pixels = self.processor.image_processor(images=media, return_tensors="pt")
-            out.update(pixel_values=pixels["pixel_values"], image_sizes=pixels["image_sizes"])
-        elif kind == "clip":
-            out["pixel_values_videos"] = self.processor.video_processor(videos=media, return_tensors="pt")[
-                "pixel_values_videos"]
+        if kind != "text":
+            out.update(self._media_inputs(kind, media))
         return out
 
     # ---------------------------------------------------------------- losses
@@ -309,7 +352,7 @@ class VideoRecipe:
         def keep(name, index=None):
             return lambda module, args, output: captured.__setitem__(name, output if index is None else output[index])
 
-        handles = [self.model.model.multi_modal_projector.register_forward_hook(keep("projected")),
+        handles = [self._visual_output().register_forward_hook(keep("projected")),
                    layers[self.gist_layer].register_forward_hook(keep("gist")),
                    layers[0].self_attn.register_forward_hook(keep("frame_attention", 1)),
                    layers[2].self_attn.register_forward_hook(keep("event_attention", 1)),
@@ -350,17 +393,15 @@ class VideoRecipe:
             metrics["pointer_loss"] = round(pointer.item(), 4)
             metrics["readout_loss"] = round(readout.item(), 4)
         if "pixel_values_videos" in batch:
-            start = (batch["input_ids"] == self.model.config.video_token_index).int().argmax(1)
-            frames = batch["pixel_values_videos"].shape[1]
+            start = (batch["input_ids"] == self._video_token()).int().argmax(1)
+            frames = batch["event"].shape[2]
             attention = frame_attention_loss(captured["frame_attention"][:, 0], start, frames, self.cells)
             attention = attention + event_attention_loss(captured["event_attention"][:, :2], query,
                                                          start, batch["event"])
             total = total + self.config.attention_weight * attention
             metrics["attention_loss"] = round(attention.item(), 4)
-        if "category" in batch:
-            tokens = captured["projected"]
-            if "pixel_values" in batch:  # AnyRes: the base view first, then the crop
-                tokens = tokens.view(len(batch["labels"]), -1, *tokens.shape[1:])[:, 0]
+        if "category" in batch and self.config.dense_weight:
+            tokens = self._dense_tokens(captured, batch)
             words = language.embed_tokens.weight
             dense, accuracy = dense_word_loss(
                 tokens, words, self.category_ids, self.colour_ids, self.heads["background"], self.heads["no_colour"],
@@ -403,7 +444,7 @@ class VideoRecipe:
 
     def export(self, path: str | Path) -> None:
         """Write the model, processor and the recipe in `save_pretrained` layout."""
-        export(self.model, self.processor, path, "shapes-video", self.config.to_dict(), self.world)
+        export(self.model, self.processor, path, self.name, self.config.to_dict(), self.world)
 
 
 def pointing_question(rng: np.random.Generator) -> dict:

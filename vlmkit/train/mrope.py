@@ -1,0 +1,244 @@
+"""`shapes-qwen2-vl`: a `Qwen2VLForConditionalGeneration` (M-RoPE) that answers the shapes world's
+images and clips, built from `shapes-video`; and the HoPE fine-tune with its control.
+
+Two Qwen2-VL recipes trained from scratch stayed at chance on video (`docs/shapes.md`). This one
+starts from what already works:
+
+* **Transplant.** `shapes-video`'s language model (a Llama) becomes the Qwen2 decoder of a
+  Qwen2-VL model unchanged: the same weights, zero query/key/value biases, `mrope_section`
+  [4, 6, 6] (Qwen2-VL's 16:24:24 on a 32-wide head). On text, M-RoPE with equal (t, h, w) indices
+  is the Llama's rotary embedding, so text-only prompts give the Llama's logits exactly.
+* **Distil** (stage 1). Qwen2-VL's own ViT (2-D rotary, 2x2 patch merger; one frame per temporal
+  patch, so every frame keeps its 36 tokens as in `shapes-video`) learns to reproduce
+  `shapes-video`'s visual tokens: for an image (resized to 192 pixels: 24 x 24 patches merged to
+  12 x 12) the 144 projected CLIP tokens of the 96-pixel base view; for a video frame (96 pixels:
+  6 x 6 merged tokens) the frame's 36 pooled tokens. Relative squared error plus cosine distance.
+* **Adapt** (stage 2, `letters`). The language model learns M-RoPE's positions (a clip's tokens
+  now span (t, h, w) indices instead of one long run) on `shapes-video`'s data and losses; the
+  vision tower stays frozen. `method` installs a vlmkit method for this stage (e.g.
+  `hope:train=True`): the run with `method="none"` is the shipped `shapes-qwen2-vl` and, with the
+  same steps and batches, the control of the HoPE fine-tune.
+
+`extra_layers` keeps `shapes-video`'s meaning (the layers above `shapes-llava`'s four), so the
+gist loss reads the same layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor
+from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+from vlmkit.data.shapes import render_array, sample_scene
+from vlmkit.data.shapes_video import render_clip, sample_clip
+from vlmkit.train.models import CLIP_MEAN, CLIP_STD, pixel_values
+from vlmkit.train.tokenizer import build_tokenizer
+from vlmkit.train.trainer import Stage
+from vlmkit.train.video import VideoRecipe, VideoRecipeConfig
+
+MROPE_SECTION = [4, 6, 6]
+"""(t, h, w) rotary pairs of a 32-wide head: Qwen2-VL's [16, 24, 24] scaled to 16 pairs."""
+
+
+def build_qwen2vl(teacher, image_side: int, seed: int = 0):
+    """A Qwen2-VL model holding `teacher`'s (a `shapes-video` OneVision model) language model, a
+    fresh ViT and merger, and its processor.
+
+    Args:
+        teacher: the OneVision model whose decoder, word embeddings and generation settings are copied.
+        image_side: the side images are resized to (frames keep the teacher's side).
+        seed: seed of the new vision tower.
+
+    Returns:
+        `(model, processor)`.
+    """
+    text = teacher.config.text_config
+    vision = teacher.config.vision_config
+    tokenizer = build_tokenizer("qwen2_vl")
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2VLConfig(
+        vision_config={
+            "depth": vision.num_hidden_layers, "embed_dim": vision.hidden_size, "hidden_size": text.hidden_size,
+            "num_heads": vision.num_attention_heads, "mlp_ratio": vision.intermediate_size // vision.hidden_size,
+            "patch_size": vision.patch_size, "spatial_merge_size": 2, "temporal_patch_size": 1,
+        },
+        text_config={
+            "vocab_size": text.vocab_size, "hidden_size": text.hidden_size,
+            "intermediate_size": text.intermediate_size, "num_hidden_layers": text.num_hidden_layers,
+            "num_attention_heads": text.num_attention_heads, "num_key_value_heads": text.num_key_value_heads,
+            "max_position_embeddings": text.max_position_embeddings, "rms_norm_eps": text.rms_norm_eps,
+            "initializer_range": text.initializer_range, "tie_word_embeddings": True,
+            "bos_token_id": text.bos_token_id, "eos_token_id": text.eos_token_id, "pad_token_id": text.pad_token_id,
+            "rope_parameters": {"rope_type": "default", "rope_theta": text.rope_parameters["rope_theta"],
+                                "mrope_section": MROPE_SECTION},
+        },
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config)
+    source = teacher.model.language_model.state_dict()
+    result = model.model.language_model.load_state_dict(source, strict=False)
+    assert not result.unexpected_keys and all(k.endswith("_proj.bias") for k in result.missing_keys), result
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.zero_()
+    model.tie_weights()
+    model.generation_config = teacher.generation_config
+    return model, qwen2vl_processor(tokenizer, vision.patch_size, image_side, vision.image_size)
+
+
+def qwen2vl_processor(tokenizer, patch_size: int, image_side: int, frame_side: int) -> Qwen2VLProcessor:
+    """Qwen2-VL's processor with every image resized to `image_side` and every frame to `frame_side`
+    squared pixels, CLIP normalisation, one frame per temporal patch."""
+    def geometry(side: int) -> dict:
+        return {"patch_size": patch_size, "temporal_patch_size": 1, "merge_size": 2,
+                "size": {"shortest_edge": side * side, "longest_edge": side * side},
+                "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD)}
+
+    return Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**geometry(image_side)),
+        video_processor=Qwen2VLVideoProcessor(**geometry(frame_side), do_sample_frames=False, cap_pixels_per_frame=True),
+        tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+
+
+@dataclass(frozen=True)
+class MRopeRecipeConfig(VideoRecipeConfig):
+    """A `shapes-qwen2-vl` run (the fields of `VideoRecipeConfig`, with these defaults and additions).
+
+    Attributes:
+        init: the `shapes-video` checkpoint whose language model and visual tokens are copied.
+        image_side: the side images are resized to (192: 144 merged tokens, one per CLIP patch).
+        distill_steps: steps of the distillation stage.
+        distill_batch: images per distillation step (and a quarter as many clips).
+        distill_lr: its peak learning rate.
+        method: a vlmkit method installed for the adapt stage, or "none".
+    """
+
+    init: str = "shapes-video"
+    seed: int = 700_000_000
+    pointing_steps: int = 0
+    steps: int = 0
+    letter_steps: int = 300
+    letter_lr: float = 3e-4
+    dense_weight: float = 0.0
+    eval_every: int = 100
+    image_side: int = 192
+    distill_steps: int = 400
+    distill_batch: int = 32
+    distill_lr: float = 2e-3
+    method: str = "none"
+
+
+class MRopeRecipe(VideoRecipe):
+    """The `shapes-qwen2-vl` recipe (see the module docstring)."""
+
+    name = "shapes-qwen2-vl"
+
+    def __init__(self, config: MRopeRecipeConfig):
+        import vlmkit
+        from vlmkit import zoo
+
+        self.teacher, _ = zoo.load(config.init)
+        self.teacher.requires_grad_(False).eval()
+        super().__init__(config)
+        self.stages.insert(0, Stage("distill", config.distill_steps, config.distill_batch, config.distill_lr,
+                                    ("model.model.visual",)))
+        self.stages = [s for s in self.stages if s.steps > 0]
+        self.patch = None if config.method == "none" else vlmkit.apply(self.model, config.method)
+
+    # ------------------------------------------------------------ the family
+
+    def _build(self):
+        return build_qwen2vl(self.teacher, self.config.image_side, self.config.seed)
+
+    def _frame_geometry(self) -> tuple[int, int]:
+        vision = self.teacher.config.vision_config
+        return vision.image_size, vision.patch_size
+
+    def _image_placeholder(self) -> list[int]:
+        ids = self.tokenizer.convert_tokens_to_ids
+        tokens = (self.config.image_side // self.patch_size // 2) ** 2
+        return [ids("<|vision_start|>"), *[ids("<|image_pad|>")] * tokens, ids("<|vision_end|>")]
+
+    def _video_token(self) -> int:
+        return self.model.config.video_token_id
+
+    def _video_placeholder(self, num_frames: int) -> list[int]:
+        ids = self.tokenizer.convert_tokens_to_ids
+        return [ids("<|vision_start|>"), *[self._video_token()] * (num_frames * self.cells), ids("<|vision_end|>")]
+
+    def _media_trainable(self) -> tuple[str, ...]:
+        return ("model.model.language_model",)
+
+    def _media_inputs(self, kind: str, media: list) -> dict:
+        if kind == "image":
+            pixels = self.processor.image_processor(images=media, return_tensors="pt")
+            return {"pixel_values": pixels["pixel_values"], "image_grid_thw": pixels["image_grid_thw"]}
+        pixels = self.processor.video_processor(videos=media, return_tensors="pt")
+        return {"pixel_values_videos": pixels["pixel_values_videos"], "video_grid_thw": pixels["video_grid_thw"]}
+
+    def _visual_output(self) -> torch.nn.Module:
+        return self.model.model.visual.merger
+
+    # ------------------------------------------------------------ distillation
+
+    def batch(self, stage: Stage, step: int) -> dict:
+        """Distillation: `batch_size` images and a quarter as many 8-frame clips; later stages as
+        `VideoRecipe.batch`."""
+        if stage.name != "distill":
+            out = super().batch(stage, step)
+            ids = out["input_ids"]
+            out["mm_token_type_ids"] = ((ids == self.model.config.image_token_id).int()
+                                        + 2 * (ids == self.model.config.video_token_id).int())  # Qwen2-VL's
+            return out
+        first = step * stage.batch_size
+        images = np.stack([render_array(sample_scene(self._seed(stage, i), self.world))
+                           for i in range(first, first + stage.batch_size)])
+        clips = np.stack([render_clip(sample_clip(self._seed(stage, i), self.clip_world, 8))
+                          for i in range(first, first + stage.batch_size // 4)])
+        return {"images": torch.from_numpy(images), "clips": torch.from_numpy(clips),
+                **{f"student_{k}": v for k, v in self._media_inputs("image", list(images)).items()},
+                **{f"student_{k}": v for k, v in self._media_inputs("clip", list(clips)).items()}}
+
+    def loss(self, stage: Stage, batch: dict) -> tuple[torch.Tensor, dict]:
+        if stage.name != "distill":
+            return super().loss(stage, batch)
+        visual = self.model.model.visual
+        student_images = visual(batch["student_pixel_values"], grid_thw=batch["student_image_grid_thw"]).pooler_output
+        student_frames = visual(batch["student_pixel_values_videos"],
+                                grid_thw=batch["student_video_grid_thw"]).pooler_output
+        with torch.no_grad():
+            target_images = self._teacher_tokens(batch["images"])
+            target_frames = self.teacher.model.apply_pooling(self._teacher_tokens(batch["clips"].flatten(0, 1)))
+        image_loss = distill_loss(student_images, target_images.flatten(0, 1))
+        frame_loss = distill_loss(student_frames, target_frames.flatten(0, 1))
+        return image_loss + frame_loss, {"image_loss": round(image_loss.item(), 4),
+                                         "frame_loss": round(frame_loss.item(), 4)}
+
+    def _teacher_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """`shapes-video`'s projected patch tokens of uint8 images `[N, H, W, 3]`: `[N, patches, width]`."""
+        inner = self.teacher.model
+        hidden = inner.vision_tower(pixel_values(images), output_hidden_states=True).hidden_states[-1]
+        return inner.multi_modal_projector(hidden[:, 1:])
+
+    def evaluate(self, stage: Stage, step: int) -> dict | None:
+        return None if stage.name == "distill" else super().evaluate(stage, step)
+
+    def export(self, path: str | Path) -> None:
+        """The plain weights (the method's patch removed first); `training.json` names the method."""
+        if self.patch is not None:
+            self.patch.remove()
+        super().export(path)
+
+
+def distill_loss(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared error relative to the target's mean squared norm, plus the mean cosine distance."""
+    relative = (student - target).pow(2).sum(-1).mean() / target.pow(2).sum(-1).mean()
+    return relative + (1 - F.cosine_similarity(student, target, dim=-1)).mean()
