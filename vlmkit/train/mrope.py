@@ -14,8 +14,8 @@ starts from what already works:
   12 x 12) the 144 projected CLIP tokens of the 96-pixel base view; for a video frame (96 pixels:
   6 x 6 merged tokens) the frame's 36 pooled tokens. Relative squared error plus cosine distance.
 * **Adapt** (stage 2, `letters`). The language model learns M-RoPE's positions (a clip's tokens
-  now span (t, h, w) indices instead of one long run) on `shapes-video`'s data and losses; the
-  vision tower stays frozen. `method` installs a vlmkit method for this stage (e.g.
+  now span (t, h, w) indices instead of one long run) on `shapes-video`'s data and losses, with
+  the merger (the ViT's blocks stay frozen). `method` installs a vlmkit method for this stage (e.g.
   `hope:train=True`): the run with `method="none"` is the shipped `shapes-qwen2-vl` and, with the
   same steps and batches, the control of the HoPE fine-tune.
 
@@ -125,7 +125,7 @@ class MRopeRecipeConfig(VideoRecipeConfig):
     seed: int = 700_000_000
     pointing_steps: int = 0
     steps: int = 0
-    letter_steps: int = 300
+    letter_steps: int = 1600
     letter_lr: float = 3e-4
     dense_weight: float = 0.0
     eval_every: int = 100
@@ -175,7 +175,7 @@ class MRopeRecipe(VideoRecipe):
         return [ids("<|vision_start|>"), *[self._video_token()] * (num_frames * self.cells), ids("<|vision_end|>")]
 
     def _media_trainable(self) -> tuple[str, ...]:
-        return ("model.model.language_model",)
+        return ("model.model.language_model", "model.model.visual.merger")
 
     def _media_inputs(self, kind: str, media: list) -> dict:
         if kind == "image":
