@@ -302,9 +302,10 @@ class Adapter:
             if past_key_values is not None:
                 key, value = past_key_values.update(key, value, attention.layer_idx)
             interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.attention_implementation, eager_attention_forward)
-            output, _ = interface(attention, query, key, value, attention_mask, dropout=0.0, scaling=attention.scaling)
-            states = residual + attention.o_proj(output.reshape(batch, query_rows.shape[1], -1).contiguous())
-            states = states + layer.mlp(layer.post_attention_layernorm(states))
+            output, _ = interface(attention, query, key, value, attention_mask, dropout=0.0, scaling=attention.scaling,
+                                  **self.attention_options(attention))
+            output = attention.o_proj(output.reshape(batch, query_rows.shape[1], -1).contiguous())
+            states = self.layer_residuals(layer, residual, output)
             updated = hidden_states.clone()
             batch_rows = torch.arange(batch, device=query_rows.device)[:, None].expand_as(query_rows)
             updated[batch_rows[query_valid], query_rows[query_valid]] = states[query_valid]
@@ -338,6 +339,16 @@ class Adapter:
 
     def attention_module(self, layer: nn.Module) -> nn.Module:
         return layer.self_attn
+
+    def attention_options(self, attention: nn.Module) -> dict[str, Any]:
+        """Extra keyword arguments of the attention function for a decoder attention (e.g. its window)."""
+        return {}
+
+    def layer_residuals(self, layer: nn.Module, residual: torch.Tensor, attention_output: torch.Tensor) -> torch.Tensor:
+        """A decoder layer's output from its input rows and its attention's projected output: the
+        residual attention, then the residual MLP on the post-attention norm (Llama, Qwen)."""
+        states = residual + attention_output
+        return states + layer.mlp(layer.post_attention_layernorm(states))
 
     def input_norm(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """The decoder layer's normalised input (what its attention projects)."""

@@ -26,10 +26,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.gemma3.modeling_gemma3 import eager_attention_forward, get_block_sequence_ids_for_mask
+from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
 
-from vlmkit.adapters.base import Adapter, concat_probes, grid_coords, received_attention_probe, rotate
+from vlmkit.adapters.base import Adapter, concat_probes, grid_coords, received_attention_probe
 from vlmkit.engine.state import VisualMeta
 
 #: probe entries that are attention masses (they add up over a token's patches); the others average
@@ -121,41 +120,13 @@ class Gemma3Adapter(Adapter):
         """The MLP's normalised output (what the layer adds to the residual stream)."""
         return layer.post_feedforward_layernorm
 
-    def run_layer_queries(self, layer, hidden, query_rows, query_valid, *, attention_mask, position_embeddings,
-                          past_key_values=None):
-        """Gemma 3's layer arithmetic (normalised attention and MLP outputs) for a subset of query rows; see
-        `Adapter.run_layer_queries`."""
-        attention = layer.self_attn
+    def attention_options(self, attention) -> dict:
+        return {"sliding_window": attention.sliding_window}
 
-        def forward(hidden_states, **_):
-            batch, _, width = hidden_states.shape
-            index = query_rows[..., None].expand(-1, -1, width)
-            residual = hidden_states.gather(1, index)
-            normed = layer.input_layernorm(hidden_states)
-            cos, sin = (table.expand(batch, -1, -1) for table in position_embeddings)
-            rows = query_rows[..., None].expand(-1, -1, cos.shape[-1])
-            query = rotate(self.llm_queries(attention, normed.gather(1, index)), cos.gather(-2, rows), sin.gather(-2, rows))
-            key = rotate(self.llm_keys(attention, normed), cos, sin)
-            value = attention.v_proj(normed).view(batch, hidden_states.shape[1], -1, attention.head_dim).transpose(1, 2)
-            if past_key_values is not None:
-                key, value = past_key_values.update(key, value, attention.layer_idx)
-            interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.attention_implementation, eager_attention_forward)
-            output, _ = interface(attention, query, key, value, attention_mask, dropout=0.0, scaling=attention.scaling,
-                                  sliding_window=attention.sliding_window)
-            output = attention.o_proj(output.reshape(batch, query_rows.shape[1], -1).contiguous())
-            states = residual + layer.post_attention_layernorm(output)
-            states = states + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(states)))
-            updated = hidden_states.clone()
-            batch_rows = torch.arange(batch, device=query_rows.device)[:, None].expand_as(query_rows)
-            updated[batch_rows[query_valid], query_rows[query_valid]] = states[query_valid]
-            return updated
-
-        layer.forward = forward  # for this call only: the module's hooks run around it
-        try:
-            return layer(hidden, attention_mask=attention_mask, position_embeddings=position_embeddings,
-                         past_key_values=past_key_values)
-        finally:
-            del layer.forward
+    def layer_residuals(self, layer, residual, attention_output):
+        """Gemma 3 normalises the attention and MLP outputs before adding them to the residual stream."""
+        states = residual + layer.post_attention_layernorm(attention_output)
+        return states + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(states)))
 
 
 __all__ = ["Gemma3Adapter"]
