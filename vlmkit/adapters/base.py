@@ -420,6 +420,20 @@ def rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return states * cos + rotate_half(states) * sin
 
 
+class SiglipTowerAdapter(Adapter):
+    """A family whose SigLIP tower has no [CLS]: the LLM side reads every row of the tower's last layer
+    (after its post-layernorm), and a patch's importance is the attention it receives."""
+
+    def default_vision_layer(self) -> int:
+        return len(self.vision_layers) - 1
+
+    def select_strategy(self, call: dict | None = None) -> str:
+        return "full"
+
+    def vision_probe(self, attention, hidden, kwargs):
+        return received_attention_probe(attention, hidden)
+
+
 def cls_row_probe(attention: nn.Module, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
     """For a CLIP-style attention input: [CLS] attention (mean over heads), "cls_logits" (the [CLS]
     row's pre-softmax logits, scale q.k, mean over heads) and head-mean keys."""

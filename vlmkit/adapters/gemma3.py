@@ -28,27 +28,16 @@ import torch
 from torch import nn
 from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
 
-from vlmkit.adapters.base import Adapter, concat_probes, grid_coords, received_attention_probe
+from vlmkit.adapters.base import SiglipTowerAdapter, concat_probes, grid_coords
 from vlmkit.engine.state import VisualMeta
 
 #: probe entries that are attention masses (they add up over a token's patches); the others average
 _MASSES = ("importance", "received", "paid")
 
 
-class Gemma3Adapter(Adapter):
+class Gemma3Adapter(SiglipTowerAdapter):
     family = "gemma3"
     model_classes = ("Gemma3ForConditionalGeneration",)
-
-    def default_vision_layer(self) -> int:
-        """The tower's last layer: the projector pools its output (after the post-layernorm)."""
-        return len(self.vision_layers) - 1
-
-    def select_strategy(self, call: dict | None = None) -> str:
-        """"full": no [CLS]; every tower row is a patch the projector pools."""
-        return "full"
-
-    def vision_probe(self, attention, hidden, kwargs):
-        return received_attention_probe(attention, hidden)
 
     # ----------------------------------------------------------------- the projector's pooling
     def pool(self, value: torch.Tensor, mass: bool = False) -> torch.Tensor:

@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import torch
 
-from vlmkit.adapters.base import Adapter, concat_probes, grid_coords, join_tiles, received_attention_probe
+from vlmkit.adapters.base import SiglipTowerAdapter, concat_probes, grid_coords, join_tiles
 from vlmkit.engine.state import VisualMeta
 
 #: probe entries that are attention masses (they add up over a token's patches); the others average
 _MASSES = ("importance", "received", "paid")
 
 
-class Idefics3Adapter(Adapter):
+class Idefics3Adapter(SiglipTowerAdapter):
     family = "idefics3"
     model_classes = ("Idefics3ForConditionalGeneration",)
 
@@ -58,17 +58,6 @@ class Idefics3Adapter(Adapter):
     @property
     def scale_factor(self) -> int:
         return int(self.model.config.scale_factor)
-
-    def default_vision_layer(self) -> int:
-        """The tower's last layer: the connector reads its output (after the post-layernorm)."""
-        return len(self.vision_layers) - 1
-
-    def select_strategy(self, call: dict | None = None) -> str:
-        """"full": no [CLS]; every tower row is a patch the connector reads."""
-        return "full"
-
-    def vision_probe(self, attention, hidden, kwargs):
-        return received_attention_probe(attention, hidden)
 
     def with_features(self, probes, features, call):
         """The probes joined, plus "features": the projection's input, one row per token (its s x s
