@@ -90,3 +90,17 @@ def test_hope_fine_tune_and_its_control_share_batches_and_export_plain_weights(t
     model, processor = zoo.load(final)
     assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
     assert model.state_dict().keys() == hope.model.state_dict().keys()  # the patch was removed before saving
+
+
+def test_adapt_stage_follows_the_rotation_and_trains_the_vision_tower(recipe):
+    """The adapt stage holds images one batch in two (clip, image, clip, image, image, text), and the
+    whole vision tower trains with the decoder."""
+    stage = recipe.stages[1]
+    assert stage.name == "letters" and stage.trainable == ("model.model.language_model", "model.model.visual")
+    kinds = []
+    for step in range(stage.steps):  # 4
+        batch = recipe.batch(stage, step)
+        kinds.append("clip" if "pixel_values_videos" in batch else "image" if "pixel_values" in batch else "text")
+    assert recipe.config.rotation == ("clip", "image", "clip", "image", "image", "text")
+    assert kinds == ["clip", "image", "clip", "image"]
+

@@ -315,3 +315,8 @@ def test_train_set_parses_lists_and_names_bad_values():
         _overrides(VideoRecipeConfig(), ["frame_counts=8,x"])
     with pytest.raises(ConfigError, match="only numbers, strings and comma-separated lists"):
         _overrides(VideoRecipeConfig(), ["mixture=3"])
+    assert _overrides(VideoRecipeConfig(), ["rotation=clip,image"]).rotation == ("clip", "image")
+    with pytest.raises(ConfigError, match=r"rotation \('clip', 'photo'\).*\('clip', 'image', 'text'\).*'photo'"):
+        _overrides(VideoRecipeConfig(), ["rotation=clip,photo"])
+    with pytest.raises(ConfigError, match="at least one clip"):
+        _overrides(VideoRecipeConfig(), ["rotation=image,text"])

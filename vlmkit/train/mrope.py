@@ -14,8 +14,8 @@ starts from what already works:
   12 x 12) the 144 projected CLIP tokens of the 96-pixel base view; for a video frame (96 pixels:
   6 x 6 merged tokens) the frame's 36 pooled tokens. Relative squared error plus cosine distance.
 * **Adapt** (stage 2, `letters`). The language model learns M-RoPE's positions (a clip's tokens
-  now span (t, h, w) indices instead of one long run) on `shapes-video`'s data and losses, with
-  the merger (the ViT's blocks stay frozen). `method` installs a vlmkit method for this stage (e.g.
+  now span (t, h, w) indices instead of one long run) on `shapes-video`'s data and losses, images
+  one batch in two (`rotation`), the whole vision tower training with it. `method` installs a vlmkit method for this stage (e.g.
   `hope:train=True`): the run with `method="none"` is the shipped `shapes-qwen2-vl` and, with the
   same steps and batches, the control of the HoPE fine-tune.
 
@@ -35,6 +35,7 @@ from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoP
 
 from vlmkit.data.shapes import render_array, sample_scene
 from vlmkit.data.shapes_video import render_clip, sample_clip
+from vlmkit.train.evaluate import pope_eval
 from vlmkit.train.models import CLIP_MEAN, CLIP_STD, pixel_values
 from vlmkit.train.tokenizer import build_tokenizer
 from vlmkit.train.trainer import Stage
@@ -119,21 +120,24 @@ class MRopeRecipeConfig(VideoRecipeConfig):
         distill_batch: images per distillation step (and a quarter as many clips).
         distill_lr: its peak learning rate.
         method: a vlmkit method installed for the adapt stage, or "none".
+        eval_images: held-out images of the POPE check beside each video check.
     """
 
     init: str = "shapes-video"
     seed: int = 700_000_000
     pointing_steps: int = 0
     steps: int = 0
-    letter_steps: int = 1600
+    letter_steps: int = 2400
     letter_lr: float = 3e-4
     dense_weight: float = 0.0
-    eval_every: int = 100
+    rotation: tuple[str, ...] = ("clip", "image", "clip", "image", "image", "text")
+    eval_every: int = 300
     image_side: int = 192
     distill_steps: int = 400
     distill_batch: int = 32
     distill_lr: float = 2e-3
     method: str = "none"
+    eval_images: int = 24
 
 
 class MRopeRecipe(VideoRecipe):
@@ -175,7 +179,7 @@ class MRopeRecipe(VideoRecipe):
         return [ids("<|vision_start|>"), *[self._video_token()] * (num_frames * self.cells), ids("<|vision_end|>")]
 
     def _media_trainable(self) -> tuple[str, ...]:
-        return ("model.model.language_model", "model.model.visual.merger")
+        return ("model.model.language_model", "model.model.visual")
 
     def _media_inputs(self, kind: str, media: list) -> dict:
         if kind == "image":
@@ -229,7 +233,14 @@ class MRopeRecipe(VideoRecipe):
         return inner.multi_modal_projector(hidden[:, 1:])
 
     def evaluate(self, stage: Stage, step: int) -> dict | None:
-        return None if stage.name == "distill" else super().evaluate(stage, step)
+        """The video check of `VideoRecipe.evaluate` and, beside it, POPE random and adversarial
+        accuracy on `eval_images` held-out images."""
+        video = None if stage.name == "distill" else super().evaluate(stage, step)
+        if video is None:
+            return None
+        pope = pope_eval(self.model, self.processor, self.config.eval_images, splits=("random", "adversarial"),
+                         config=self.world)
+        return video | {f"pope_{split}": r["accuracy"] for split, r in pope.items()}
 
     def export(self, path: str | Path) -> None:
         """The plain weights (the method's patch removed first); `training.json` names the method."""

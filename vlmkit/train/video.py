@@ -63,6 +63,7 @@ from vlmkit.data.shapes_text import QA
 from vlmkit.data.shapes_video import (
     DIRECTIONS, clip_question, frame_objects, mc_answer, mc_prompt, render_clip, sample_clip,
 )
+from vlmkit.errors import ConfigError
 from vlmkit.train.data import IGNORE, ConversationEncoder, Mixture, collate, sample_qas
 from vlmkit.train.evaluate import video_eval
 from vlmkit.train.losses import dense_side_loss, dense_word_loss, export
@@ -135,8 +136,8 @@ def build_onevision(init: str | Path, seed: int = 0, extra_layers: int = 0):
 
 
 _DENSE = ("category", "colour", "horizontal", "vertical")
-_ROTATION = ("clip", "clip", "image", "text")
-"""What each step of the video stage holds, in turn."""
+BATCH_KINDS = ("clip", "image", "text")
+"""What a batch of the video and letters stages can hold."""
 _POINTING_WORDS = (list(CATEGORIES), list(COLOURS), list(DIRECTIONS))
 """The kinds of option of a text pointing question: categories, colours, directions."""
 
@@ -163,6 +164,7 @@ class VideoRecipeConfig:
         pointer_weight: weight of the pointer attention and readout losses (letters stage).
         dense_weight: weight of the dense per-patch category/colour/side losses.
         mixture: question mixture of the image batches.
+        rotation: what each batch of the video and letters stages holds, in turn (`BATCH_KINDS`).
         eval_every: steps between video checks (0: never).
         eval_clips: clips per check.
     """
@@ -183,8 +185,15 @@ class VideoRecipeConfig:
     pointer_weight: float = 0.5
     dense_weight: float = 0.5
     mixture: Mixture = field(default_factory=Mixture)
+    rotation: tuple[str, ...] = ("clip", "clip", "image", "text")
     eval_every: int = 200
     eval_clips: int = 48
+
+    def __post_init__(self):
+        unknown = sorted(set(self.rotation) - set(BATCH_KINDS))
+        if unknown or "clip" not in self.rotation:
+            raise ConfigError(f"rotation {self.rotation!r}: use {BATCH_KINDS} only, with at least one clip"
+                              + (f" ({unknown} unknown)." if unknown else "."))
 
     def to_dict(self) -> dict:
         """JSON-serialisable form."""
@@ -321,10 +330,11 @@ class VideoRecipe:
                 **{k: torch.from_numpy(np.stack([f[k] for f in frames])) for k in _DENSE}}
 
     def batch(self, stage: Stage, step: int) -> dict:
-        """Batch `step`: text pointing in the pointing stage; clips, images and text in turn (`_ROTATION`)
-        after, the clip batches cycling through `frame_counts`."""
-        kind = "text" if stage.name == "pointing" else _ROTATION[step % len(_ROTATION)]
-        clip_batch = step // len(_ROTATION) * _ROTATION.count("clip") + _ROTATION[:step % len(_ROTATION)].count("clip")
+        """Batch `step`: text pointing in the pointing stage; then `rotation`'s kinds in turn, the clip
+        batches cycling through `frame_counts`."""
+        rotation = self.config.rotation
+        kind = "text" if stage.name == "pointing" else rotation[step % len(rotation)]
+        clip_batch = step // len(rotation) * rotation.count("clip") + rotation[:step % len(rotation)].count("clip")
         num_frames = self.config.frame_counts[clip_batch % len(self.config.frame_counts)]
         make = {"text": self._text_sample, "image": self._image_sample,
                 "clip": functools.partial(self._clip_sample, num_frames=num_frames)}[kind]
