@@ -92,15 +92,20 @@ def test_hope_fine_tune_and_its_control_share_batches_and_export_plain_weights(t
     assert model.state_dict().keys() == hope.model.state_dict().keys()  # the patch was removed before saving
 
 
-def test_adapt_stage_follows_the_rotation_and_trains_the_vision_tower(recipe):
-    """The adapt stage holds images one batch in two (clip, image, clip, image, image, text), and the
-    whole vision tower trains with the decoder."""
+def test_adapt_stage_rotation_and_trainable_vision_are_settable(recipe):
+    """By default the adapt stage trains the merger (not the ViT's blocks) on clips, clips, images and
+    text in turn; `rotation` and `adapt_vision` change both, and a bad choice is named."""
+    from vlmkit.errors import ConfigError
+    from vlmkit.train.cli import _overrides
+
     stage = recipe.stages[1]
-    assert stage.name == "letters" and stage.trainable == ("model.model.language_model", "model.model.visual")
+    assert stage.name == "letters" and stage.trainable == ("model.model.language_model", "model.model.visual.merger")
     kinds = []
     for step in range(stage.steps):  # 4
         batch = recipe.batch(stage, step)
         kinds.append("clip" if "pixel_values_videos" in batch else "image" if "pixel_values" in batch else "text")
-    assert recipe.config.rotation == ("clip", "image", "clip", "image", "image", "text")
-    assert kinds == ["clip", "image", "clip", "image"]
-
+    assert kinds == ["clip", "clip", "image", "text"]
+    config = _overrides(TINY, ["rotation=clip,image", "adapt_vision=all"])
+    assert config.rotation == ("clip", "image") and config.adapt_vision == "all"
+    with pytest.raises(ConfigError, match=r"adapt_vision 'vit'.*\['all', 'merger'\]"):
+        _overrides(TINY, ["adapt_vision=vit"])

@@ -14,8 +14,8 @@ starts from what already works:
   12 x 12) the 144 projected CLIP tokens of the 96-pixel base view; for a video frame (96 pixels:
   6 x 6 merged tokens) the frame's 36 pooled tokens. Relative squared error plus cosine distance.
 * **Adapt** (stage 2, `letters`). The language model learns M-RoPE's positions (a clip's tokens
-  now span (t, h, w) indices instead of one long run) on `shapes-video`'s data and losses, images
-  one batch in two (`rotation`), the whole vision tower training with it. `method` installs a vlmkit method for this stage (e.g.
+  now span (t, h, w) indices instead of one long run) on `shapes-video`'s data and losses, with
+  the merger (`adapt_vision`; the ViT's blocks stay frozen). `method` installs a vlmkit method for this stage (e.g.
   `hope:train=True`): the run with `method="none"` is the shipped `shapes-qwen2-vl` and, with the
   same steps and batches, the control of the HoPE fine-tune.
 
@@ -35,6 +35,7 @@ from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoP
 
 from vlmkit.data.shapes import render_array, sample_scene
 from vlmkit.data.shapes_video import render_clip, sample_clip
+from vlmkit.errors import ConfigError
 from vlmkit.train.evaluate import pope_eval
 from vlmkit.train.models import CLIP_MEAN, CLIP_STD, pixel_values
 from vlmkit.train.tokenizer import build_tokenizer
@@ -43,6 +44,8 @@ from vlmkit.train.video import VideoRecipe, VideoRecipeConfig
 
 MROPE_SECTION = [4, 6, 6]
 """(t, h, w) rotary pairs of a 32-wide head: Qwen2-VL's [16, 24, 24] scaled to 16 pairs."""
+_ADAPT_VISION = {"merger": "model.model.visual.merger", "all": "model.model.visual"}
+"""What of the vision tower trains in the adapt stage."""
 
 
 def build_qwen2vl(teacher, image_side: int, seed: int = 0):
@@ -120,6 +123,7 @@ class MRopeRecipeConfig(VideoRecipeConfig):
         distill_batch: images per distillation step (and a quarter as many clips).
         distill_lr: its peak learning rate.
         method: a vlmkit method installed for the adapt stage, or "none".
+        adapt_vision: what of the vision tower trains in the adapt stage: "merger" or "all".
         eval_images: held-out images of the POPE check beside each video check.
     """
 
@@ -127,17 +131,22 @@ class MRopeRecipeConfig(VideoRecipeConfig):
     seed: int = 700_000_000
     pointing_steps: int = 0
     steps: int = 0
-    letter_steps: int = 2400
+    letter_steps: int = 1600
     letter_lr: float = 3e-4
     dense_weight: float = 0.0
-    rotation: tuple[str, ...] = ("clip", "image", "clip", "image", "image", "text")
-    eval_every: int = 300
+    eval_every: int = 100
     image_side: int = 192
     distill_steps: int = 400
     distill_batch: int = 32
     distill_lr: float = 2e-3
     method: str = "none"
+    adapt_vision: str = "merger"
     eval_images: int = 24
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.adapt_vision not in _ADAPT_VISION:
+            raise ConfigError(f"adapt_vision {self.adapt_vision!r}: use one of {sorted(_ADAPT_VISION)}.")
 
 
 class MRopeRecipe(VideoRecipe):
@@ -179,7 +188,7 @@ class MRopeRecipe(VideoRecipe):
         return [ids("<|vision_start|>"), *[self._video_token()] * (num_frames * self.cells), ids("<|vision_end|>")]
 
     def _media_trainable(self) -> tuple[str, ...]:
-        return ("model.model.language_model", "model.model.visual")
+        return ("model.model.language_model", _ADAPT_VISION[self.config.adapt_vision])
 
     def _media_inputs(self, kind: str, media: list) -> dict:
         if kind == "image":
