@@ -4,7 +4,8 @@
 - its neutral setting (`Method.neutral`) gives bit-identical logits and generations;
 - `remove()` restores outputs, `state_dict` and leaves no hook behind;
 - KV-cached `generate()` equals recomputing the full sequence each step with the same selection
-  (greedy, sampling with a fixed seed, beam search);
+  (greedy on every pair; sampling with a fixed seed and beam search on a rotating third of each
+  method's families, so that every method and every family still meets both);
 - a left-padded batch of different images and prompts equals the samples run one by one;
 - SDPA and eager attention give the same selections, routes and outputs.
 
@@ -37,6 +38,23 @@ def spec(name: str, setting: str = "example") -> str:
 
 def cases(methods=METHODS, families=FAMILIES):
     return [(family, name) for name in methods for family in families if family not in REGISTRY.get(name).unsupported]
+
+
+def rotating_cases(offset: int) -> list[tuple[str, str]]:
+    """A third of `cases()`: for the i-th method, its supported families j with j = i + offset
+    (mod 3, or mod their count when it has fewer), so every method keeps at least one family and
+    the families take turns."""
+    out = []
+    for i, name in enumerate(METHODS):
+        families = [family for family, method in cases([name])]
+        period = min(3, len(families))
+        out += [(family, name) for j, family in enumerate(families) if j % period == (i + offset) % period]
+    return out
+
+
+GENERATION_CASES = [(family, method, "greedy") for family, method in cases()] + [
+    (family, method, decoding) for offset, decoding in enumerate(("sampling", "beam2"), start=1)
+    for family, method in rotating_cases(offset)]
 
 
 WITH_NEUTRAL = [name for name in METHODS if REGISTRY.get(name).neutral is not None]
@@ -146,8 +164,14 @@ def hook_snapshot(tiny):
     ]
 
 
-@pytest.mark.parametrize("decoding", list(DECODINGS))
-@pytest.mark.parametrize("family,method", cases())
+def test_every_decoding_meets_every_method_and_family():
+    for decoding in DECODINGS:
+        pairs = {(family, method) for family, method, d in GENERATION_CASES if d == decoding}
+        assert {method for _, method in pairs} == set(METHODS), decoding
+        assert {family for family, _ in pairs} == set(FAMILIES), decoding
+
+
+@pytest.mark.parametrize("family,method,decoding", GENERATION_CASES)
 def test_cached_generation_equals_recompute(family, method, decoding):
     tiny, processor = model(family)
     batch = prompts(processor, method, QUESTIONS[:2])
