@@ -12,6 +12,7 @@ import torch
 from vlmkit import zoo
 from vlmkit.train.mrope import MRopeRecipe, MRopeRecipeConfig, distill_loss
 from vlmkit.train.trainer import train
+from vlmkit.train.video import batch_kind
 
 TINY = MRopeRecipeConfig(distill_steps=2, distill_batch=4, letter_steps=4, batch=2, eval_every=0)
 
@@ -100,10 +101,7 @@ def test_adapt_stage_rotation_and_trainable_vision_are_settable(recipe):
 
     stage = recipe.stages[1]
     assert stage.name == "letters" and stage.trainable == ("model.model.language_model", "model.model.visual.merger")
-    kinds = []
-    for step in range(stage.steps):  # 4
-        batch = recipe.batch(stage, step)
-        kinds.append("clip" if "pixel_values_videos" in batch else "image" if "pixel_values" in batch else "text")
+    kinds = [batch_kind(recipe.batch(stage, step)) for step in range(stage.steps)]  # 4 steps
     assert kinds == ["clip", "clip", "image", "text"]
     config = _overrides(TINY, ["rotation=clip,image", "adapt_vision=all"])
     assert config.rotation == ("clip", "image") and config.adapt_vision == "all"

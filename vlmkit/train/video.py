@@ -420,7 +420,7 @@ class VideoRecipe:
                                       batch["vertical"].flatten(0, -3))
             total = total + self.config.dense_weight * (dense + side)
             metrics["object_patch_acc"] = accuracy
-        metrics["batch"] = "clip" if "pixel_values_videos" in batch else "image" if "pixel_values" in batch else "text"
+        metrics["batch"] = batch_kind(batch)
         return total, metrics
 
     def _readout_loss(self, heads: torch.Tensor, residual: torch.Tensor, query: torch.Tensor,
@@ -455,6 +455,11 @@ class VideoRecipe:
     def export(self, path: str | Path) -> None:
         """Write the model, processor and the recipe in `save_pretrained` layout."""
         export(self.model, self.processor, path, self.name, self.config.to_dict(), self.world)
+
+
+def batch_kind(batch: dict) -> str:
+    """Which of `BATCH_KINDS` a collated batch holds, from its pixel inputs."""
+    return "clip" if "pixel_values_videos" in batch else "image" if "pixel_values" in batch else "text"
 
 
 def pointing_question(rng: np.random.Generator) -> dict:
