@@ -13,7 +13,13 @@ starts from what already works:
   `shapes-video`'s visual tokens: for an image (resized to 192 pixels: 24 x 24 patches merged to
   12 x 12) the 144 projected CLIP tokens of the 96-pixel base view; for a video frame (96 pixels:
   6 x 6 merged tokens) the frame's 36 pooled tokens. Relative squared error plus cosine distance.
-* **Adapt** (stage 2, `letters`). The language model learns M-RoPE's positions (a clip's tokens
+* **Read** (stage 2, optional: `read_steps`, 0 by default). The frozen decoder reads an image
+  conversation once with the teacher's 144 tokens and once with the student's (1-D positions, as
+  it was trained), and the student learns to match its answers, KL(p_teacher || p_student) over the
+  answer tokens, beside the distillation loss on images and frames. Matching features alone left
+  the decoder answering "no" to every object question (`pope_reading`); 300 read steps lift its
+  random split to 64% but not the adversarial one (`docs/shapes.md`).
+* **Adapt** (stage 3, `letters`). The language model learns M-RoPE's positions (a clip's tokens
   now span (t, h, w) indices instead of one long run) on `shapes-video`'s data and losses, with
   the merger (`adapt_vision`; the ViT's blocks stay frozen). `method` installs a vlmkit method for this stage (e.g.
   `hope:train=True`): the run with `method="none"` is the shipped `shapes-qwen2-vl` and, with the
@@ -33,10 +39,12 @@ import torch.nn.functional as F
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
-from vlmkit.data.shapes import render_array, sample_scene
+from vlmkit.data.shapes import WorldConfig, render_array, sample_scene
+from vlmkit.data.shapes_bench import _qualifying, pope_questions
 from vlmkit.data.shapes_video import render_clip, sample_clip
 from vlmkit.errors import ConfigError
-from vlmkit.train.evaluate import pope_eval
+from vlmkit.train.data import IGNORE, collate
+from vlmkit.train.evaluate import MONITOR_SEED, pope_eval
 from vlmkit.train.models import CLIP_MEAN, CLIP_STD, pixel_values
 from vlmkit.train.tokenizer import build_tokenizer
 from vlmkit.train.trainer import Stage
@@ -46,6 +54,7 @@ MROPE_SECTION = [4, 6, 6]
 """(t, h, w) rotary pairs of a 32-wide head: Qwen2-VL's [16, 24, 24] scaled to 16 pairs."""
 _ADAPT_VISION = {"merger": "model.model.visual.merger", "all": "model.model.visual"}
 """What of the vision tower trains in the adapt stage."""
+DISTILL_SCALES = ("target", "content")
 
 
 def build_qwen2vl(teacher, image_side: int, seed: int = 0):
@@ -122,6 +131,11 @@ class MRopeRecipeConfig(VideoRecipeConfig):
         distill_steps: steps of the distillation stage.
         distill_batch: images per distillation step (and a quarter as many clips).
         distill_lr: its peak learning rate.
+        distill_scale: what `distill_loss` measures errors against: "target" (the target tokens) or
+            "content" (their deviation from the batch's mean token at each position).
+        read_steps: steps of the read stage (the decoder-read distillation).
+        read_batch: images per read step (and a quarter as many clips).
+        read_lr: its peak learning rate.
         method: a vlmkit method installed for the adapt stage, or "none".
         adapt_vision: what of the vision tower trains in the adapt stage: "merger" or "all".
         eval_images: held-out images of the POPE check beside each video check.
@@ -139,6 +153,10 @@ class MRopeRecipeConfig(VideoRecipeConfig):
     distill_steps: int = 400
     distill_batch: int = 32
     distill_lr: float = 2e-3
+    distill_scale: str = "target"
+    read_steps: int = 0
+    read_batch: int = 16
+    read_lr: float = 5e-4
     method: str = "none"
     adapt_vision: str = "merger"
     eval_images: int = 24
@@ -147,6 +165,8 @@ class MRopeRecipeConfig(VideoRecipeConfig):
         super().__post_init__()
         if self.adapt_vision not in _ADAPT_VISION:
             raise ConfigError(f"adapt_vision {self.adapt_vision!r}: use one of {sorted(_ADAPT_VISION)}.")
+        if self.distill_scale not in DISTILL_SCALES:
+            raise ConfigError(f"distill_scale {self.distill_scale!r}: use one of {DISTILL_SCALES}.")
 
 
 class MRopeRecipe(VideoRecipe):
@@ -161,8 +181,9 @@ class MRopeRecipe(VideoRecipe):
         self.teacher, _ = zoo.load(config.init)
         self.teacher.requires_grad_(False).eval()
         super().__init__(config)
-        self.stages.insert(0, Stage("distill", config.distill_steps, config.distill_batch, config.distill_lr,
-                                    ("model.model.visual",)))
+        self.stages[:0] = [Stage("distill", config.distill_steps, config.distill_batch, config.distill_lr,
+                                 ("model.model.visual",)),
+                           Stage("read", config.read_steps, config.read_batch, config.read_lr, ("model.model.visual",))]
         self.stages = [s for s in self.stages if s.steps > 0]
         self.patch = None if config.method == "none" else vlmkit.apply(self.model, config.method)
 
@@ -203,25 +224,34 @@ class MRopeRecipe(VideoRecipe):
     # ------------------------------------------------------------ distillation
 
     def batch(self, stage: Stage, step: int) -> dict:
-        """Distillation: `batch_size` images and a quarter as many 8-frame clips; later stages as
+        """Distillation: `batch_size` images and a quarter as many 8-frame clips; the read stage
+        adds each image's conversation (as `VideoRecipe`'s image batches hold); later stages as
         `VideoRecipe.batch`."""
-        if stage.name != "distill":
+        if stage.name not in ("distill", "read"):
             out = super().batch(stage, step)
             ids = out["input_ids"]
             out["mm_token_type_ids"] = ((ids == self.model.config.image_token_id).int()
                                         + 2 * (ids == self.model.config.video_token_id).int())  # Qwen2-VL's
             return out
         first = step * stage.batch_size
-        images = np.stack([render_array(sample_scene(self._seed(stage, i), self.world))
-                           for i in range(first, first + stage.batch_size)])
+        if stage.name == "read":
+            out = collate([self._image_sample(stage, i) for i in range(first, first + stage.batch_size)],
+                          self.tokenizer.pad_token_id, dense=())
+            images = out.pop("images").numpy()
+        else:
+            out = {}
+            images = np.stack([render_array(sample_scene(self._seed(stage, i), self.world))
+                               for i in range(first, first + stage.batch_size)])
         clips = np.stack([render_clip(sample_clip(self._seed(stage, i), self.clip_world, 8))
                           for i in range(first, first + stage.batch_size // 4)])
-        return {"images": torch.from_numpy(images), "clips": torch.from_numpy(clips),
+        return {**out, "images": torch.from_numpy(images), "clips": torch.from_numpy(clips),
                 **{f"student_{k}": v for k, v in self._media_inputs("image", list(images)).items()},
                 **{f"student_{k}": v for k, v in self._media_inputs("clip", list(clips)).items()}}
 
     def loss(self, stage: Stage, batch: dict) -> tuple[torch.Tensor, dict]:
-        if stage.name != "distill":
+        """Distillation: `distill_loss` on image and frame tokens; the read stage adds the decoder's
+        answer KL (`read_loss`); later stages as `VideoRecipe.loss`."""
+        if stage.name not in ("distill", "read"):
             return super().loss(stage, batch)
         visual = self.model.model.visual
         student_images = visual(batch["student_pixel_values"], grid_thw=batch["student_image_grid_thw"]).pooler_output
@@ -230,10 +260,17 @@ class MRopeRecipe(VideoRecipe):
         with torch.no_grad():
             target_images = self._teacher_tokens(batch["images"])
             target_frames = self.teacher.model.apply_pooling(self._teacher_tokens(batch["clips"].flatten(0, 1)))
-        image_loss = distill_loss(student_images, target_images.flatten(0, 1))
-        frame_loss = distill_loss(student_frames, target_frames.flatten(0, 1))
-        return image_loss + frame_loss, {"image_loss": round(image_loss.item(), 4),
-                                         "frame_loss": round(frame_loss.item(), 4)}
+        scale = self.config.distill_scale
+        image_loss = distill_loss(student_images.view_as(target_images), target_images, scale)
+        frame_loss = distill_loss(student_frames.view_as(target_frames), target_frames, scale)
+        metrics = {"image_loss": round(image_loss.item(), 4), "frame_loss": round(frame_loss.item(), 4)}
+        total = image_loss + frame_loss
+        if stage.name == "read":
+            read = read_loss(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                             student_images, target_images.flatten(0, 1))
+            total = total + read
+            metrics["read_loss"] = round(read.item(), 4)
+        return total, metrics
 
     def _teacher_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """`shapes-video`'s projected patch tokens of uint8 images `[N, H, W, 3]`: `[N, patches, width]`."""
@@ -241,9 +278,21 @@ class MRopeRecipe(VideoRecipe):
         hidden = inner.vision_tower(pixel_values(images), output_hidden_states=True).hidden_states[-1]
         return inner.multi_modal_projector(hidden[:, 1:])
 
+    def _student_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The ViT's merged tokens of uint8 images `[N, H, W, 3]`: `[N, tokens, width]`."""
+        inputs = self._media_inputs("image", list(images.numpy()))
+        tokens = self.model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output
+        return tokens.view(len(images), -1, tokens.shape[-1])
+
     def evaluate(self, stage: Stage, step: int) -> dict | None:
-        """The video check of `VideoRecipe.evaluate` and, beside it, POPE random and adversarial
+        """The read stage: `pope_reading` of the student's tokens every `eval_every` steps. The video check of `VideoRecipe.evaluate` and, beside it, POPE random and adversarial
         accuracy on `eval_images` held-out images."""
+        if stage.name == "read":
+            every = self.config.eval_every
+            if not every or (step % every and step != stage.steps):
+                return None
+            return {f"read_{split}": r["accuracy"] for split, r in pope_reading(
+                self.model, self.processor, self._student_tokens, self.config.eval_images, config=self.world).items()}
         video = None if stage.name == "distill" else super().evaluate(stage, step)
         if video is None:
             return None
@@ -258,7 +307,72 @@ class MRopeRecipe(VideoRecipe):
         super().export(path)
 
 
-def distill_loss(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Squared error relative to the target's mean squared norm, plus the mean cosine distance."""
+def read_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                image_tokens: torch.Tensor) -> torch.Tensor:
+    """Logits of `model`'s decoder reading right-padded `input_ids` whose image placeholders hold
+    `image_tokens` (`[placeholders, width]`), with 1-D positions (every token its index; M-RoPE with
+    equal (t, h, w) indices is the transplanted decoder's own rotary embedding)."""
+    embeds = model.get_input_embeddings()(input_ids)
+    where = (input_ids == model.config.image_token_id).unsqueeze(-1)
+    embeds = embeds.masked_scatter(where, image_tokens.to(embeds.dtype))
+    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+    return model.lm_head(hidden)
+
+
+def read_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+              student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL(p_teacher || p_student) of the decoder's next-token distributions at the tokens before each
+    answer token (`labels`), reading the teacher's image tokens and the student's (`read_logits`)."""
+    at = labels[:, 1:] != IGNORE
+    with torch.no_grad():
+        target = read_logits(model, input_ids, attention_mask, teacher)[:, :-1][at].log_softmax(-1)
+    logits = read_logits(model, input_ids, attention_mask, student)[:, :-1][at].log_softmax(-1)
+    return F.kl_div(logits, target, log_target=True, reduction="batchmean")
+
+
+@torch.no_grad()
+def pope_reading(model, processor, tokens_of, n_images: int, seed: int = MONITOR_SEED,
+                 config: WorldConfig | None = None, splits: tuple[str, ...] = ("random", "adversarial")) -> dict:
+    """POPE read by the first answer token: "Yes" or "No", whichever `read_logits` scores higher, with
+    the image placeholders holding `tokens_of(images)` (uint8 `[N, H, W, 3]` -> `[N, tokens, width]`).
+
+    Separates what the visual tokens carry from what the decoder does with M-RoPE positions.
+
+    Returns:
+        `{split: {"accuracy", "yes_ratio", "questions"}}`.
+    """
+    config = config or WorldConfig()
+    scenes = list(_qualifying(seed, n_images, lambda s: len(s.categories()) >= 3, config))
+    names = [str(s.seed) for s in scenes]
+    tokens = dict(zip(names, tokens_of(torch.from_numpy(np.stack([render_array(s) for s in scenes])))))
+    yes, no = processor.tokenizer.convert_tokens_to_ids(["Yes", "No"])
+    result = {}
+    for split in splits:
+        rows = pope_questions([s.categories() for s in scenes], names, split, seed)
+        texts = [processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["text"]}]}],
+            add_generation_prompt=True) for r in rows]
+        placeholder = processor.image_token * tokens[names[0]].shape[0]
+        encoded = processor.tokenizer([t.replace(processor.image_token, placeholder) for t in texts],
+                                      padding=True, padding_side="right", return_tensors="pt")
+        mask = encoded["attention_mask"]
+        image_tokens = torch.cat([tokens[r["image"]] for r in rows])
+        logits = read_logits(model, encoded["input_ids"], mask, image_tokens)
+        last = logits[torch.arange(len(rows)), mask.sum(1) - 1]
+        pred = ["yes" if y > n else "no" for y, n in zip(last[:, yes].tolist(), last[:, no].tolist())]
+        gold = [r["label"] for r in rows]
+        result[split] = {"accuracy": round(sum(p == g for p, g in zip(pred, gold)) / len(rows), 4),
+                         "yes_ratio": round(pred.count("yes") / len(rows), 4), "questions": len(rows)}
+    return result
+
+
+def distill_loss(student: torch.Tensor, target: torch.Tensor, scale: str = "target") -> torch.Tensor:
+    """Squared error relative to the target's mean squared norm, plus the mean cosine distance, over
+    tokens `[N, tokens, width]`. With `scale="content"` both are taken after subtracting the batch's
+    mean target token at each position: ||s - t||^2 / ||t - mu||^2 + 1 - cos(s - mu, t - mu), so the
+    background every image shares (most of the targets' norm) no longer dominates the loss."""
+    if scale == "content":
+        mean = target.mean(0, keepdim=True)
+        student, target = student - mean, target - mean
     relative = (student - target).pow(2).sum(-1).mean() / target.pow(2).sum(-1).mean()
     return relative + (1 - F.cosine_similarity(student, target, dim=-1)).mean()
