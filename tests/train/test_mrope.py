@@ -79,25 +79,9 @@ def test_distillation_targets_are_the_teachers_visual_tokens(recipe):
     loss, metrics = recipe.loss(stage, batch)
     assert torch.isfinite(loss) and set(metrics) == {"image_loss", "frame_loss"}
     # the loss: relative squared error plus cosine distance, 0 exactly at the target
-    target = torch.randn(3, 5, 128)
+    target = torch.randn(5, 128)
     assert distill_loss(target, target).abs().item() < 1e-6
     assert distill_loss(2 * target, target).item() == pytest.approx(1.0, abs=1e-5)
-
-
-def test_content_scaled_distillation_ignores_what_every_image_shares():
-    """A student that outputs the batch's mean token at each position is nearly right against the
-    targets' norm when that mean dominates, and as wrong as a constant can be against their content:
-    relative error 1 plus cosine distance 1."""
-    from vlmkit.errors import ConfigError
-
-    shared = 10 * torch.randn(1, 5, 128)
-    target = shared + torch.randn(4, 5, 128)
-    mean = target.mean(0, keepdim=True).expand_as(target)
-    assert distill_loss(mean, target).item() < 0.02
-    assert distill_loss(mean, target, "content").item() == pytest.approx(2.0, abs=1e-5)
-    assert distill_loss(target, target, "content").abs().item() < 1e-6
-    with pytest.raises(ConfigError, match=r"distill_scale 'norm'.*\('target', 'content'\)"):
-        MRopeRecipeConfig(distill_scale="norm")
 
 
 def test_hope_fine_tune_and_its_control_share_batches_and_export_plain_weights(tmp_path):

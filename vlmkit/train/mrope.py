@@ -54,7 +54,6 @@ MROPE_SECTION = [4, 6, 6]
 """(t, h, w) rotary pairs of a 32-wide head: Qwen2-VL's [16, 24, 24] scaled to 16 pairs."""
 _ADAPT_VISION = {"merger": "model.model.visual.merger", "all": "model.model.visual"}
 """What of the vision tower trains in the adapt stage."""
-DISTILL_SCALES = ("target", "content")
 
 
 def build_qwen2vl(teacher, image_side: int, seed: int = 0):
@@ -131,8 +130,6 @@ class MRopeRecipeConfig(VideoRecipeConfig):
         distill_steps: steps of the distillation stage.
         distill_batch: images per distillation step (and a quarter as many clips).
         distill_lr: its peak learning rate.
-        distill_scale: what `distill_loss` measures errors against: "target" (the target tokens) or
-            "content" (their deviation from the batch's mean token at each position).
         read_steps: steps of the read stage (the decoder-read distillation).
         read_batch: images per read step (and a quarter as many clips).
         read_lr: its peak learning rate.
@@ -153,7 +150,6 @@ class MRopeRecipeConfig(VideoRecipeConfig):
     distill_steps: int = 400
     distill_batch: int = 32
     distill_lr: float = 2e-3
-    distill_scale: str = "target"
     read_steps: int = 0
     read_batch: int = 16
     read_lr: float = 5e-4
@@ -165,8 +161,6 @@ class MRopeRecipeConfig(VideoRecipeConfig):
         super().__post_init__()
         if self.adapt_vision not in _ADAPT_VISION:
             raise ConfigError(f"adapt_vision {self.adapt_vision!r}: use one of {sorted(_ADAPT_VISION)}.")
-        if self.distill_scale not in DISTILL_SCALES:
-            raise ConfigError(f"distill_scale {self.distill_scale!r}: use one of {DISTILL_SCALES}.")
 
 
 class MRopeRecipe(VideoRecipe):
@@ -260,9 +254,8 @@ class MRopeRecipe(VideoRecipe):
         with torch.no_grad():
             target_images = self._teacher_tokens(batch["images"])
             target_frames = self.teacher.model.apply_pooling(self._teacher_tokens(batch["clips"].flatten(0, 1)))
-        scale = self.config.distill_scale
-        image_loss = distill_loss(student_images.view_as(target_images), target_images, scale)
-        frame_loss = distill_loss(student_frames.view_as(target_frames), target_frames, scale)
+        image_loss = distill_loss(student_images, target_images.flatten(0, 1))
+        frame_loss = distill_loss(student_frames, target_frames.flatten(0, 1))
         metrics = {"image_loss": round(image_loss.item(), 4), "frame_loss": round(frame_loss.item(), 4)}
         total = image_loss + frame_loss
         if stage.name == "read":
@@ -366,13 +359,7 @@ def pope_reading(model, processor, tokens_of, n_images: int, seed: int = MONITOR
     return result
 
 
-def distill_loss(student: torch.Tensor, target: torch.Tensor, scale: str = "target") -> torch.Tensor:
-    """Squared error relative to the target's mean squared norm, plus the mean cosine distance, over
-    tokens `[N, tokens, width]`. With `scale="content"` both are taken after subtracting the batch's
-    mean target token at each position: ||s - t||^2 / ||t - mu||^2 + 1 - cos(s - mu, t - mu), so the
-    background every image shares (most of the targets' norm) no longer dominates the loss."""
-    if scale == "content":
-        mean = target.mean(0, keepdim=True)
-        student, target = student - mean, target - mean
+def distill_loss(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Squared error relative to the target's mean squared norm, plus the mean cosine distance."""
     relative = (student - target).pow(2).sum(-1).mean() / target.pow(2).sum(-1).mean()
     return relative + (1 - F.cosine_similarity(student, target, dim=-1)).mean()
