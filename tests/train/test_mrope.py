@@ -51,8 +51,8 @@ def _placeholder_run(ids: list[int], start: int, end: int) -> list[int]:
 
 def test_training_layouts_are_what_the_processor_writes(recipe):
     """The training samples' image and clip placeholders equal the processor's expansion at
-    evaluation time: 144 tokens an image (192 pixels, 2x2 merged), 36 a frame, between the vision
-    start and end tokens."""
+    evaluation time: 144 tokens an image (96 pixels, one token a patch), 36 a frame (48 pixels),
+    between the vision start and end tokens."""
     processor, ids = recipe.processor, recipe.tokenizer.convert_tokens_to_ids
     start, end = ids("<|vision_start|>"), ids("<|vision_end|>")
     for kind, media, expected in (("image", np.zeros((96, 96, 3), np.uint8), recipe._image_placeholder()),
@@ -65,13 +65,37 @@ def test_training_layouts_are_what_the_processor_writes(recipe):
     assert len(recipe._image_placeholder()) == 144 + 2 and len(recipe._video_placeholder(8)) == 8 * 36 + 2
 
 
+def test_the_vit_starts_from_the_teachers_clip_tower(recipe):
+    """Qwen2-VL's processor and patch embedding give exactly CLIP's patch embeddings of an image (same
+    pixels, normalisation and patch order), and the blocks and the merger's MLP hold the CLIP layers'
+    and the projector's weights."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from vlmkit.train.models import pixel_values
+
+    clip = recipe.teacher.model.vision_tower
+    fresh, _ = recipe._build()
+    images = torch.from_numpy(np.stack([render_array(s) for s in
+                                        _qualifying(MONITOR_SEED, 2, lambda s: True, recipe.world)]))
+    inputs = recipe._media_inputs("image", list(images.numpy()))
+    with torch.no_grad():
+        ours = fresh.model.visual.patch_embed(inputs["pixel_values"])
+        theirs = clip.embeddings.patch_embedding(pixel_values(images)).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(ours, theirs.flatten(0, 1), rtol=0, atol=1e-5)
+    layer, block = clip.encoder.layers[2], fresh.model.visual.blocks[2]
+    assert torch.equal(block.attn.qkv.weight[128:256], layer.self_attn.k_proj.weight)
+    assert torch.equal(block.mlp.fc2.bias, layer.mlp.fc2.bias)
+    assert torch.equal(fresh.model.visual.merger.mlp[2].weight, recipe.teacher.model.multi_modal_projector.linear_2.weight)
+    assert isinstance(fresh, Qwen2VLForConditionalGeneration) and fresh.config.vision_config.spatial_merge_size == 1
+
+
 def test_distillation_targets_are_the_teachers_visual_tokens(recipe):
     assert [s.name for s in recipe.stages] == ["distill", "read", "letters"]
     stage = recipe.stages[0]
     assert stage.name == "distill" and stage.trainable == ("model.model.visual",)
     batch = recipe.batch(stage, 0)
-    assert batch["student_image_grid_thw"].tolist() == [[1, 24, 24]] * 4
-    assert batch["student_video_grid_thw"].tolist() == [[8, 12, 12]]
+    assert batch["student_image_grid_thw"].tolist() == [[1, 12, 12]] * 4  # one token a patch
+    assert batch["student_video_grid_thw"].tolist() == [[8, 6, 6]]  # frames at 48 pixels
     tokens = recipe._teacher_tokens(batch["images"])
     assert tokens.shape == (4, 144, 128)
     pooled = recipe.teacher.model.apply_pooling(recipe._teacher_tokens(batch["clips"].flatten(0, 1)))

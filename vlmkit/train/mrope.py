@@ -7,12 +7,15 @@ starts from what already works:
 * **Transplant.** `shapes-video`'s language model (a Llama) becomes the Qwen2 decoder of a
   Qwen2-VL model unchanged: the same weights, zero query/key/value biases, `mrope_section`
   [4, 6, 6] (Qwen2-VL's 16:24:24 on a 32-wide head). On text, M-RoPE with equal (t, h, w) indices
-  is the Llama's rotary embedding, so text-only prompts give the Llama's logits exactly.
-* **Distil** (stage 1). Qwen2-VL's own ViT (2-D rotary, 2x2 patch merger; one frame per temporal
-  patch, so every frame keeps its 36 tokens as in `shapes-video`) learns to reproduce
-  `shapes-video`'s visual tokens: for an image (resized to 192 pixels: 24 x 24 patches merged to
-  12 x 12) the 144 projected CLIP tokens of the 96-pixel base view; for a video frame (96 pixels:
-  6 x 6 merged tokens) the frame's 36 pooled tokens. Relative squared error plus cosine distance.
+  is the Llama's rotary embedding, so text-only prompts give the Llama's logits exactly. Qwen2-VL's
+  ViT gets the teacher's patches (8 pixels, `spatial_merge_size` 1: one token a patch) and starts
+  from its CLIP tower and projector (`transplant_vision`).
+* **Distil** (stage 1). The ViT learns to reproduce `shapes-video`'s visual tokens: for an image
+  (96 pixels, 12 x 12 patches) the 144 projected CLIP tokens of the base view; for a video frame
+  (resized to 48 pixels, 6 x 6 patches; one frame per temporal patch) the frame's 36 pooled tokens.
+  Relative squared error plus cosine distance. A ViT with four patches to a target token (images at
+  192 pixels, 2x2 merger), trained from scratch, matched the tokens' background but not their
+  objects: the decoder read POPE at chance from it (`docs/shapes.md`).
 * **Read** (stage 2, optional: `read_steps`, 0 by default). The frozen decoder reads an image
   conversation once with the teacher's 144 tokens and once with the student's (1-D positions, as
   it was trained), and the student learns to match its answers, KL(p_teacher || p_student) over the
@@ -57,13 +60,16 @@ _ADAPT_VISION = {"merger": "model.model.visual.merger", "all": "model.model.visu
 
 
 def build_qwen2vl(teacher, image_side: int, seed: int = 0):
-    """A Qwen2-VL model holding `teacher`'s (a `shapes-video` OneVision model) language model, a
-    fresh ViT and merger, and its processor.
+    """A Qwen2-VL model holding `teacher`'s (a `shapes-video` OneVision model) language model, a ViT
+    with the teacher's patches (`spatial_merge_size` 1: one token a patch) initialised from its
+    vision tower and projector (`transplant_vision`), and its processor.
 
     Args:
-        teacher: the OneVision model whose decoder, word embeddings and generation settings are copied.
-        image_side: the side images are resized to (frames keep the teacher's side).
-        seed: seed of the new vision tower.
+        teacher: the OneVision model whose decoder, word embeddings, vision tower, projector and
+            generation settings are copied.
+        image_side: the side images are resized to; frames are resized to half the teacher's image
+            side, so a frame's patches are the 6 x 6 grid of its pooled tokens.
+        seed: seeds what is not copied (the query/key/value biases are zeroed).
 
     Returns:
         `(model, processor)`.
@@ -76,7 +82,8 @@ def build_qwen2vl(teacher, image_side: int, seed: int = 0):
         vision_config={
             "depth": vision.num_hidden_layers, "embed_dim": vision.hidden_size, "hidden_size": text.hidden_size,
             "num_heads": vision.num_attention_heads, "mlp_ratio": vision.intermediate_size // vision.hidden_size,
-            "patch_size": vision.patch_size, "spatial_merge_size": 2, "temporal_patch_size": 1,
+            "patch_size": vision.patch_size, "spatial_merge_size": 1, "temporal_patch_size": 1,
+            "hidden_act": vision.hidden_act,
         },
         text_config={
             "vocab_size": text.vocab_size, "hidden_size": text.hidden_size,
@@ -101,16 +108,40 @@ def build_qwen2vl(teacher, image_side: int, seed: int = 0):
         for layer in model.model.language_model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 proj.bias.zero_()
+    transplant_vision(model.model.visual, teacher)
     model.tie_weights()
     model.generation_config = teacher.generation_config
-    return model, qwen2vl_processor(tokenizer, vision.patch_size, image_side, vision.image_size)
+    return model, qwen2vl_processor(tokenizer, vision.patch_size, image_side, vision.image_size // 2)
+
+
+@torch.no_grad()
+def transplant_vision(visual, teacher) -> None:
+    """Copy `teacher`'s CLIP tower into Qwen2-VL's ViT `visual` wherever the two compute the same
+    thing: the patch embedding, every block's norms, attention projections (q, k, v fused) and MLP,
+    and the projector into the merger's MLP. What CLIP has and the ViT lacks (the class token, the
+    absolute position embeddings, the norm before the first block) and what the ViT adds (2-D rotary
+    attention, the merger's norm) is left for the distillation to absorb."""
+    clip = teacher.model.vision_tower
+    visual.patch_embed.proj.weight.copy_(clip.embeddings.patch_embedding.weight.unsqueeze(2))
+    for block, layer in zip(visual.blocks, clip.encoder.layers, strict=True):
+        attention = layer.self_attn
+        block.norm1.load_state_dict(layer.layer_norm1.state_dict())
+        block.norm2.load_state_dict(layer.layer_norm2.state_dict())
+        block.attn.qkv.weight.copy_(torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight]))
+        block.attn.qkv.bias.copy_(torch.cat([attention.q_proj.bias, attention.k_proj.bias, attention.v_proj.bias]))
+        block.attn.proj.load_state_dict(attention.out_proj.state_dict())
+        block.mlp.fc1.load_state_dict(layer.mlp.fc1.state_dict())
+        block.mlp.fc2.load_state_dict(layer.mlp.fc2.state_dict())
+    projector = teacher.model.multi_modal_projector
+    visual.merger.mlp[0].load_state_dict(projector.linear_1.state_dict())
+    visual.merger.mlp[2].load_state_dict(projector.linear_2.state_dict())
 
 
 def qwen2vl_processor(tokenizer, patch_size: int, image_side: int, frame_side: int) -> Qwen2VLProcessor:
     """Qwen2-VL's processor with every image resized to `image_side` and every frame to `frame_side`
-    squared pixels, CLIP normalisation, one frame per temporal patch."""
+    squared pixels, CLIP normalisation, one frame per temporal patch, one token per patch."""
     def geometry(side: int) -> dict:
-        return {"patch_size": patch_size, "temporal_patch_size": 1, "merge_size": 2,
+        return {"patch_size": patch_size, "temporal_patch_size": 1, "merge_size": 1,
                 "size": {"shortest_edge": side * side, "longest_edge": side * side},
                 "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD)}
 
@@ -126,7 +157,7 @@ class MRopeRecipeConfig(VideoRecipeConfig):
 
     Attributes:
         init: the `shapes-video` checkpoint whose language model and visual tokens are copied.
-        image_side: the side images are resized to (192: 144 merged tokens, one per CLIP patch).
+        image_side: the side images are resized to (96: 144 tokens, one per CLIP patch).
         distill_steps: steps of the distillation stage.
         distill_batch: images per distillation step (and a quarter as many clips).
         distill_lr: its peak learning rate.
@@ -146,7 +177,7 @@ class MRopeRecipeConfig(VideoRecipeConfig):
     letter_lr: float = 3e-4
     dense_weight: float = 0.0
     eval_every: int = 100
-    image_side: int = 192
+    image_side: int = 96
     distill_steps: int = 400
     distill_batch: int = 32
     distill_lr: float = 2e-3
@@ -192,7 +223,7 @@ class MRopeRecipe(VideoRecipe):
 
     def _image_placeholder(self) -> list[int]:
         ids = self.tokenizer.convert_tokens_to_ids
-        tokens = (self.config.image_side // self.patch_size // 2) ** 2
+        tokens = (self.config.image_side // self.patch_size) ** 2  # spatial_merge_size 1
         return [ids("<|vision_start|>"), *[ids("<|image_pad|>")] * tokens, ids("<|vision_end|>")]
 
     def _video_token(self) -> int:
