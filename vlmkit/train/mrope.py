@@ -156,7 +156,7 @@ class MRopeRecipeConfig(VideoRecipeConfig):
     """A `shapes-qwen2-vl` run (the fields of `VideoRecipeConfig`, with these defaults and additions).
 
     Attributes:
-        init: the `shapes-video` checkpoint whose language model and visual tokens are copied.
+        init: the `shapes-video` checkpoint whose language model, vision tower and visual tokens are copied.
         image_side: the side images are resized to (96: 144 tokens, one per CLIP patch).
         distill_steps: steps of the distillation stage.
         distill_batch: images per distillation step (and a quarter as many clips).
@@ -309,8 +309,9 @@ class MRopeRecipe(VideoRecipe):
         return tokens.view(len(images), -1, tokens.shape[-1])
 
     def evaluate(self, stage: Stage, step: int) -> dict | None:
-        """The read stage: `pope_reading` of the student's tokens every `eval_every` steps. The video check of `VideoRecipe.evaluate` and, beside it, POPE random and adversarial
-        accuracy on `eval_images` held-out images."""
+        """Every `eval_every` steps: in the read stage, `pope_reading` of the ViT's tokens on
+        `eval_images` held-out images; in the adapt stage, the video check of `VideoRecipe.evaluate`
+        and, beside it, POPE random and adversarial accuracy on `eval_images` held-out images."""
         if stage.name == "read":
             every = self.config.eval_every
             if not every or (step % every and step != stage.steps):
