@@ -62,6 +62,11 @@ def generate(model, processor, images: list, questions: list[str], max_new_token
     return [a.strip() for a in answers]
 
 
+def pope_scenes(n_images: int, seed: int, config: WorldConfig) -> list:
+    """The first `n_images` held-out scenes from `seed` with at least 3 categories (POPE asks about 3)."""
+    return list(_qualifying(seed, n_images, lambda s: len(s.categories()) >= 3, config))
+
+
 def pope_eval(model, processor, n_images: int = 100, seed: int = MONITOR_SEED,
               config: WorldConfig | None = None, splits: tuple[str, ...] = POPE_SPLITS,
               batch_size: int = 32) -> dict:
@@ -71,7 +76,7 @@ def pope_eval(model, processor, n_images: int = 100, seed: int = MONITOR_SEED,
         `{split: {"accuracy", "f1", "yes_ratio", "questions"}}`.
     """
     config = config or WorldConfig()
-    scenes = list(_qualifying(seed, n_images, lambda s: len(s.categories()) >= 3, config))
+    scenes = pope_scenes(n_images, seed, config)
     names = [str(s.seed) for s in scenes]
     images = {str(s.seed): render(s) for s in scenes}
     rows = {split: pope_questions([s.categories() for s in scenes], names, split, seed)

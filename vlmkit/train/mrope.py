@@ -43,14 +43,14 @@ from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VL
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
 from vlmkit.data.shapes import WorldConfig, render_array, sample_scene
-from vlmkit.data.shapes_bench import _qualifying, pope_questions
+from vlmkit.data.shapes_bench import pope_questions
 from vlmkit.data.shapes_video import render_clip, sample_clip
 from vlmkit.errors import ConfigError
 from vlmkit.train.data import IGNORE, collate
-from vlmkit.train.evaluate import MONITOR_SEED, pope_eval
+from vlmkit.train.evaluate import MONITOR_SEED, pope_eval, pope_scenes
 from vlmkit.train.models import CLIP_MEAN, CLIP_STD, pixel_values
 from vlmkit.train.tokenizer import build_tokenizer
-from vlmkit.train.trainer import Stage
+from vlmkit.train.trainer import Stage, check_due
 from vlmkit.train.video import VideoRecipe, VideoRecipeConfig
 
 MROPE_SECTION = [4, 6, 6]
@@ -313,8 +313,7 @@ class MRopeRecipe(VideoRecipe):
         `eval_images` held-out images; in the adapt stage, the video check of `VideoRecipe.evaluate`
         and, beside it, POPE random and adversarial accuracy on `eval_images` held-out images."""
         if stage.name == "read":
-            every = self.config.eval_every
-            if not every or (step % every and step != stage.steps):
+            if not check_due(stage, step, self.config.eval_every):
                 return None
             return {f"read_{split}": r["accuracy"] for split, r in pope_reading(
                 self.model, self.processor, self._student_tokens, self.config.eval_images, config=self.world).items()}
@@ -367,7 +366,7 @@ def pope_reading(model, processor, tokens_of, n_images: int, seed: int = MONITOR
         `{split: {"accuracy", "yes_ratio", "questions"}}`.
     """
     config = config or WorldConfig()
-    scenes = list(_qualifying(seed, n_images, lambda s: len(s.categories()) >= 3, config))
+    scenes = pope_scenes(n_images, seed, config)
     names = [str(s.seed) for s in scenes]
     tokens = dict(zip(names, tokens_of(torch.from_numpy(np.stack([render_array(s) for s in scenes])))))
     yes, no = processor.tokenizer.convert_tokens_to_ids(["Yes", "No"])

@@ -37,7 +37,7 @@ from vlmkit.train.evaluate import mme_eval, pope_eval
 from vlmkit.train.losses import dense_side_loss, dense_word_loss, export
 from vlmkit.train.models import LlavaSizes, build_llava, build_llava_processor, pixel_values
 from vlmkit.train.tokenizer import build_tokenizer
-from vlmkit.train.trainer import Stage
+from vlmkit.train.trainer import Stage, check_due
 
 _STAGE_SEED_STRIDE = 100_000_000
 """Stage k draws its scenes from training seeds `seed + k * stride` onward."""
@@ -225,8 +225,7 @@ class LlavaRecipe:
 
     def evaluate(self, stage: Stage, step: int) -> dict | None:
         """A small POPE and MME position check every `eval_every` steps of the language stages."""
-        every = self.config.eval_every
-        if stage.name == "vision" or not every or (step % every and step != stage.steps):
+        if stage.name == "vision" or not check_due(stage, step, self.config.eval_every):
             return None
         result = pope_eval(self.model, self.processor, self.config.eval_images,
                            splits=("random", "adversarial"))

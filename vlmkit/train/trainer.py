@@ -58,6 +58,12 @@ class Stage:
         return self.lr * (self.final_lr_ratio + (1 - self.final_lr_ratio) * cosine)
 
 
+def check_due(stage: Stage, step: int, every: int) -> bool:
+    """Whether a held-out check runs after `step` steps of `stage`: every `every` steps (0: never)
+    and at the stage's last step."""
+    return bool(every) and (step % every == 0 or step == stage.steps)
+
+
 def _optimizer(modules: torch.nn.ModuleDict, stage: Stage) -> torch.optim.AdamW:
     params = []
     for name, param in modules.named_parameters():

@@ -68,7 +68,7 @@ from vlmkit.train.data import IGNORE, ConversationEncoder, Mixture, collate, sam
 from vlmkit.train.evaluate import video_eval
 from vlmkit.train.losses import dense_side_loss, dense_word_loss, export
 from vlmkit.train.models import CLIP_MEAN, CLIP_STD
-from vlmkit.train.trainer import Stage
+from vlmkit.train.trainer import Stage, check_due
 from vlmkit.zoo.shipped import _resolve
 
 _STAGE_SEED_STRIDE = 100_000_000
@@ -445,8 +445,7 @@ class VideoRecipe:
     def evaluate(self, stage: Stage, step: int) -> dict | None:
         """Video multiple-choice accuracy on held-out clips every `eval_every` steps of the video and
         letters stages, at each of `frame_counts` (keyed by the count when there are several)."""
-        every = self.config.eval_every
-        if stage.name == "pointing" or not every or (step % every and step != stage.steps):
+        if stage.name == "pointing" or not check_due(stage, step, self.config.eval_every):
             return None
         results = {n: video_eval(self.model, self.processor, self.config.eval_clips, config=self.clip_world,
                                  num_frames=n) for n in self.config.frame_counts}
