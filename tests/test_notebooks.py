@@ -1,6 +1,7 @@
 """The notebooks run top to bottom in a fresh kernel and show what they say they show.
 
-Each notebook is executed once (nbclient, the `python3` kernel). Then its outputs are checked: no
+Each notebook is executed once (nbclient, the `python3` kernel), with `SMOKE_TEST=1`: the notebooks
+then run on fewer samples (the convention of BoTorch's and Pyro's tutorials). Then its outputs are checked: no
 error, an image from every cell that draws a figure, nothing written next to the notebooks, and per
 notebook the content of its tables (read back from the HTML that pandas displays, found by cell tag)
 and printed lines. Timings in the notebooks are shown, never asserted.
@@ -135,7 +136,8 @@ CHECKS = {
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_and_shows_its_results(path):
+def test_notebook_runs_and_shows_its_results(path, monkeypatch):
+    monkeypatch.setenv("SMOKE_TEST", "1")  # the kernel inherits it
     assert path.stem in CHECKS, f"add a check of {path.name}'s outputs to CHECKS"
     before = sorted(NOTEBOOK_DIR.iterdir())
     notebook = _execute(path)
