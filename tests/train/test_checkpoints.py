@@ -24,6 +24,8 @@ from vlmkit.train.evaluate import chair_eval, mme_eval, pope_eval, video_eval
 CHECKPOINTS = Path(zoo.__file__).parent / "checkpoints"
 MAX_BYTES = 25 * 1024 * 1024
 SUBSET_SEED = EVAL_SEEDS.start + 500_000  # held out, and apart from the README's eval images
+IMAGES = WorldConfig(image_size=96)  # the world every shipped model was trained on
+CLIPS = WorldConfig(image_size=96, max_objects=3)
 SHIPPED = {  # name: the transformers class it loads with
     "shapes-llava": LlavaForConditionalGeneration,
     "shapes-llava-deep": LlavaForConditionalGeneration,
@@ -41,6 +43,11 @@ def shipped(name: str):
     return SHIPPED[name].from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
 
 
+def training(name: str) -> dict:
+    """The recipe record a shipped checkpoint carries (`training.json`)."""
+    return json.loads((CHECKPOINTS / name / "training.json").read_text())
+
+
 @pytest.mark.parametrize("name", SHIPPED)
 def test_checkpoint_layout_and_size(name):
     folder = CHECKPOINTS / name
@@ -54,8 +61,7 @@ def test_checkpoint_layout_and_size(name):
 @pytest.mark.parametrize("name", SHIPPED)
 def test_checkpoint_was_trained_on_the_current_world(name):
     """A change to the generator's world needs a retrain: the shipped weights record theirs."""
-    training = json.loads((CHECKPOINTS / name / "training.json").read_text())
-    assert training["world"] == dataclasses.asdict(WorldConfig(image_size=96))
+    assert training(name)["world"] == dataclasses.asdict(IMAGES)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -79,7 +85,7 @@ def test_shapes_image_model_pope_subset(name):
     model = shipped(name)
     assert _visual_tokens_per_image(*model) == 144
     # 1,800 questions a split: the gap's standard error is under one point (at 180 it is about 2.5)
-    result = pope_eval(*model, n_images=300, seed=SUBSET_SEED, config=WorldConfig(image_size=96))
+    result = pope_eval(*model, n_images=300, seed=SUBSET_SEED, config=IMAGES)
     assert result["random"]["accuracy"] >= 0.88, result
     # a real, prior-driven hallucination gap: co-occurring negatives fool it more often
     assert result["adversarial"]["accuracy"] <= result["random"]["accuracy"] - 0.03, result
@@ -88,39 +94,37 @@ def test_shapes_image_model_pope_subset(name):
 @pytest.mark.parametrize("name", IMAGE_MODELS)
 def test_shapes_image_model_mme_and_chair_subset(name):
     model = shipped(name)
-    mme = mme_eval(*model, 40, SUBSET_SEED, WorldConfig(image_size=96))  # 80 questions a subtask
+    mme = mme_eval(*model, 40, SUBSET_SEED, IMAGES)  # 80 questions a subtask
     for subtask in ("existence", "count", "color", "position"):
         assert mme[subtask]["accuracy"] >= 0.75, mme
-    chair = chair_eval(*model, 40, SUBSET_SEED, WorldConfig(image_size=96))
+    chair = chair_eval(*model, 40, SUBSET_SEED, IMAGES)
     assert 0.03 <= chair["chair_i"] <= 0.30, chair
 
 
 def test_shapes_video_mvbench_subset_at_16_frames():
     # MVBench's protocol and parser on 200 held-out clips of 16 frames, MVBench's default and twice the
     # length the model was first trained at (chance 0.25; the standard error is 3 points)
-    result = video_eval(*shipped("shapes-video"), 200, SUBSET_SEED, WorldConfig(image_size=96, max_objects=3), num_frames=16)
+    result = video_eval(*shipped("shapes-video"), 200, SUBSET_SEED, CLIPS, num_frames=16)
     assert result["accuracy"] >= 0.70, result
 
 
 def test_shapes_qwen2_vl_video_subset():
     # 8-frame clips, the length it was trained on (chance 0.25; 100 clips: a standard error of 4 points)
-    result = video_eval(*shipped("shapes-qwen2-vl"), 100, SUBSET_SEED, WorldConfig(image_size=96, max_objects=3), num_frames=8)
+    result = video_eval(*shipped("shapes-qwen2-vl"), 100, SUBSET_SEED, CLIPS, num_frames=8)
     assert result["accuracy"] >= 0.75, result
 
 
 def test_shapes_qwen2_vl_hope_matches_its_control_on_long_clips():
     """HoPE's claim at the shipped weights: on clips four times the trained length, the HoPE fine-tune
     with `hope` applied does at least as well as the control fine-tune (same steps, no method)."""
-    world = WorldConfig(image_size=96, max_objects=3)
-    control = video_eval(*shipped("shapes-qwen2-vl"), 100, SUBSET_SEED, world, num_frames=32)
+    control = video_eval(*shipped("shapes-qwen2-vl"), 100, SUBSET_SEED, CLIPS, num_frames=32)
     hope_model = shipped("shapes-qwen2-vl-hope")
     with vlmkit.apply(hope_model[0], "hope"):
-        hope = video_eval(*hope_model, 100, SUBSET_SEED, world, num_frames=32)
+        hope = video_eval(*hope_model, 100, SUBSET_SEED, CLIPS, num_frames=32)
     assert hope["accuracy"] >= max(control["accuracy"], 0.6), (hope, control)
 
 
 def test_shapes_qwen2_vl_hope_and_its_control_differ_only_in_the_method():
-    control, hope = (json.loads((CHECKPOINTS / name / "training.json").read_text())["config"]
-                     for name in ("shapes-qwen2-vl", "shapes-qwen2-vl-hope"))
+    control, hope = (training(name)["config"] for name in ("shapes-qwen2-vl", "shapes-qwen2-vl-hope"))
     assert control.pop("method") == "none" and hope.pop("method") == "hope:train=True"
     assert control == hope
