@@ -1,10 +1,10 @@
 """The notebooks run top to bottom in a fresh kernel and show what they say they show.
 
 Each notebook is executed once (nbclient, the `python3` kernel), with `SMOKE_TEST=1`: the notebooks
-then run on fewer samples (the convention of BoTorch's and Pyro's tutorials). Then its outputs are checked: no
-error, an image from every cell that draws a figure, nothing written next to the notebooks, and per
-notebook the content of its tables (read back from the HTML that pandas displays, found by cell tag)
-and printed lines. Timings in the notebooks are shown, never asserted.
+then run on fewer samples (the convention of BoTorch's and Pyro's tutorials). Then its outputs are
+checked: no error, an image from every cell that draws a figure, nothing written next to the
+notebooks, and per notebook the content of its tables (read back from the HTML that pandas displays,
+found by cell tag) and printed lines. Timings in the notebooks are shown, never asserted.
 """
 from __future__ import annotations
 
